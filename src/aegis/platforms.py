@@ -1,0 +1,92 @@
+"""Platforms are data: what a node has and how a site launches one rank per node.
+
+Adding a site is one record in PLATFORMS. Nothing here touches the system except
+`local`, which reports this machine's CPU count (a CPU core is the "device" there).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str
+    devices_per_node: int
+    # Environment variable that pins an instance to its devices (value: comma list of ids).
+    affinity_var: str
+    scheduler: str  # "pbs" | "slurm" (a key of aegis.scheduler.BACKENDS)
+    # argv prefix that starts one rank per node; "{nodes}" is replaced by the node count.
+    rank_launcher: tuple[str, ...]
+    node_local_dir: str
+    # Shell lines run at the top of the batch script (module loads, proxies, ...).
+    setup_lines: tuple[str, ...] = ()
+    # Extra scheduler directives, verbatim (e.g. Slurm "-C nvme").
+    directives: tuple[str, ...] = ()
+    # Environment every instance gets on this platform.
+    instance_env: dict[str, str] = field(default_factory=dict)
+
+    def launcher_argv(self, nodes: int) -> list[str]:
+        return [part.replace("{nodes}", str(nodes)) for part in self.rank_launcher]
+
+
+PLATFORMS: dict[str, Platform] = {
+    p.name: p
+    for p in (
+        Platform(
+            name="aurora",
+            devices_per_node=12,  # 6 Intel GPUs x 2 tiles, addressed flat
+            affinity_var="ZE_AFFINITY_MASK",
+            scheduler="pbs",
+            rank_launcher=("mpiexec", "-n", "{nodes}", "--ppn", "1", "--cpu-bind", "none"),
+            node_local_dir="/tmp",
+            setup_lines=("module load frameworks",),
+            instance_env={"ZE_FLAT_DEVICE_HIERARCHY": "FLAT"},
+        ),
+        Platform(
+            name="polaris",
+            devices_per_node=4,
+            affinity_var="CUDA_VISIBLE_DEVICES",
+            scheduler="pbs",
+            rank_launcher=("mpiexec", "-n", "{nodes}", "--ppn", "1"),
+            node_local_dir="/local/scratch",
+            setup_lines=("module use /soft/modulefiles", "module load conda"),
+        ),
+        Platform(
+            name="frontier",
+            devices_per_node=8,  # 4 MI250X x 2 GCDs
+            affinity_var="ROCR_VISIBLE_DEVICES",
+            scheduler="slurm",
+            rank_launcher=("srun", "-N", "{nodes}", "--ntasks-per-node=1", "--gpus-per-node=8"),
+            node_local_dir="/mnt/bb/$USER",
+            setup_lines=("module load PrgEnv-gnu rocm",),
+            directives=("-C nvme",),
+        ),
+    )
+}
+
+
+def local_platform() -> Platform:
+    """This machine: one CPU core per device, ranks started by the mpiexec on PATH."""
+    return Platform(
+        name="local",
+        devices_per_node=max(1, len(os.sched_getaffinity(0))),
+        affinity_var="VLLM_CPU_OMP_THREADS_BIND",
+        scheduler="slurm",
+        rank_launcher=("mpiexec", "-n", "{nodes}"),
+        node_local_dir=os.environ.get("TMPDIR", "/tmp"),
+    )
+
+
+def platform_names() -> list[str]:
+    return sorted([*PLATFORMS, "local"])
+
+
+def get_platform(name: str) -> Platform:
+    if name == "local":
+        return local_platform()
+    try:
+        return PLATFORMS[name]
+    except KeyError:
+        raise KeyError(f"unknown platform {name!r}; known: {', '.join(platform_names())}") from None
