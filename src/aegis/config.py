@@ -6,11 +6,21 @@ CONTRACT (other modules rely on these names; extend, don't rename):
 
 Precedence: CLI overrides > file > defaults. Validation errors raise ConfigError with one
 line naming the key path, the bad value and what is allowed (the CLI exits 2 on it).
+
+KEYS is the single table of config keys: the CLI generates one flag per key from it and
+docs/config.md documents it, so "every key has a flag" holds by construction.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import re
+import shlex
 from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .platforms import Platform, get_platform, platform_names
 
 
 class ConfigError(ValueError):
@@ -65,34 +75,504 @@ class Config:
     def total_instances(self) -> int:
         return sum(m.instances for m in self.models)
 
+    @property
+    def effective_scheduler(self) -> str:
+        return self.scheduler or get_platform(self.platform).scheduler
 
-# --- loading (minimal; full validation and CLI-flag mapping to be built on this) ---
+    def to_mapping(self) -> dict[str, Any]:
+        """The resolved config as plain data (models-list form), loadable by from_mapping.
 
-_MODEL_KEYS = ("name", "instances", "tensor_parallel_size", "model_source", "extra_vllm_args",
-               "served_model_name")
+        Secrets (hf_token) and the legacy-key bookkeeping are left out."""
+        out: dict[str, Any] = {}
+        for key in GLOBAL_KEYS:
+            if key.secret:
+                continue
+            out[key.name] = getattr(self, key.name)
+        out["models"] = [_model_to_mapping(m) for m in self.models]
+        return out
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
 
 
-def _model(data: dict) -> ModelConfig:
-    args = data.get("extra_vllm_args") or ()
-    if isinstance(args, str):
-        import shlex
+def _model_to_mapping(model: ModelConfig) -> dict[str, Any]:
+    return {
+        "model": model.name,
+        "instances": model.instances,
+        "tensor_parallel_size": model.tensor_parallel_size,
+        "model_source": model.model_source,
+        "served_model_name": model.served_model_name,
+        "extra_vllm_args": list(model.extra_vllm_args),
+    }
 
-        args = shlex.split(args)
-    return ModelConfig(**{**{k: data[k] for k in _MODEL_KEYS if k in data},
-                          "extra_vllm_args": tuple(str(a) for a in args)})
+
+# --------------------------------------------------------------------------- value checks
+# Each check takes the raw value and returns the normalized one, or raises _Invalid with the
+# part of the message after "<key path>: ".
 
 
-def from_mapping(data: dict, overrides: dict | None = None) -> Config:
-    data = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+class _Invalid(Exception):
+    pass
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+            dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value: Any, *, what: str = "a string") -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected {what}, got {_shown(value)} ({_type_name(value)})")
+    if not value.strip():
+        raise _Invalid(f"must not be empty; expected {what}")
+    found = _CONTROL.search(value)
+    if found:
+        raise _Invalid(f"{_shown(value)} contains a control character ({found.group()!r}); "
+                       "newlines and other control characters are not allowed")
+    return value
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    # "" counts as unset: configs of the earlier Aegis wrote account: "".
+    return lambda value: None if value is None or value == "" else check(value)
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer, got {_shown(value)} ({_type_name(value)})")
+        if value < minimum or (maximum is not None and value > maximum):
+            allowed = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise _Invalid(f"{value} is out of range; must be {allowed}")
+        return value
+    return check
+
+
+def _positive_number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"expected a number of seconds, got {_shown(value)} ({_type_name(value)})")
+    if not value > 0:
+        raise _Invalid(f"{value} is out of range; must be > 0 seconds")
+    return float(value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_shown(value)} ({_type_name(value)})")
+    return value
+
+
+def _pattern(regex: str, allowed: str) -> Callable[[Any], str]:
+    compiled = re.compile(regex)
+
+    def check(value: Any) -> str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # account: 12345 is a fine account name
+        text = _text(value)
+        if not compiled.fullmatch(text):
+            raise _Invalid(f"{_shown(text)} is not allowed; {allowed}")
+        return text
+    return check
+
+
+def _choice(choices: Callable[[], list[str]]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        allowed = choices()
+        if value not in allowed:
+            hint = _did_you_mean(str(value), allowed)
+            raise _Invalid(f"{_shown(value)} is not one of {', '.join(allowed)}{hint}")
+        return value
+    return check
+
+
+def _walltime(value: Any) -> str:
+    text = _text(value, what="a walltime string HH:MM:SS")
+    if not re.fullmatch(r"\d{1,4}:[0-5]\d:[0-5]\d", text) or not any(c in text for c in "123456789"):
+        raise _Invalid(f"{_shown(text)} is not a walltime; expected HH:MM:SS such as '01:30:00'")
+    return text
+
+
+def _args(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as err:
+            raise _Invalid(f"cannot split {_shown(value)} into arguments: {err}") from None
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of arguments or one string, got {_shown(value)} "
+                       f"({_type_name(value)})")
+    out = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise _Invalid(f"expected each argument to be a string, got {_shown(item)} "
+                           f"({_type_name(item)})")
+        if "\x00" in str(item):
+            raise _Invalid(f"argument {_shown(item)} contains a NUL byte")
+        out.append(str(item))  # `- 32768` in YAML is an int; vLLM wants the text
+    return tuple(out)
+
+
+def _command(value: Any) -> str:
+    text = _text(value, what="a command such as 'vllm serve'")
+    try:
+        words = shlex.split(text)
+    except ValueError as err:
+        raise _Invalid(f"cannot split {_shown(text)} into a command: {err}") from None
+    if not words:
+        raise _Invalid("must name a command such as 'vllm serve'")
+    return text
+
+
+def _secret(value: Any) -> str:
+    # Never echo the value of a secret in an error.
+    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
+        raise _Invalid("expected a token string without whitespace (value not shown)")
+    return value
+
+
+# Values that end up in a batch-script directive line (#PBS/#SBATCH) are not shell-quoted
+# there (the scheduler parses those lines), so they are restricted to safe characters.
+_NAME_CHARS = "letters, digits and . _ - + @"
+_PATH_RE = r"~?[A-Za-z0-9_./+@%,=-]+"
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str  # key in the YAML file (and field name, except model -> ModelConfig.name)
+    check: Callable[[Any], Any]
+    help: str
+    scope: str = "global"  # "global" | "model"
+    kind: str = "str"  # for the CLI flag: str | int | float | bool | choice | file
+    choices: Callable[[], list[str]] | None = None
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--hf-token-file" if self.secret else "--" + self.name.replace("_", "-")
+
+    @property
+    def field_name(self) -> str:
+        return "name" if self.name == "model" else self.name
+
+
+def _scheduler_names() -> list[str]:
+    return ["pbs", "slurm"]
+
+
+MODEL_KEYS: tuple[Key, ...] = (
+    Key("model", lambda v: _text(v, what="a model name (Hugging Face id or path)"),
+        "Model to serve (Hugging Face id); also the served name unless served_model_name is set.",
+        scope="model"),
+    Key("instances", _integer(1), "Number of vLLM instances of this model.", scope="model",
+        kind="int"),
+    Key("tensor_parallel_size", _integer(1),
+        "Devices per instance (vLLM --tensor-parallel-size). Above the devices per node it "
+        "must be a multiple of them (the instance spans whole nodes).", scope="model", kind="int"),
+    Key("model_source", _optional(_text),
+        "HF model directory on the shared file system; staged once per node into hf_home.",
+        scope="model"),
+    Key("served_model_name", _optional(_text),
+        "Name clients use in requests (vLLM --served-model-name); default: the model name.",
+        scope="model"),
+    Key("extra_vllm_args", _args,
+        "Extra arguments for `vllm serve`: a YAML list, or one string split like a shell.",
+        scope="model"),
+)
+
+GLOBAL_KEYS: tuple[Key, ...] = (
+    Key("platform", _choice(platform_names), "Site record: devices per node, launcher, setup.",
+        kind="choice", choices=platform_names),
+    Key("scheduler", _optional(_choice(_scheduler_names)),
+        "Batch system: pbs or slurm (default: the platform's).", kind="choice",
+        choices=_scheduler_names),
+    Key("port_start", _integer(1, 65535), "HTTP port of instance 0; instance i gets port_start+i.",
+        kind="int"),
+    Key("internal_port_start", _integer(1, 65535),
+        "First of the per-slot blocks of internal vLLM/torch ports (VLLM_PORT, MASTER_PORT).",
+        kind="int"),
+    Key("hf_home", lambda v: _text(v, what="a directory path"),
+        "Node-local Hugging Face cache (HF_HOME) that weights are staged into."),
+    Key("hf_token", _optional(_secret),
+        "Hugging Face token. Never rendered or written; the job gets it as the exported "
+        "variable HF_TOKEN. The flag reads it from a file, never from the command line.",
+        kind="file", secret=True),
+    Key("walltime", _walltime, "Job walltime, HH:MM:SS."),
+    Key("account", _optional(_pattern(r"[A-Za-z0-9_.+@-]+", f"use {_NAME_CHARS}")),
+        "Project to charge (#PBS -A / #SBATCH -A); required by aegis submit on HPC platforms."),
+    Key("queue", _optional(_pattern(r"[A-Za-z0-9_.+@-]+", f"use {_NAME_CHARS}")),
+        "Queue (#PBS -q) or partition (#SBATCH -p)."),
+    Key("filesystems", _optional(_pattern(r"[A-Za-z0-9_]+(:[A-Za-z0-9_]+)*",
+                                          "use names joined by ':' such as 'flare:home'")),
+        "PBS filesystems the job needs (#PBS -l filesystems=); ignored by Slurm."),
+    Key("job_name", _pattern(r"[A-Za-z][A-Za-z0-9_.-]{0,62}",
+                             "start with a letter, then letters, digits and . _ - (max 63)"),
+        "Scheduler job name (#PBS -N / #SBATCH -J); also prefixes run directory names."),
+    Key("run_dir", _pattern(_PATH_RE, "use a path of letters, digits and . _ - / + @ % , = "
+                                      "(no spaces, quotes or shell characters)"),
+        "Parent directory of per-submission run directories (script, config, logs, endpoints)."),
+    Key("startup_timeout", _positive_number,
+        "Seconds an instance may take to become ready.", kind="float"),
+    Key("endpoints_file", lambda v: _text(v, what="a file path"),
+        "Where the launcher writes the ready endpoints (JSON; host:port list beside it as .txt). "
+        "Relative paths resolve inside the run directory."),
+    Key("conda_env", _optional(_text),
+        "Conda environment activated in the batch script (then `python` runs the launcher)."),
+    Key("vllm_command", _command, "Command that starts one server; model and flags are appended."),
+    Key("max_restarts", _integer(0), "Restarts per instance before it is reported dead.",
+        kind="int"),
+    Key("allow_partial", _boolean,
+        "Keep going (exit 0) when at least one instance is ready.", kind="bool"),
+    Key("api_key_env", _optional(_pattern(r"[A-Za-z_][A-Za-z0-9_]*",
+                                          "expected an environment variable name")),
+        "Name of the environment variable holding the API key vLLM requires (value never stored)."),
+)
+
+KEYS: tuple[Key, ...] = MODEL_KEYS + GLOBAL_KEYS
+_BY_NAME = {k.name: k for k in KEYS}
+
+# Keys the earlier Aegis accepted that this one does not act on: accepted with a warning.
+LEGACY_GLOBAL_KEYS = frozenset({"download_weights", "aegis_env", "registry_port", "bench",
+                                "bench_num_prompts", "bench_output", "remote", "wait"})
+LEGACY_MODEL_KEYS = frozenset({"download_weights"})
+_MODEL_NAME_ALIAS = "name"  # models[*].name is accepted for models[*].model
+
+
+def _did_you_mean(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _checked(key: Key, value: Any, path: str, source: str | None) -> Any:
+    try:
+        return key.check(value)
+    except _Invalid as err:
+        where = f"{path} ({source})" if source else path
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _unknown(path: str, name: str, allowed: list[str]) -> ConfigError:
+    hint = _did_you_mean(name, allowed)
+    return ConfigError(f"{path}: unknown key{hint or '; see docs/config.md for the keys'}")
+
+
+def _parse_model(entry: Any, path: str, overrides: dict[str, Any],
+                 ignored: list[str]) -> ModelConfig:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{path}: expected a mapping with at least 'model', "
+                          f"got {_shown(entry)} ({_type_name(entry)})")
+    entry = dict(entry)
+    if _MODEL_NAME_ALIAS in entry:
+        if "model" in entry:
+            raise ConfigError(f"{path}: has both 'model' and 'name'; keep 'model'")
+        entry["model"] = entry.pop(_MODEL_NAME_ALIAS)
+    names = [k.name for k in MODEL_KEYS]
+    values: dict[str, Any] = {}
+    for name, value in entry.items():
+        sub = f"{path}.{name}" if path else str(name)
+        if name in LEGACY_MODEL_KEYS:
+            ignored.append(sub)
+            continue
+        if name not in names:
+            raise _unknown(sub, str(name), names)
+        values[name] = value
+    values.update(overrides)
+    if values.get("model") is None:
+        where = f"{path}.model" if path else "model"
+        raise ConfigError(f"{where}: missing; name the model to serve (e.g. "
+                          "'meta-llama/Llama-3.1-8B-Instruct')")
+    fields_ = {}
+    for name, value in values.items():
+        key = _BY_NAME[name]
+        sub = f"{path}.{name}" if path else name
+        fields_[key.field_name] = _checked(key, value, sub, key.flag if name in overrides else None)
+    return ModelConfig(**fields_)
+
+
+def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
+    """Validate `data` (the parsed YAML) with `overrides` (config key -> value, None = unset)
+    on top, and return the Config. Raises ConfigError (one line) on the first problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of keys at the top level, got "
+                          f"{_type_name(data)}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for name in overrides:
+        if name not in _BY_NAME:
+            raise ConfigError(f"{name}: not a config key (internal error: unknown override)")
+    model_overrides = {k: v for k, v in overrides.items() if _BY_NAME[k].scope == "model"}
+    ignored: list[str] = []
+
+    allowed_top = [k.name for k in KEYS] + ["models"]
+    global_values: dict[str, Any] = {}
+    single_model: dict[str, Any] = {}
+    for name, value in data.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{name!r}: keys must be strings")
+        if name in LEGACY_GLOBAL_KEYS:
+            ignored.append(name)
+        elif name == "models":
+            continue
+        elif name not in _BY_NAME:
+            raise _unknown(name, name, allowed_top)
+        elif _BY_NAME[name].scope == "model":
+            single_model[name] = value
+        else:
+            global_values[name] = value
+
     if "models" in data:
-        models = tuple(_model(m) for m in data.pop("models"))
+        if single_model:
+            first = next(iter(single_model))
+            raise ConfigError(f"{first}: cannot be combined with a models: list; "
+                              f"set models[*].{first} in each entry instead")
+        if model_overrides:
+            flag = _BY_NAME[next(iter(model_overrides))].flag
+            raise ConfigError(f"{flag}: per-model flags apply to the single-model form only; "
+                              "this config has a models: list (edit models[*] in the file)")
+        raw_models = data["models"]
+        if not isinstance(raw_models, list):
+            raise ConfigError(f"models: expected a list of model entries, got "
+                              f"{_shown(raw_models)} ({_type_name(raw_models)})")
+        if not raw_models:
+            raise ConfigError("models: the list is empty; give at least one entry with 'model'")
+        models = tuple(_parse_model(entry, f"models[{i}]", {}, ignored)
+                       for i, entry in enumerate(raw_models))
     else:
-        models = (_model({"name": data.pop("model"), **{k: data.pop(k) for k in _MODEL_KEYS[1:] if k in data}}),)
-    return Config(models=models, **data)
+        if "model" not in single_model and "model" not in model_overrides:
+            raise ConfigError("model: missing; set 'model' (single-model form, or --model) "
+                              "or a non-empty 'models' list")
+        models = (_parse_model(single_model, "", model_overrides, ignored),)
+
+    merged = {**global_values, **{k: v for k, v in overrides.items()
+                                  if _BY_NAME[k].scope == "global"}}
+    fields_ = {name: _checked(_BY_NAME[name], value, name,
+                              _BY_NAME[name].flag if name in overrides else None)
+               for name, value in merged.items()}
+    config = Config(models=models, ignored_keys=tuple(ignored), **fields_)
+    check_placement(config, get_platform(config.platform))
+    return config
 
 
-def load_config(path: str, overrides: dict | None = None) -> Config:
+def check_placement(config: Config, platform: Platform) -> None:
+    """Platform-dependent rules: TP placeable, ports inside 1..65535 and not overlapping."""
+    from .plan import INTERNAL_PORTS_PER_SLOT  # plan imports config; import late
+
+    dpn = platform.devices_per_node
+    single = len(config.models) == 1
+    for i, model in enumerate(config.models):
+        tp = model.tensor_parallel_size
+        if tp > dpn and tp % dpn:
+            path = "tensor_parallel_size" if single else f"models[{i}].tensor_parallel_size"
+            raise ConfigError(
+                f"{path}: {tp} cannot be placed on {platform.name} ({dpn} devices per node); "
+                f"allowed: 1-{dpn}, or a multiple of {dpn} (whole nodes)")
+    http_first, http_last = config.port_start, config.port_start + config.total_instances - 1
+    if http_last > 65535:
+        raise ConfigError(
+            f"port_start: {config.port_start} + {config.total_instances} instances runs past "
+            f"65535 (last port {http_last}); allowed: port_start <= "
+            f"{65536 - config.total_instances}")
+    internal_first = config.internal_port_start
+    internal_last = internal_first + dpn * INTERNAL_PORTS_PER_SLOT - 1
+    if internal_last > 65535:
+        raise ConfigError(
+            f"internal_port_start: {internal_first} + {dpn} slots x {INTERNAL_PORTS_PER_SLOT} "
+            f"ports runs past 65535; allowed: internal_port_start <= "
+            f"{65536 - dpn * INTERNAL_PORTS_PER_SLOT}")
+    if http_first <= internal_last and internal_first <= http_last:
+        raise ConfigError(
+            f"port_start: HTTP ports {http_first}-{http_last} overlap the internal port range "
+            f"{internal_first}-{internal_last} (internal_port_start); move one of them")
+
+
+def check_submittable(config: Config, platform: Platform) -> None:
+    """What a real submission needs beyond a valid config (a dry run does not)."""
+    if platform.requires_account and not config.account:
+        raise ConfigError(f"account: missing; {platform.name} charges jobs to a project: set "
+                          "'account' or pass --account (a --dry-run works without it)")
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def _yaml_loader():
     import yaml
 
-    with open(path, encoding="utf-8") as f:
-        return from_mapping(yaml.safe_load(f) or {}, overrides)
+    class Loader(yaml.SafeLoader):
+        """SafeLoader without YAML 1.1 base-60 numbers (walltime: 01:00:00 stays a string)
+        and with duplicate keys reported instead of silently overwritten."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key if isinstance(key, str) else id(key))
+            return super().construct_mapping(node, deep)
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        int_tag,
+        re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)"
+                   r"|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"))
+    Loader.add_implicit_resolver(
+        float_tag,
+        re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+                   r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."))
+    return Loader
+
+
+def parse_yaml(text: str, source: str = "config") -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        problem = err.problem or err.context or "unreadable"
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {err}") from None
+
+
+def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load `path` (None: flags and defaults only), apply overrides, validate."""
+    if path is None:
+        return from_mapping({}, overrides)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read config file: "
+                          f"{getattr(err, 'strerror', None) or err}") from None
+    return from_mapping(parse_yaml(text, str(path)), overrides)
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True,
+                          width=10_000)

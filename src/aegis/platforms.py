@@ -26,6 +26,8 @@ class Platform:
     directives: tuple[str, ...] = ()
     # Environment every instance gets on this platform.
     instance_env: dict[str, str] = field(default_factory=dict)
+    # HPC sites charge jobs to a project: `aegis submit` refuses to submit without `account`.
+    requires_account: bool = True
 
     def launcher_argv(self, nodes: int) -> list[str]:
         return [part.replace("{nodes}", str(nodes)) for part in self.rank_launcher]
@@ -42,6 +44,7 @@ PLATFORMS: dict[str, Platform] = {
             rank_launcher=("mpiexec", "-n", "{nodes}", "--ppn", "1", "--cpu-bind", "none"),
             node_local_dir="/tmp",
             setup_lines=("module load frameworks",),
+            directives=("-l place=scatter",),  # one select chunk per node
             instance_env={"ZE_FLAT_DEVICE_HIERARCHY": "FLAT"},
         ),
         Platform(
@@ -52,13 +55,17 @@ PLATFORMS: dict[str, Platform] = {
             rank_launcher=("mpiexec", "-n", "{nodes}", "--ppn", "1"),
             node_local_dir="/local/scratch",
             setup_lines=("module use /soft/modulefiles", "module load conda"),
+            directives=("-l place=scatter",),
         ),
         Platform(
             name="frontier",
             devices_per_node=8,  # 4 MI250X x 2 GCDs
             affinity_var="ROCR_VISIBLE_DEVICES",
             scheduler="slurm",
-            rank_launcher=("srun", "-N", "{nodes}", "--ntasks-per-node=1", "--gpus-per-node=8"),
+            # The one rank per node hosts all instances of the node: give it every core (56
+            # usable in low-noise mode), else Slurm confines its children to one CPU.
+            rank_launcher=("srun", "-N", "{nodes}", "-n", "{nodes}", "--ntasks-per-node=1",
+                           "--cpus-per-task=56", "--gpus-per-node=8", "--cpu-bind=none"),
             node_local_dir="/mnt/bb/$USER",
             setup_lines=("module load PrgEnv-gnu rocm",),
             directives=("-C nvme",),
@@ -76,6 +83,7 @@ def local_platform() -> Platform:
         scheduler="slurm",
         rank_launcher=("mpiexec", "-n", "{nodes}"),
         node_local_dir=os.environ.get("TMPDIR", "/tmp"),
+        requires_account=False,
     )
 
 
