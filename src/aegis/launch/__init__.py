@@ -1,0 +1,367 @@
+"""In-allocation launcher: one MPI rank per node turns the plan into verified vLLM servers.
+
+    aegis launch --config FILE            (starts the MPI job itself unless already under MPI)
+    python -m aegis.launch --config FILE  (one rank; run it under mpiexec/srun, one per node)
+
+Public API: main(argv) -> exit code (the `aegis launch` command), run_rank(argv) -> exit code.
+Exit codes: 0 all ready (or a partial start allowed), 1 failed run, 2 bad input,
+128+N stopped by signal N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from ..config import Config, ConfigError, load_config
+from ..plan import Plan, make_plan
+from ..platforms import Platform, get_platform
+from .allocation import Allocation, AllocationError, check_enough, find_allocation
+from .instances import build_part, check_api_key_env, staged_model_dir, vllm_command_argv
+
+__all__ = ["main", "run_rank", "under_mpi"]
+
+PROG = "aegis launch"
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+# Set in the environment of the ranks `aegis launch` starts, so they never start another job.
+RANK_MARKER = "AEGIS_LAUNCH_RANKS"
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
+              "SLURM_STEP_NUM_TASKS")
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Start the planned vLLM instances on this allocation, "
+                "verify them, write the endpoints file and supervise them until the job ends.")
+    p.add_argument("--config", required=True, help="deployment YAML")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--nodes", help="node names in rank order (a,b or node[1-4])")
+    where.add_argument("--nodefile", help="file with one node name per line (duplicates folded)")
+    p.add_argument("--run-dir", help="directory for scripts, logs, endpoints "
+                   "(default: <config run_dir>/<job id>)")
+    p.add_argument("--bind-host", help="address instances listen on (default: the node's address)")
+    p.add_argument("--platform", help="override the config's platform")
+    p.add_argument("--vllm-command", help="override the config's vllm_command")
+    p.add_argument("--startup-timeout", type=float, help="seconds an instance may take to be ready")
+    p.add_argument("--max-restarts", type=int, help="restarts per crashed instance")
+    p.add_argument("--allow-partial", action="store_true", default=None,
+                   help="succeed when at least one instance is ready")
+    p.add_argument("--once", "--exit-when-ready", dest="once", action="store_true",
+                   help="start, verify, write endpoints, stop everything and exit with the status")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between checks (<= 1)")
+    p.add_argument("--stop-grace", type=float, default=15.0,
+                   help="seconds between TERM and KILL when stopping instances")
+    p.add_argument("--restart-backoff", type=float, default=2.0,
+                   help="first restart delay in seconds; doubles per restart")
+    return p
+
+
+def _log(rank: int | None, msg: str) -> None:
+    who = PROG if rank is None else f"{PROG} [rank {rank}]"
+    print(f"{who}: {msg}", file=sys.stderr, flush=True)
+
+
+def _error(msg: str) -> None:
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+
+
+# --- pure preparation: same answer on every rank ---
+
+def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform, Plan, Allocation]:
+    """Parse, load, plan, find the nodes. Raises UsageError/ConfigError/AllocationError."""
+    args = build_parser().parse_args(argv)
+    if not 0 < args.poll_interval <= 1:
+        raise UsageError(f"--poll-interval {args.poll_interval:g}: must be > 0 and <= 1 second")
+    if args.stop_grace < 0 or args.restart_backoff < 0:
+        raise UsageError("--stop-grace and --restart-backoff must be >= 0")
+    overrides = {"platform": args.platform, "vllm_command": args.vllm_command,
+                 "startup_timeout": args.startup_timeout, "max_restarts": args.max_restarts,
+                 "allow_partial": args.allow_partial}
+    try:
+        config = load_config(args.config, overrides)
+    except FileNotFoundError:
+        raise UsageError(f"--config {args.config}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config {args.config}: is a directory") from None
+    except TypeError as e:  # unknown keys reaching the dataclass before full validation lands
+        raise ConfigError(f"{args.config}: {e}") from None
+    try:
+        platform = get_platform(config.platform)
+    except KeyError as e:
+        raise ConfigError(f"platform: {e.args[0]}") from None
+    vllm_command_argv(config)
+    check_api_key_env(config)
+    plan = make_plan(config, platform)
+    nodefile_text = None
+    if args.nodefile:
+        try:
+            nodefile_text = Path(args.nodefile).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--nodefile {args.nodefile}: {e.strerror}") from None
+    allocation = find_allocation(
+        nodes=args.nodes, nodefile_text=nodefile_text, nodefile_name=args.nodefile, env=env,
+        read_file=lambda p: Path(p).read_text(encoding="utf-8"), local_count=plan.nodes_needed)
+    check_enough(allocation, plan.nodes_needed)
+    return args, config, platform, plan, allocation
+
+
+def under_mpi(env) -> bool:
+    if env.get(RANK_MARKER):
+        return True
+    for var in _SIZE_VARS:
+        try:
+            if int(env.get(var, "0")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
+def rank_launch_argv(platform: Platform, nodes: int, argv: list[str]) -> list[str]:
+    """The MPI job that runs one `python -m aegis.launch` per node."""
+    launcher = platform.launcher_argv(nodes)
+    if launcher and launcher[0] == "mpiexec":
+        # Prefer the mpiexec of this Python's MPI (a venv's mpich); /usr/bin/mpiexec can be a
+        # different MPI or a Slurm wrapper.
+        sibling = Path(sys.executable).parent / "mpiexec"
+        if sibling.exists():
+            launcher = [str(sibling), *launcher[1:]]
+    return [*launcher, sys.executable, "-m", "aegis.launch", *argv]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`aegis launch`: run the MPI job of launcher ranks, or be a rank when already inside one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if under_mpi(os.environ):
+        return run_rank(argv)
+    try:
+        _args, _config, platform, plan, _allocation = prepare(argv, os.environ)
+    except (UsageError, ConfigError, AllocationError) as e:
+        _error(str(e))
+        return EXIT_BAD_INPUT
+    if plan.nodes_needed <= 1:
+        return run_rank(argv)
+    cmd = rank_launch_argv(platform, plan.nodes_needed, argv)
+    if shutil.which(cmd[0]) is None:
+        _error(f"rank launcher {cmd[0]!r} (platform {platform.name}) not found on PATH")
+        return EXIT_BAD_INPUT
+    _log(None, f"starting {plan.nodes_needed} ranks: {' '.join(cmd[:-len(argv) or None])} ...")
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, {**os.environ, RANK_MARKER: str(plan.nodes_needed)})
+    return EXIT_FAILED  # not reached
+
+
+# --- one rank ---
+
+class _StopFlag:
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, _frame):
+        self.signum = self.signum or signum
+
+
+def _job_id(env) -> str:
+    return (env.get("PBS_JOBID") or env.get("SLURM_JOB_ID")
+            or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+
+
+def _address(name: str) -> str:
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name
+
+
+def run_rank(argv: list[str]) -> int:
+    """One launcher rank. Every check that can fail on bad input runs before anything starts,
+    and each rank reaches the same verdict without talking to the others."""
+    try:
+        args, config, platform, plan, allocation = prepare(argv, os.environ)
+    except (UsageError, ConfigError, AllocationError) as e:
+        _error(str(e))
+        return EXIT_BAD_INPUT
+    api_key = None
+    if config.api_key_env:
+        api_key = os.environ.get(config.api_key_env)
+        if not api_key:
+            _error(f"api_key_env: environment variable {config.api_key_env} is not set or empty")
+            return EXIT_BAD_INPUT
+
+    from mpi4py import MPI  # after the input checks: a usage error needs no MPI
+
+    from .collective import Collective
+
+    coll = Collective(MPI.COMM_WORLD)
+    rank = coll.rank
+    if coll.size < plan.nodes_needed:
+        _error(f"the plan needs {plan.nodes_needed} node(s), one launcher rank each, but this "
+               f"MPI job has {coll.size} rank(s)")
+        return EXIT_BAD_INPUT
+
+    stop = _StopFlag()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        return _run(args, config, platform, plan, allocation, coll, stop, api_key)
+    except Exception as e:  # a bug or an environment failure: never leave ranks hanging
+        _log(rank, f"internal error: {type(e).__name__}: {e}")
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        coll.abort(EXIT_FAILED)
+        return EXIT_FAILED
+
+
+def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
+    from .endpoints import failure_report, merge_parts, summary_table, write_endpoints
+    from .supervise import LocalFleet
+
+    rank = coll.rank
+    log = (lambda msg: _log(rank, msg))
+
+    # Preflight that depends on this node: the command must exist here.
+    cmd0 = vllm_command_argv(config)[0]
+    problem = None
+    if plan.on_node(rank) and shutil.which(cmd0) is None:
+        problem = f"vllm_command: {cmd0!r} not found on node {allocation.nodes[rank]}"
+    problems = [p for p in coll.allgather(problem) if p]
+    if problems:
+        if rank == 0:
+            for p in sorted(set(problems)):
+                _error(p)
+        return EXIT_BAD_INPUT
+
+    job = _job_id(os.environ)
+    run_dir = coll.bcast(os.path.abspath(args.run_dir or os.path.join(config.run_dir, job))
+                         if rank == 0 else None)
+    if rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        log(f"{len(plan.instances)} instance(s) on {plan.nodes_needed} node(s) from "
+            f"{allocation.source}; run directory {run_dir}")
+    coll.barrier()
+    endpoints_path = Path(run_dir) / config.endpoints_file
+
+    # Per node, once: stage each model source into the node-local cache (collective).
+    for model in config.models:
+        if model.model_source and not stop.signum:
+            from ..bcast import StagingError, stage
+
+            dest = staged_model_dir(config.hf_home, model.name)
+            try:
+                result = stage(model.model_source, dest, coll.comm, writers="node",
+                               progress=rank == 0)
+            except StagingError as e:
+                if rank == 0:
+                    _error(f"staging {model.model_source} -> {dest} failed: {e}")
+                return EXIT_FAILED
+            if rank == 0:
+                log(f"staged {model.model_source} -> {dest}: {result}")
+
+    my_nodes = sorted({n for inst in plan.on_node(rank) for n in inst.nodes})
+    addresses = [_address(h) if i in my_nodes else h for i, h in enumerate(allocation.nodes)]
+    models = config.models
+    parts = [build_part(instance=inst, model=models[inst.model_index], config=config,
+                        platform=platform, node_index=rank, hosts=list(allocation.nodes),
+                        addresses=addresses, bind_host=args.bind_host, run_dir=run_dir)
+             for inst in plan.on_node(rank)] if rank < plan.nodes_needed else []
+    fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
+                       max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
+                       api_key=api_key, log=log)
+    try:
+        return _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log,
+                      merge_parts, summary_table, failure_report, write_endpoints)
+    finally:
+        fleet.stop(args.stop_grace)
+
+
+def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log,
+           merge_parts, summary_table, failure_report, write_endpoints) -> int:
+    rank = coll.rank
+
+    def publish(states_local, *, report: bool) -> list | None:
+        gathered = coll.gather(states_local)
+        if rank != 0:
+            return None
+        merged = merge_parts([s for part in gathered for s in part])
+        write_endpoints(endpoints_path, merged, run_dir=run_dir, job=job)
+        if report:
+            print(summary_table(merged), file=sys.stderr, flush=True)
+            failures = failure_report(merged)
+            if failures:
+                print(failures, file=sys.stderr, flush=True)
+            log(f"endpoints: {endpoints_path}")
+        return merged
+
+    def tick(started: float) -> None:
+        time.sleep(max(0.0, args.poll_interval - (time.monotonic() - started)))
+
+    if not stop.signum:
+        fleet.start_all()
+    # Startup: until every instance is ready or failed everywhere, or a stop is requested.
+    while True:
+        started = time.monotonic()
+        if not stop.signum:
+            fleet.step()
+        flags = coll.allgather((stop.signum, fleet.decided()))
+        signum = max(f[0] for f in flags)
+        if signum or all(f[1] for f in flags):
+            break
+        tick(started)
+
+    if signum:
+        log(f"stopping on signal {signum}")
+        fleet.stop(args.stop_grace)
+        publish(fleet.states(stopped=True), report=rank == 0)
+        return 128 + signum
+
+    merged = publish(fleet.states(), report=True)
+    verdict = None
+    if rank == 0:
+        ready = sum(s.state == "ready" for s in merged)
+        verdict = ready == len(merged) or (config.allow_partial and ready > 0)
+        if not verdict:
+            log(f"{len(merged) - ready} of {len(merged)} instance(s) not ready"
+                + ("" if not config.allow_partial else " and none is ready"))
+    ok = coll.bcast(verdict)
+    if args.once or not ok:
+        fleet.stop(args.stop_grace)
+        return EXIT_OK if ok else EXIT_FAILED
+
+    # Supervise until the job ends (signal) or nothing can come back.
+    last = fleet.states()
+    while True:
+        started = time.monotonic()
+        if not stop.signum:
+            fleet.step()
+        now_states = fleet.states()
+        flags = coll.allgather((stop.signum, fleet.recoverable(), now_states != last))
+        signum = max(f[0] for f in flags)
+        if signum:
+            log(f"stopping on signal {signum}")
+            fleet.stop(args.stop_grace)
+            publish(fleet.states(stopped=True), report=rank == 0)
+            return 128 + signum
+        if sum(f[1] for f in flags) == 0:
+            if rank == 0:
+                log("every instance has failed; giving up")
+            publish(now_states, report=True)
+            return EXIT_FAILED
+        if any(f[2] for f in flags):
+            publish(now_states, report=False)
+            last = now_states
+        tick(started)

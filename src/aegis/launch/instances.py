@@ -1,0 +1,135 @@
+"""What each instance process on this node runs: argv, environment, the rendered script. Pure.
+
+A multi-node instance (TP larger than a node) has one process per node: the head (node rank 0)
+serves HTTP; the others run vLLM with --headless and join it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..config import Config, ConfigError, ModelConfig
+from ..plan import Instance
+from ..platforms import Platform
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One process of one instance, on one node."""
+
+    instance_id: int
+    served_name: str
+    model: str  # HF id
+    node_index: int
+    node_host: str  # name in the node list; goes into the endpoints file
+    node_rank: int  # 0 = head
+    nnodes: int
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]  # exported by the script, in order
+    api_key_env: str | None
+    script_path: str
+    log_path: str
+    bind_host: str
+    port: int
+
+    @property
+    def is_head(self) -> bool:
+        return self.node_rank == 0
+
+    @property
+    def name(self) -> str:
+        return part_name(self.instance_id, self.node_rank, self.nnodes)
+
+
+def part_name(instance_id: int, node_rank: int, nnodes: int) -> str:
+    return f"instance-{instance_id:04d}" + (f"-node{node_rank}" if nnodes > 1 else "")
+
+
+def sanitise(name: str) -> str:
+    """A model id as one safe path component: 'org/Model-1.5B' -> 'org--Model-1.5B'."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "--", name.replace("/", "--")).strip(".-")
+    return cleaned or "model"
+
+
+def staged_model_dir(hf_home: str, model_name: str) -> str:
+    """Where a model_source is staged on every node; vLLM is pointed at this path."""
+    return str(Path(hf_home) / "aegis-models" / sanitise(model_name))
+
+
+def vllm_command_argv(config: Config) -> list[str]:
+    try:
+        argv = shlex.split(config.vllm_command)
+    except ValueError as e:
+        raise ConfigError(f"vllm_command: cannot split {config.vllm_command!r} ({e})") from None
+    if not argv:
+        raise ConfigError("vllm_command: empty; expected e.g. 'vllm serve'")
+    return argv
+
+
+def check_api_key_env(config: Config) -> None:
+    if config.api_key_env is not None and not _ENV_NAME.fullmatch(config.api_key_env):
+        raise ConfigError(f"api_key_env: {config.api_key_env!r} is not an environment variable name")
+
+
+def build_part(*, instance: Instance, model: ModelConfig, config: Config, platform: Platform,
+               node_index: int, hosts: list[str], addresses: list[str], bind_host: str | None,
+               run_dir: str) -> Part:
+    """The process of `instance` on node `node_index` (which must be one of instance.nodes)."""
+    check_api_key_env(config)
+    node_rank = instance.nodes.index(node_index)
+    nnodes = len(instance.nodes)
+    head_address = addresses[instance.nodes[0]]
+    address = addresses[node_index]
+    model_arg = staged_model_dir(config.hf_home, model.name) if model.model_source else model.name
+    argv = [*vllm_command_argv(config), model_arg,
+            "--host", bind_host or address,
+            "--port", str(instance.port),
+            "--tensor-parallel-size", str(model.tensor_parallel_size),
+            "--served-model-name", instance.served_name]
+    if nnodes > 1:
+        argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
+                 "--master-addr", head_address, "--master-port", str(instance.master_port)]
+        if node_rank > 0:
+            argv.append("--headless")
+    argv += list(model.extra_vllm_args)
+    env = [(platform.affinity_var, ",".join(str(d) for d in instance.devices)),
+           *sorted(platform.instance_env.items()),
+           ("HF_HOME", config.hf_home),
+           ("HF_HUB_OFFLINE", "1"),
+           ("VLLM_HOST_IP", address),
+           ("VLLM_PORT", str(instance.vllm_port)),
+           ("MASTER_ADDR", head_address),
+           ("MASTER_PORT", str(instance.master_port))]
+    name = part_name(instance.id, node_rank, nnodes)
+    return Part(instance_id=instance.id, served_name=instance.served_name, model=model.name,
+                node_index=node_index, node_host=hosts[node_index], node_rank=node_rank,
+                nnodes=nnodes, argv=tuple(argv), env=tuple(env), api_key_env=config.api_key_env,
+                script_path=str(Path(run_dir) / "instances" / f"{name}.sh"),
+                log_path=str(Path(run_dir) / "logs" / f"{name}.log"),
+                bind_host=bind_host or address, port=instance.port)
+
+
+@lru_cache(maxsize=1)
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("aegis", "templates"),
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+        keep_trailing_newline=True, autoescape=False)
+    env.filters["q"] = lambda v: shlex.quote(str(v))
+    env.filters["join_quoted"] = lambda seq: " ".join(shlex.quote(str(a)) for a in seq)
+    return env.get_template("instance.sh.j2")
+
+
+def render_script(part: Part) -> str:
+    for name, _ in part.env:
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"instance environment: {name!r} is not a variable name")
+    return _template().render(part=part)

@@ -1,0 +1,157 @@
+"""This rank's instance processes as a small state machine, stepped once per tick.
+
+States: starting -> ready; an instance whose process exits during startup is failed at once
+(exit code + log tail); one that was ready and crashes is restarted after a backoff
+(backoff * 2**k seconds) up to max_restarts times, then failed. Multi-node instances are not
+restarted (their processes live on several ranks). Worker processes of a multi-node instance
+count as "ready" while they run; the head's readiness decides the instance.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .endpoints import InstanceState
+from .instances import Part
+from .processes import Running, port_in_use, stop_all, write_script
+from .readiness import Target, probe_round
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def probe_host(part: Part) -> str:
+    if part.bind_host in _WILDCARDS:
+        return dict(part.env).get("VLLM_HOST_IP", "127.0.0.1")
+    return part.bind_host
+
+
+@dataclass
+class Slot:
+    part: Part
+    state: str = "starting"
+    restarts: int = 0
+    running: Running | None = None
+    deadline: float = 0.0
+    next_start: float | None = None
+    ever_ready: bool = False
+    exit_code: int | None = None
+    error: str = ""
+    log_tail: list[str] = field(default_factory=list)
+    last_probe: str = "not probed yet"
+
+
+class LocalFleet:
+    def __init__(self, parts: list[Part], *, startup_timeout: float, max_restarts: int,
+                 restart_backoff: float = 2.0, api_key: str | None = None,
+                 probe_timeout: float = 5.0, log=lambda msg: None):
+        self.slots = [Slot(p) for p in parts]
+        self.startup_timeout = startup_timeout
+        self.max_restarts = max_restarts
+        self.restart_backoff = restart_backoff
+        self.api_key = api_key
+        self.probe_timeout = probe_timeout
+        self.log = log
+
+    # --- transitions ---
+
+    def start_all(self) -> None:
+        for slot in self.slots:
+            write_script(slot.part)
+        now = time.monotonic()
+        for slot in self.slots:
+            self._start(slot, now)
+
+    def _start(self, slot: Slot, now: float) -> None:
+        part = slot.part
+        slot.next_start = None
+        if part.is_head and port_in_use(part.bind_host, part.port):
+            self._fail(slot, f"port {part.port} on {part.bind_host} is already in use")
+            return
+        slot.running = Running(part, attempt=slot.restarts)
+        slot.exit_code = None
+        slot.deadline = now + self.startup_timeout
+        # Workers have no HTTP endpoint: running is all they can show.
+        slot.state = "starting" if part.is_head else "ready"
+        slot.error = ""
+        slot.last_probe = "not probed yet"
+
+    def _fail(self, slot: Slot, error: str) -> None:
+        slot.state = "failed"
+        slot.error = error
+        self.log(f"{slot.part.name} failed: {error}")
+
+    def _on_exit(self, slot: Slot, code: int, now: float) -> None:
+        slot.exit_code = code
+        slot.log_tail = slot.running.log_tail()
+        can_restart = slot.ever_ready and slot.part.nnodes == 1 and slot.restarts < self.max_restarts
+        if can_restart:
+            delay = self.restart_backoff * (2 ** slot.restarts)
+            slot.restarts += 1
+            slot.state = "restarting"
+            slot.next_start = now + delay
+            slot.error = f"exited with code {code}; restart {slot.restarts}/{self.max_restarts} in {delay:g}s"
+            self.log(f"{slot.part.name} {slot.error}")
+        else:
+            why = (f" after {slot.restarts} restart(s)" if slot.restarts else
+                   " during startup" if not slot.ever_ready else "")
+            self._fail(slot, f"exited with code {code}{why}")
+
+    def step(self) -> None:
+        """One tick: notice exits, start due restarts, probe starting heads, enforce timeouts."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.state in ("starting", "ready") and slot.running is not None:
+                code = slot.running.exit_code()
+                if code is not None:
+                    self._on_exit(slot, code, now)
+            if slot.state == "restarting" and slot.next_start is not None and now >= slot.next_start:
+                self._start(slot, now)
+        starting = [s for s in self.slots if s.state == "starting" and s.part.is_head]
+        results = probe_round(
+            [Target(i, probe_host(s.part), s.part.port, s.part.served_name, self.api_key)
+             for i, s in enumerate(self.slots) if s in starting],
+            timeout=self.probe_timeout)
+        now = time.monotonic()
+        for i, result in results.items():
+            slot = self.slots[i]
+            code = slot.running.exit_code() if slot.running else None
+            if code is not None:  # died while we were probing
+                self._on_exit(slot, code, now)
+            elif result.ready:
+                slot.state = "ready"
+                slot.ever_ready = True
+                slot.error = ""
+                self.log(f"{slot.part.name} ready on {slot.part.node_host}:{slot.part.port}"
+                         + (f" (restart {slot.restarts})" if slot.restarts else ""))
+            else:
+                slot.last_probe = result.detail
+                if now >= slot.deadline:
+                    slot.log_tail = slot.running.log_tail() if slot.running else []
+                    self._fail(slot, f"not ready within {self.startup_timeout:g}s; last check: {result.detail}")
+                    stop_all([slot.running], grace=5.0)
+
+    # --- views ---
+
+    def decided(self) -> bool:
+        """Nothing left that may still become ready during startup."""
+        return all(s.state in ("ready", "failed") for s in self.slots)
+
+    def recoverable(self) -> int:
+        """Instances that are up or may come back."""
+        return sum(s.state != "failed" for s in self.slots)
+
+    def states(self, *, stopped: bool = False) -> list[InstanceState]:
+        out = []
+        for s in self.slots:
+            p = s.part
+            state = "stopped" if stopped and s.state != "failed" else s.state
+            out.append(InstanceState(
+                id=p.instance_id, model=p.model, served_name=p.served_name, node=p.node_index,
+                host=p.node_host, port=p.port, state=state, log=p.log_path, restarts=s.restarts,
+                exit_code=s.exit_code, error=s.error, log_tail=tuple(s.log_tail),
+                node_rank=p.node_rank))
+        return out
+
+    def stop(self, grace: float) -> None:
+        stop_all([s.running for s in self.slots if s.running is not None], grace)

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Stand-in for `vllm serve`: a tiny OpenAI-ish HTTP server with fault switches. Tests only.
+
+    python tests/standin_vllm.py serve MODEL --host H --port P --served-model-name S [switches]
+
+Speaks GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+Unknown vLLM flags (--tensor-parallel-size, --nnodes, ...) are accepted and ignored.
+Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
+  --fault exit-at-start       exit 3 before listening
+  --fault never-ready         /health answers 503 forever
+  --fault bad-completions     /health and /v1/models fine, completions answer 500
+  --fault crash-after:N       exit 4 right after answering N requests
+  --crash-once-marker PATH    with crash-after: crash only if PATH is absent (and create it),
+                              so a restarted copy stays up
+  --start-delay S             sleep S seconds before listening (model "loading")
+  --port-range A-B            serve every port A..B in one process (benchmarks)
+If VLLM_API_KEY is set, /v1/* requires "Authorization: Bearer <key>" (as vLLM does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="standin_vllm")
+    p.add_argument("serve")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--fault", default=os.environ.get("STANDIN_FAULT", ""))
+    p.add_argument("--crash-once-marker", default=None)
+    p.add_argument("--start-delay", type=float, default=float(os.environ.get("STANDIN_START_DELAY", "0")))
+    p.add_argument("--port-range", default=None)
+    args, _unknown = p.parse_known_args(argv)
+    return args
+
+
+class Server:
+    def __init__(self, args):
+        self.args = args
+        self.name = args.served_model_name or args.model
+        self.key = os.environ.get("VLLM_API_KEY")
+        self.served = 0
+        self.crash_after = None
+        if args.fault.startswith("crash-after:"):
+            self.crash_after = int(args.fault.split(":", 1)[1])
+            marker = args.crash_once_marker
+            if marker:
+                if os.path.exists(marker):
+                    self.crash_after = None
+                else:
+                    open(marker, "w").close()
+
+    def route(self, method, path, headers, body):
+        fault = self.args.fault
+        if path == "/health":
+            return (503, {"error": "not ready"}) if fault == "never-ready" else (200, None)
+        if path.startswith("/v1/") and self.key and headers.get("authorization") != f"Bearer {self.key}":
+            return 401, {"error": "Unauthorized"}
+        if method == "GET" and path == "/v1/models":
+            return 200, {"object": "list", "data": [{"id": self.name, "object": "model",
+                                                     "root": self.args.model, "owned_by": "standin"}]}
+        if method == "POST" and path in ("/v1/completions", "/v1/chat/completions"):
+            if fault == "bad-completions":
+                return 500, {"error": "EngineDeadError: engine core died"}
+            req = json.loads(body or b"{}")
+            if req.get("model") != self.name:
+                return 404, {"error": f"model {req.get('model')!r} not found"}
+            if path == "/v1/completions":
+                choice = {"index": 0, "text": " hi", "finish_reason": "length", "logprobs": None}
+                kind = "text_completion"
+            else:
+                choice = {"index": 0, "finish_reason": "length",
+                          "message": {"role": "assistant", "content": "hi"}}
+                kind = "chat.completion"
+            return 200, {"id": "cmpl-standin", "object": kind, "created": int(time.time()),
+                         "model": self.name, "choices": [choice],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        return 404, {"error": f"no route {method} {path}"}
+
+    async def handle(self, reader, writer):
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            method, path, _ = line.decode("latin-1").split(" ", 2)
+            headers = {}
+            while True:
+                h = await reader.readline()
+                if h in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                headers[k.strip().lower()] = v.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+            status, payload = self.route(method, path.split("?")[0], headers, body)
+            data = b"" if payload is None else json.dumps(payload).encode()
+            writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+            await writer.drain()
+        except (ConnectionError, ValueError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+        self.served += 1
+        if self.crash_after is not None and self.served >= self.crash_after:
+            print(f"standin: crashing after {self.served} requests", file=sys.stderr, flush=True)
+            os._exit(4)
+
+
+async def amain(args):
+    server = Server(args)
+    if args.port_range:
+        lo, hi = (int(x) for x in args.port_range.split("-"))
+        ports = range(lo, hi + 1)
+    else:
+        ports = [args.port]
+    servers = [await asyncio.start_server(server.handle, args.host, p, backlog=64) for p in ports]
+    print(f"standin: serving {server.name!r} on {args.host}:{ports[0]}"
+          f"{'-' + str(ports[-1]) if len(ports) > 1 else ''}", file=sys.stderr, flush=True)
+    await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    print(f"standin: argv={sys.argv[1:]} devices={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}",
+          file=sys.stderr, flush=True)
+    if args.fault == "exit-at-start":
+        print("standin: RuntimeError: simulated failure at start", file=sys.stderr, flush=True)
+        return 3
+    if args.start_delay:
+        time.sleep(args.start_delay)
+    try:
+        asyncio.run(amain(args))
+    except OSError as e:
+        print(f"standin: cannot listen: {e}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
