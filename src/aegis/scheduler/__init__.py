@@ -1,0 +1,25 @@
+"""Scheduler backends: render a batch script, submit it, ask a job's state, cancel it.
+
+One small interface (aegis.scheduler.base.Backend), one module per batch system. The backend
+comes from the platform record (aurora -> pbs, frontier -> slurm), overridable by
+`scheduler:` / --scheduler.
+"""
+
+from __future__ import annotations
+
+from .base import JOB_STATES, Backend, SchedulerError, SchedulerNotFound
+from .pbs import PBSBackend
+from .slurm import SlurmBackend
+
+BACKENDS: dict[str, type[Backend]] = {"pbs": PBSBackend, "slurm": SlurmBackend}
+
+
+def get_backend(name: str) -> Backend:
+    try:
+        return BACKENDS[name]()
+    except KeyError:
+        raise KeyError(f"unknown scheduler {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+__all__ = ["BACKENDS", "JOB_STATES", "Backend", "PBSBackend", "SchedulerError",
+           "SchedulerNotFound", "SlurmBackend", "get_backend"]

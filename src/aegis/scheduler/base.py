@@ -1,0 +1,168 @@
+"""The backend interface and what PBS and Slurm share: Jinja rendering, running commands.
+
+render() is pure (text from config + plan + platform + paths); submit/state/cancel run the
+batch system's commands (argv lists, never a shell) and raise SchedulerError on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .. import __version__
+from ..config import Config, ConfigError
+from ..plan import Plan
+from ..platforms import Platform
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+CONFIG_NAME = "config.yaml"  # the resolved config inside a run directory
+SCRIPT_NAME = "job.sh"
+LOG_NAME = "job.log"  # the batch job's stdout+stderr
+
+# What state() returns, whatever the batch system calls it.
+JOB_STATES = ("queued", "held", "running", "exiting", "completed", "failed", "cancelled",
+              "unknown")
+
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\[\]@-]*")
+
+
+class SchedulerError(RuntimeError):
+    """The batch system refused or failed (exit 1): one line, the command's stderr inside."""
+
+
+class SchedulerNotFound(SchedulerError):
+    """The batch system's command is not on PATH (not a login node of that system)."""
+
+
+def _jinja_env():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,  # shell, not HTML: quoting is explicit through the q filter
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["q"] = shlex.quote
+    env.filters["argv"] = lambda words: " ".join(shlex.quote(str(w)) for w in words)
+    return env
+
+
+_ENV = None
+
+
+def _template(name: str):
+    global _ENV
+    if _ENV is None:
+        _ENV = _jinja_env()
+    return _ENV.get_template(name)
+
+
+def model_summaries(config: Config, plan: Plan) -> list[str]:
+    """One comment line per model (names are validated free of control characters)."""
+    lines = []
+    for index, model in enumerate(config.models):
+        ports = [i.port for i in plan.instances if i.model_index == index]
+        span = f"{ports[0]}" if len(ports) == 1 else f"{ports[0]}-{ports[-1]}"
+        lines.append(f"model {index}: {model.name} x{model.instances}, tensor_parallel_size "
+                     f"{model.tensor_parallel_size}, ports {span}")
+    return lines
+
+
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise ConfigError(f"job id: {job_id!r} is not a job id (e.g. '12345' or "
+                          "'12345.aurora-pbs-0001')")
+    return job_id
+
+
+def one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+class Backend:
+    name = ""
+    template = ""
+    submit_command = ""
+    directive_prefix = ""
+
+    # -- pure ------------------------------------------------------------------------------
+    def render(self, config: Config, plan: Plan, platform: Platform, run_dir: str,
+               python: str | None = None) -> str:
+        """The batch script for `plan`, writing into the absolute directory `run_dir`."""
+        if not os.path.isabs(run_dir):
+            raise ValueError(f"run_dir must be absolute, got {run_dir!r}")
+        if python is None:
+            # Inside a conda env the env's python has aegis; otherwise the interpreter that
+            # ran `aegis submit` (same install on a shared file system).
+            python = "python" if config.conda_env else sys.executable
+        context: dict[str, Any] = {
+            "aegis_version": __version__,
+            "config": config,
+            "plan": plan,
+            "platform": platform,
+            "run_dir": run_dir,
+            "config_path": f"{run_dir}/{CONFIG_NAME}",
+            "log_path": f"{run_dir}/{LOG_NAME}",
+            "launcher_argv": platform.launcher_argv(plan.nodes_needed),
+            "python": python,
+            "model_lines": model_summaries(config, plan),
+            "directives": self.directives(config, plan, platform, run_dir),
+        }
+        return _template(self.template).render(**context)
+
+    def directives(self, config: Config, plan: Plan, platform: Platform,
+                   run_dir: str) -> list[str]:
+        raise NotImplementedError
+
+    def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
+        raise NotImplementedError
+
+    def parse_job_id(self, stdout: str) -> str:
+        raise NotImplementedError
+
+    # -- side effects ----------------------------------------------------------------------
+    def available(self) -> bool:
+        from shutil import which
+
+        return which(self.submit_command) is not None
+
+    def submit(self, script_path: str, env_names: Sequence[str] = (),
+               env: Mapping[str, str] | None = None, cwd: str | None = None) -> str:
+        """Submit the script; `env_names` are variables the job must receive by name."""
+        result = run(self.submit_argv(script_path, env_names), env=env, cwd=cwd)
+        if result.returncode != 0:
+            raise SchedulerError(f"{self.submit_command} failed (exit {result.returncode}): "
+                                 f"{one_line(result.stderr) or one_line(result.stdout) or 'no output'}")
+        job_id = self.parse_job_id(result.stdout)
+        if not job_id:
+            raise SchedulerError(f"{self.submit_command} printed no job id: "
+                                 f"{one_line(result.stdout) or 'no output'}")
+        return job_id
+
+    def state(self, job_id: str) -> str:
+        raise NotImplementedError
+
+    def cancel(self, job_id: str) -> None:
+        raise NotImplementedError
+
+
+def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, env=None if env is None else dict(env), cwd=cwd, text=True,
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                              check=False)
+    except FileNotFoundError:
+        raise SchedulerNotFound(f"{argv[0]} not found on PATH: not a login node of this batch "
+                                "system? (use --dry-run to print the script without submitting)"
+                                ) from None
+    except subprocess.TimeoutExpired:
+        raise SchedulerError(f"{argv[0]} did not answer within {timeout:.0f} s") from None

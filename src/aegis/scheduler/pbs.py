@@ -1,0 +1,89 @@
+"""PBS Pro (Aurora, Polaris): #PBS directives, qsub / qstat -f / qdel."""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from ..config import Config
+from ..plan import Plan
+from ..platforms import Platform
+from .base import LOG_NAME, Backend, SchedulerError, check_job_id, one_line, run
+
+# PBS one-letter job states -> aegis states (qstat -f prints "job_state = R").
+_STATES = {
+    "Q": "queued", "W": "queued", "T": "queued",
+    "H": "held", "S": "held", "U": "held",
+    "R": "running", "B": "running",
+    "E": "exiting",
+    "F": "completed", "C": "completed", "X": "completed",
+}
+
+
+def parse_qstat_full(text: str) -> dict[str, str]:
+    """`qstat -f` attribute lines ("    name = value") as a dict; continuation lines skipped."""
+    attrs: dict[str, str] = {}
+    for line in text.splitlines():
+        match = re.match(r"\s+([A-Za-z_.]+) = (.*)$", line)
+        if match:
+            attrs.setdefault(match.group(1), match.group(2).strip())
+    return attrs
+
+
+def state_from_attrs(attrs: dict[str, str]) -> str:
+    state = _STATES.get(attrs.get("job_state", ""), "unknown")
+    if state == "completed":
+        exit_status = attrs.get("Exit_status", attrs.get("exit_status", "0"))
+        if exit_status.lstrip("-").isdigit() and int(exit_status) != 0:
+            return "failed"
+    return state
+
+
+class PBSBackend(Backend):
+    name = "pbs"
+    template = "pbs_job.sh.j2"
+    submit_command = "qsub"
+    directive_prefix = "#PBS"
+
+    def directives(self, config: Config, plan: Plan, platform: Platform,
+                   run_dir: str) -> list[str]:
+        # One -l item per line: sbatch (reading #PBS lines) rejects "select=2,walltime=...".
+        lines = [f"-N {config.job_name}", f"-l select={plan.nodes_needed}",
+                 f"-l walltime={config.walltime}"]
+        if config.filesystems:
+            lines.append(f"-l filesystems={config.filesystems}")
+        if config.account:
+            lines.append(f"-A {config.account}")
+        if config.queue:
+            lines.append(f"-q {config.queue}")
+        lines += ["-j oe", f"-o {run_dir}/{LOG_NAME}", *platform.directives]
+        return lines
+
+    def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
+        # -v NAME (no value) copies the variable from qsub's environment: secrets travel by
+        # name, never on a command line or in the script.
+        argv = ["qsub"]
+        if env_names:
+            argv += ["-v", ",".join(env_names)]
+        return [*argv, script_path]
+
+    def parse_job_id(self, stdout: str) -> str:
+        lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
+
+    def state(self, job_id: str) -> str:
+        check_job_id(job_id)
+        result = run(["qstat", "-f", job_id])
+        if result.returncode != 0:
+            # Finished jobs leave the live list; PBS Pro keeps them in the history (-x).
+            result = run(["qstat", "-x", "-f", job_id])
+            if result.returncode != 0:
+                return "unknown"
+        return state_from_attrs(parse_qstat_full(result.stdout))
+
+    def cancel(self, job_id: str) -> None:
+        check_job_id(job_id)
+        result = run(["qdel", job_id])
+        if result.returncode != 0:
+            raise SchedulerError(f"qdel {job_id} failed (exit {result.returncode}): "
+                                 f"{one_line(result.stderr) or one_line(result.stdout)}")

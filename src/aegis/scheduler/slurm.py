@@ -1,0 +1,78 @@
+"""Slurm (Frontier, the local test cluster): #SBATCH directives, sbatch / squeue+sacct /
+scancel."""
+
+from __future__ import annotations
+
+from shutil import which
+from typing import Sequence
+
+from ..config import Config
+from ..plan import Plan
+from ..platforms import Platform
+from .base import LOG_NAME, Backend, SchedulerError, check_job_id, one_line, run
+
+_STATES = {
+    "PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued",
+    "REQUEUE_FED": "queued",
+    "REQUEUE_HOLD": "held", "RESV_DEL_HOLD": "held", "SUSPENDED": "held", "STOPPED": "held",
+    "RUNNING": "running", "RESIZING": "running", "SIGNALING": "running",
+    "STAGE_OUT": "exiting", "COMPLETING": "exiting",
+    "COMPLETED": "completed",
+    "CANCELLED": "cancelled",
+    "FAILED": "failed", "TIMEOUT": "failed", "NODE_FAIL": "failed", "OUT_OF_MEMORY": "failed",
+    "BOOT_FAIL": "failed", "DEADLINE": "failed", "PREEMPTED": "failed",
+    "REVOKED": "failed", "SPECIAL_EXIT": "failed",
+}
+
+
+def normalize_state(word: str) -> str:
+    # sacct prints "CANCELLED by 1000"; squeue may print "PENDING" etc.
+    parts = word.strip().split()
+    return _STATES.get(parts[0].rstrip("+"), "unknown") if parts else "unknown"
+
+
+class SlurmBackend(Backend):
+    name = "slurm"
+    template = "slurm_job.sh.j2"
+    submit_command = "sbatch"
+    directive_prefix = "#SBATCH"
+
+    def directives(self, config: Config, plan: Plan, platform: Platform,
+                   run_dir: str) -> list[str]:
+        lines = [f"-J {config.job_name}", f"-N {plan.nodes_needed}", f"-t {config.walltime}"]
+        if config.account:
+            lines.append(f"-A {config.account}")
+        if config.queue:
+            lines.append(f"-p {config.queue}")
+        lines += [f"-o {run_dir}/{LOG_NAME}", "--exclusive", *platform.directives]
+        return lines
+
+    def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
+        # --export=ALL hands the job sbatch's environment, so the named variables (HF_TOKEN,
+        # the API key) travel without their values being on a command line.
+        return ["sbatch", "--parsable", "--export=ALL", script_path]
+
+    def parse_job_id(self, stdout: str) -> str:
+        lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+        return lines[-1].split(";")[0] if lines else ""  # "123;cluster" on federations
+
+    def state(self, job_id: str) -> str:
+        check_job_id(job_id)
+        result = run(["squeue", "-h", "-j", job_id, "-o", "%T"])
+        words = result.stdout.split() if result.returncode == 0 else []
+        if words:
+            return normalize_state(words[0])
+        # Gone from the queue: accounting knows how it ended, when the site has it.
+        if which("sacct"):
+            result = run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+            lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
+            if result.returncode == 0 and lines:
+                return normalize_state(lines[0])
+        return "unknown"
+
+    def cancel(self, job_id: str) -> None:
+        check_job_id(job_id)
+        result = run(["scancel", job_id])
+        if result.returncode != 0:
+            raise SchedulerError(f"scancel {job_id} failed (exit {result.returncode}): "
+                                 f"{one_line(result.stderr) or one_line(result.stdout)}")

@@ -1,0 +1,120 @@
+"""`aegis submit` as an API: make a run directory, write the script and resolved config,
+hand the script to the batch system. The only module here that writes files.
+
+Order matters for "nothing half-done": everything that can be checked (config, account,
+the batch command on PATH) is checked before the run directory is created; once it exists it
+is kept, also when the submission fails, so the user can inspect the script.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from ..config import Config, ConfigError, check_submittable, dump_yaml
+from ..plan import Plan, make_plan
+from ..platforms import Platform
+from .base import CONFIG_NAME, SCRIPT_NAME, Backend, SchedulerError, SchedulerNotFound
+
+JOB_ID_NAME = "job.id"
+_DIRECTIVE_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@%,=-]+")
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    run_dir: str
+    script_path: str
+    warnings: tuple[str, ...] = field(default=())
+
+
+def run_dir_parent(config: Config, cwd: str | None = None) -> str:
+    parent = os.path.expanduser(config.run_dir)
+    parent = os.path.normpath(os.path.join(cwd or os.getcwd(), parent))
+    # The path lands in a #PBS -o / #SBATCH -o directive, which no shell quotes.
+    if not _DIRECTIVE_SAFE_PATH.fullmatch(parent):
+        raise ConfigError(f"run_dir: resolves to {parent!r}, which has characters a batch "
+                          "directive cannot carry (spaces, quotes, shell characters); set "
+                          "run_dir to a plain absolute path")
+    return parent
+
+
+def run_dir_name(config: Config, now: _dt.datetime) -> str:
+    return f"{config.job_name}-{now:%Y%m%d-%H%M%S}"
+
+
+def resolved_for_run(config: Config, run_dir: str) -> Config:
+    """The config the launcher re-loads: relative endpoints_file pinned inside the run dir."""
+    endpoints = os.path.join(run_dir, os.path.expanduser(config.endpoints_file))
+    return config.replace(endpoints_file=os.path.normpath(endpoints))
+
+
+def job_environment(config: Config, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str], list[str]]:
+    """(names the job must receive, environment for qsub/sbatch, warnings)."""
+    names: list[str] = []
+    env = dict(environ)
+    warnings: list[str] = []
+    if config.hf_token:
+        env["HF_TOKEN"] = config.hf_token  # in the child's environment only, never argv
+        names.append("HF_TOKEN")
+    elif environ.get("HF_TOKEN"):
+        names.append("HF_TOKEN")
+    if config.api_key_env:
+        if config.api_key_env in environ:
+            names.append(config.api_key_env)
+        else:
+            warnings.append(f"api_key_env: {config.api_key_env} is not set here; the job gets "
+                            "it only if the platform setup sets it")
+    return names, env, warnings
+
+
+def dry_run(config: Config, platform: Platform, backend: Backend,
+            now: _dt.datetime | None = None, python: str | None = None) -> str:
+    """The script `submit` would write, for the run directory it would create. No writes."""
+    plan = make_plan(config, platform)
+    run_dir = os.path.join(run_dir_parent(config), run_dir_name(config, now or _dt.datetime.now()))
+    return backend.render(config, plan, platform, run_dir, python=python)
+
+
+def _create_run_dir(parent: str, name: str) -> Path:
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    for attempt in range(1000):
+        candidate = Path(parent) / (name if attempt == 0 else f"{name}-{attempt + 1}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise SchedulerError(f"cannot create a new run directory under {parent}")
+
+
+def submit(config: Config, platform: Platform, backend: Backend, *,
+           environ: Mapping[str, str] | None = None, now: _dt.datetime | None = None,
+           python: str | None = None) -> Submission:
+    check_submittable(config, platform)
+    parent = run_dir_parent(config)
+    plan: Plan = make_plan(config, platform)
+    if not backend.available():
+        raise SchedulerNotFound(f"{backend.submit_command} not found on PATH: not a "
+                                f"{backend.name.upper()} login node? (use --dry-run to print the "
+                                "script without submitting)")
+    names, env, warnings = job_environment(config, os.environ if environ is None else environ)
+
+    run_dir = _create_run_dir(parent, run_dir_name(config, now or _dt.datetime.now()))
+    script = backend.render(config, plan, platform, str(run_dir), python=python)
+    (run_dir / CONFIG_NAME).write_text(dump_yaml(resolved_for_run(config, str(run_dir))
+                                                 .to_mapping()), encoding="utf-8")
+    script_path = run_dir / SCRIPT_NAME
+    script_path.write_text(script, encoding="utf-8")
+    script_path.chmod(0o755)
+    try:
+        job_id = backend.submit(str(script_path), names, env=env, cwd=str(run_dir))
+    except SchedulerError as err:
+        raise type(err)(f"{err} (run directory kept: {run_dir})") from None
+    (run_dir / JOB_ID_NAME).write_text(job_id + "\n", encoding="utf-8")
+    return Submission(job_id=job_id, run_dir=str(run_dir), script_path=str(script_path),
+                      warnings=tuple(warnings))
