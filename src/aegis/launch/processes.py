@@ -27,7 +27,10 @@ def _die_with_launcher() -> None:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on host:port. SO_REUSEADDR as servers set it, so
+    TIME_WAIT leftovers of a previous run do not count."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
