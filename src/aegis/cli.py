@@ -200,9 +200,10 @@ def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
     except Exception as err:  # noqa: BLE001 - a failed collective: one line, exit 1
         click.echo(f"aegis: error: stage failed: {err}", err=True)
         return EXIT_FAILED
-    data = result.to_dict() if hasattr(result, "to_dict") else result
-    if data.get("rank", 0) == 0 if isinstance(data, dict) else True:
-        click.echo(json.dumps(data, indent=2, default=str))
+    from mpi4py import MPI  # already loaded by bcast
+
+    if MPI.COMM_WORLD.Get_rank() == 0:  # one result per job, not one per rank
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
     return 0
 
 

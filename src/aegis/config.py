@@ -491,8 +491,9 @@ def check_placement(config: Config, platform: Platform) -> None:
             f"ports runs past 65535; allowed: internal_port_start <= "
             f"{65536 - dpn * INTERNAL_PORTS_PER_SLOT}")
     if http_first <= internal_last and internal_first <= http_last:
+        http = f"{http_first}" if http_first == http_last else f"{http_first}-{http_last}"
         raise ConfigError(
-            f"port_start: HTTP ports {http_first}-{http_last} overlap the internal port range "
+            f"port_start: HTTP ports {http} overlap the internal port range "
             f"{internal_first}-{internal_last} (internal_port_start); move one of them")
 
 
