@@ -115,15 +115,16 @@ class LocalFleet:
         now = time.monotonic()
         for i, result in results.items():
             slot = self.slots[i]
-            code = slot.running.exit_code() if slot.running else None
-            if code is not None:  # died while we were probing
-                self._on_exit(slot, code, now)
-            elif result.ready:
+            # An answered completion counts even if the process died since: the next tick
+            # sees the exit and treats it as a crash in service (restartable).
+            if result.ready:
                 slot.state = "ready"
                 slot.ever_ready = True
                 slot.error = ""
                 self.log(f"{slot.part.name} ready on {slot.part.node_host}:{slot.part.port}"
                          + (f" (restart {slot.restarts})" if slot.restarts else ""))
+            elif (code := slot.running.exit_code()) is not None:  # died while being probed
+                self._on_exit(slot, code, now)
             else:
                 slot.last_probe = result.detail
                 if now >= slot.deadline:

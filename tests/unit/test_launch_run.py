@@ -1,0 +1,287 @@
+"""The launcher end to end on this machine with the stand-in `vllm serve` (tests/standin_vllm.py).
+
+Multi-node configs go through `aegis.launch.main`, which starts a real MPI job (the venv's
+mpiexec, one rank per "node", every node 127.0.0.1)."""
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STANDIN = ROOT / "tests" / "standin_vllm.py"
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+for var in ("PBS_NODEFILE", "SLURM_JOB_NODELIST", "PMI_SIZE", "PMI_RANK", "AEGIS_LAUNCH_RANKS"):
+    ENV.pop(var, None)
+
+
+def free_port_block(n: int) -> int:
+    """A base port with n free ports after it (HTTP ports of the run)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n < 65000 and all(_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def processes_with(token: str) -> list[str]:
+    """Command lines of live processes mentioning token (the process-table check)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if token in cmd and state != "Z":
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+class Run:
+    """A config in tmp_path plus helpers to run the launcher on it."""
+
+    def __init__(self, tmp_path: Path, models: list[dict], **settings):
+        self.token = f"tok{uuid.uuid4().hex[:10]}"  # in every instance's argv: find them in /proc
+        self.tmp = tmp_path
+        self.run_dir = tmp_path / "run"
+        total = sum(m.get("instances", 1) for m in models)
+        self.port = free_port_block(total)
+        config = {"platform": "local", "port_start": self.port, "hf_home": str(tmp_path / "hf"),
+                  "internal_port_start": 40000 if self.port < 40000 else 20000,
+                  "vllm_command": f"{sys.executable} {STANDIN} serve", "startup_timeout": 20,
+                  "models": [{**m, "name": f"{m['name']}-{self.token}"} for m in models],
+                  **settings}
+        self.config = tmp_path / "aegis.yaml"
+        self.config.write_text(json.dumps(config))  # JSON is YAML
+
+    def argv(self, *extra):
+        return ["--config", str(self.config), "--run-dir", str(self.run_dir),
+                "--poll-interval", "0.2", "--stop-grace", "3", "--restart-backoff", "0.2", *extra]
+
+    def launch(self, *extra, timeout=60, env=None):
+        """`aegis launch` (main): starts mpiexec itself when the plan needs several nodes."""
+        code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run([sys.executable, "-c", code, *self.argv(*extra)], env=env or ENV,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, *extra, env=None):
+        code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.Popen([sys.executable, "-c", code, *self.argv(*extra)], env=env or ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    def endpoints(self):
+        return json.loads((self.run_dir / "endpoints.json").read_text())
+
+    def wait_endpoints(self, predicate, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                doc = self.endpoints()
+                if predicate(doc):
+                    return doc
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"endpoints never matched; last: {self.endpoints()}")
+
+    def leftovers(self):
+        deadline = time.monotonic() + 5
+        while (found := processes_with(self.token)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return found
+
+
+def test_all_ready_once_writes_endpoints_and_leaves_nothing_running(tmp_path):
+    run = Run(tmp_path, [{"name": "org/tiny", "instances": 2, "served_model_name": "tiny"}])
+    res = run.launch("--once")
+    assert res.returncode == 0, res.stderr
+    doc = run.endpoints()
+    assert doc["ready"] == 2 and doc["total"] == 2
+    assert [(i["port"], i["state"], i["base_url"]) for i in doc["instances"]] == [
+        (run.port + k, "ready", f"http://127.0.0.1:{run.port + k}/v1") for k in range(2)]
+    assert stat.S_IMODE((run.run_dir / "endpoints.json").stat().st_mode) == 0o600
+    assert (run.run_dir / "endpoints.txt").read_text() == "".join(
+        f"127.0.0.1:{run.port + k}\n" for k in range(2))
+    for k in range(2):
+        assert (run.run_dir / "instances" / f"instance-000{k}.sh").is_file()
+        assert "standin: serving 'tiny'" in (run.run_dir / "logs" / f"instance-000{k}.log").read_text()
+    assert "2/2 instances ready" in res.stderr and res.stdout == ""
+    assert run.leftovers() == []
+
+
+def test_each_fault_is_reported_with_its_log_tail_across_two_ranks(tmp_path):
+    run = Run(tmp_path, [
+        {"name": "good", "served_model_name": "good"},
+        {"name": "dies", "served_model_name": "dies", "extra_vllm_args": ["--fault", "exit-at-start"]},
+        {"name": "stuck", "served_model_name": "stuck", "extra_vllm_args": ["--fault", "never-ready"]},
+        {"name": "broken", "served_model_name": "broken",
+         "extra_vllm_args": ["--fault", "bad-completions"]},
+    ], startup_timeout=4)
+    t0 = time.monotonic()
+    res = run.launch("--once")
+    assert res.returncode == 1, res.stderr
+    assert "starting 2 ranks" in res.stderr  # 4 one-core instances on 2-core "nodes"
+    states = {i["served_name"]: i for i in run.endpoints()["instances"]}
+    assert {k: v["state"] for k, v in states.items()} == {
+        "good": "ready", "dies": "failed", "stuck": "failed", "broken": "failed"}
+    assert states["dies"]["exit_code"] == 3
+    assert states["dies"]["error"] == "exited with code 3 during startup"
+    assert states["stuck"]["error"].startswith("not ready within 4s; last check: /health answered 503")
+    assert "1-token completion answered 500" in states["broken"]["error"]
+    err = res.stderr
+    assert "instance 1 (dies) on 127.0.0.1:" in err and "| standin: RuntimeError: simulated failure at start" in err
+    assert "1/4 instances ready" in err
+    assert time.monotonic() - t0 < 30
+    assert run.leftovers() == []
+
+
+def test_partial_start_allowed_exits_zero(tmp_path):
+    run = Run(tmp_path, [{"name": "good", "served_model_name": "good"},
+                         {"name": "dies", "extra_vllm_args": ["--fault", "exit-at-start"]}])
+    res = run.launch("--once", "--allow-partial")
+    assert res.returncode == 0, res.stderr
+    assert run.endpoints()["ready"] == 1
+    assert (run.run_dir / "endpoints.txt").read_text() == f"127.0.0.1:{run.port}\n"
+
+
+def test_port_already_taken_fails_that_instance_without_starting_it(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "instances": 2}])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", run.port + 1))
+        squatter.listen()
+        res = run.launch("--once")
+    assert res.returncode == 1
+    inst = run.endpoints()["instances"]
+    assert inst[0]["state"] == "ready" and inst[1]["state"] == "failed"
+    assert inst[1]["error"] == f"port {run.port + 1} on 127.0.0.1 is already in use"
+    assert not (run.run_dir / "logs" / "instance-0001.log").exists()
+
+
+def test_crash_is_restarted_then_sigterm_stops_everything(tmp_path):
+    marker = tmp_path / "crashed-once"
+    run = Run(tmp_path, [{"name": "m", "served_model_name": "m", "extra_vllm_args": [
+        "--fault", "crash-after:3", "--crash-once-marker", str(marker)]}])
+    proc = run.start()
+    try:
+        doc = run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
+                                 and d["instances"][0]["state"] == "ready")
+        assert marker.exists()
+        assert len(processes_with(run.token)) >= 1
+        log = (run.run_dir / "logs" / "instance-0000.log").read_text()
+        assert "crashing after 3 requests" in log and "--- aegis: restart 1" in log
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "restart 1/3" in err and "stopping on signal 15" in err
+    assert run.leftovers() == []
+    assert [i["state"] for i in run.endpoints()["instances"]] == ["stopped"]
+    assert doc["instances"][0]["state"] == "ready"
+
+
+def test_restarts_exhausted_fails_the_run(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "extra_vllm_args": ["--fault", "crash-after:3"]}],
+              max_restarts=1)
+    res = run.launch(timeout=60)
+    assert res.returncode == 1, res.stderr
+    inst = run.endpoints()["instances"][0]
+    assert inst["state"] == "failed" and inst["restarts"] == 1
+    assert inst["error"] == "exited with code 4 after 1 restart(s)"
+    assert "every instance has failed" in res.stderr
+    assert run.leftovers() == []
+
+
+def test_sigterm_to_mpiexec_reaches_every_rank_and_leaves_no_child(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "instances": 4}])  # 2 per node -> 2 ranks
+    proc = run.start()
+    try:
+        run.wait_endpoints(lambda d: d["ready"] == 4)
+        mpiexec = [line for line in processes_with("mpiexec") if run.token in line or str(run.config) in line]
+        assert mpiexec, "aegis launch should have become an mpiexec job"
+        assert len(processes_with(f"serve m-{run.token}")) == 4
+        os.kill(proc.pid, signal.SIGTERM)  # the exec'd mpiexec; hydra forwards to the ranks
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert run.leftovers() == []
+    assert {i["state"] for i in run.endpoints()["instances"]} == {"stopped"}
+
+
+def test_api_key_reaches_vllm_through_the_environment_only(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "served_model_name": "m"}], api_key_env="AEGIS_TEST_KEY")
+    key = f"key-{uuid.uuid4().hex}"
+    res = run.launch("--once", env={**ENV, "AEGIS_TEST_KEY": key})
+    assert res.returncode == 0, res.stderr  # the stand-in answers 401 to a probe without the key
+    files = [p for p in run.tmp.rglob("*") if p.is_file()]
+    assert files and not any(key in p.read_text(errors="replace") for p in files)
+    missing = run.launch("--once")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "aegis launch: error: api_key_env: environment variable AEGIS_TEST_KEY is not set or empty"]
+
+
+@pytest.mark.parametrize("extra, env_extra, message", [
+    (["--nodes", "only-one"], {}, "the plan needs 2 node(s) but the allocation (--nodes) has 1: only-one"),
+    ([], {"SLURM_JOB_NODELIST": "n1"}, "the plan needs 2 node(s) but the allocation (SLURM_JOB_NODELIST) has 1: n1"),
+    (["--poll-interval", "5"], {}, "--poll-interval 5: must be > 0 and <= 1 second"),
+])
+def test_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, extra, env_extra, message):
+    run = Run(tmp_path, [{"name": "m", "instances": 3}])
+    res = run.launch(*extra, env={**ENV, **env_extra})
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"aegis launch: error: {message}"]
+    assert not run.run_dir.exists()
+
+
+def test_too_few_nodes_from_pbs_nodefile_on_every_rank(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "instances": 3}])
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("x1\nx1\n")
+    # -genv: only the ranks see PBS_NODEFILE (hydra itself would try to ssh to x1).
+    res = subprocess.run([str(Path(sys.executable).parent / "mpiexec"), "-n", "2",
+                          "-genv", "PBS_NODEFILE", str(nodefile), sys.executable,
+                          "-m", "aegis.launch", *run.argv()], env=ENV, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2
+    expected = "aegis launch: error: the plan needs 2 node(s) but the allocation (PBS_NODEFILE) has 1: x1"
+    assert res.stderr.strip().splitlines() == [expected, expected]
+
+
+def test_missing_config_and_unknown_option(tmp_path):
+    code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", code, "--config", str(tmp_path / "nope.yaml")],
+                         env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "nope.yaml" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run([sys.executable, "-m", "aegis.launch", "--config", "x", "--bogus"],
+                         env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "aegis launch: error: unrecognized arguments: --bogus"
