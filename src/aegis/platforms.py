@@ -81,7 +81,9 @@ def local_platform() -> Platform:
         devices_per_node=max(1, len(os.sched_getaffinity(0))),
         affinity_var="VLLM_CPU_OMP_THREADS_BIND",
         scheduler="slurm",
-        rank_launcher=("mpiexec", "-n", "{nodes}"),
+        # --ppn 1: inside a Slurm allocation hydra otherwise packs every rank onto the first
+        # node (it fills each node's CPUs); outside one it is harmless.
+        rank_launcher=("mpiexec", "-n", "{nodes}", "--ppn", "1"),
         node_local_dir=os.environ.get("TMPDIR", "/tmp"),
         requires_account=False,
     )
