@@ -214,8 +214,7 @@ def run_rank(argv: list[str]) -> int:
         return EXIT_BAD_INPUT
 
     stop = _StopFlag()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _run(args, config, platform, plan, allocation, coll, stop, api_key)
     except Exception as e:  # a bug or an environment failure: never leave ranks hanging
@@ -225,6 +224,9 @@ def run_rank(argv: list[str]) -> int:
         traceback.print_exc(file=sys.stderr)
         coll.abort(EXIT_FAILED)
         return EXIT_FAILED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
@@ -270,7 +272,9 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
                     _error(f"staging {model.model_source} -> {dest} failed: {e}")
                 return EXIT_FAILED
             if rank == 0:
-                log(f"staged {model.model_source} -> {dest}: {result}")
+                how = ("unchanged, not moved" if result.cached else
+                       f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s")
+                log(f"staged {model.model_source} -> {dest} ({how})")
 
     my_nodes = sorted({n for inst in plan.on_node(rank) for n in inst.nodes})
     addresses = [_address(h) if i in my_nodes else h for i, h in enumerate(allocation.nodes)]
