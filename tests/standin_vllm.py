@@ -86,32 +86,38 @@ class Server:
         return 404, {"error": f"no route {method} {path}"}
 
     async def handle(self, reader, writer):
+        """HTTP/1.1 with keep-alive, as uvicorn does."""
         try:
-            line = await reader.readline()
-            if not line:
-                return
-            method, path, _ = line.decode("latin-1").split(" ", 2)
-            headers = {}
             while True:
-                h = await reader.readline()
-                if h in (b"\r\n", b"\n", b""):
-                    break
-                k, _, v = h.decode("latin-1").partition(":")
-                headers[k.strip().lower()] = v.strip()
-            body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
-            status, payload = self.route(method, path.split("?")[0], headers, body)
-            data = b"" if payload is None else json.dumps(payload).encode()
-            writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-            await writer.drain()
+                line = await reader.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode("latin-1").split(" ", 2)
+                headers = {}
+                while True:
+                    h = await reader.readline()
+                    if h in (b"\r\n", b"\n", b""):
+                        break
+                    k, _, v = h.decode("latin-1").partition(":")
+                    headers[k.strip().lower()] = v.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                status, payload = self.route(method, path.split("?")[0], headers, body)
+                data = b"" if payload is None else json.dumps(payload).encode()
+                close = headers.get("connection", "").lower() == "close"
+                writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(data)}\r\n"
+                             f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode() + data)
+                await writer.drain()
+                self.served += 1
+                if self.crash_after is not None and self.served >= self.crash_after:
+                    print(f"standin: crashing after {self.served} requests", file=sys.stderr, flush=True)
+                    os._exit(4)
+                if close:
+                    return
         except (ConnectionError, ValueError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
-        self.served += 1
-        if self.crash_after is not None and self.served >= self.crash_after:
-            print(f"standin: crashing after {self.served} requests", file=sys.stderr, flush=True)
-            os._exit(4)
 
 
 async def amain(args):

@@ -3,6 +3,7 @@ process (rank r plays node r), staging a tiny model directory through aegis.bcas
 
 import json
 import os
+import random
 import socket
 import sys
 from pathlib import Path
@@ -16,12 +17,25 @@ STANDIN = ROOT / "tests" / "standin_vllm.py"
 
 
 def _port_block(comm, n):
+    """Free HTTP ports below the ephemeral range (32768+), chosen by rank 0."""
     base = None
     if comm.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = min(s.getsockname()[1], 60000)
+        rng = random.Random()
+        while base is None:
+            candidate = rng.randrange(20000, 30000 - n)
+            if all(_free(candidate + i) for i in range(n)):
+                base = candidate
     return comm.bcast(base, root=0)
+
+
+def _free(port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 @pytest.mark.mpi(min_size=2)
@@ -40,7 +54,7 @@ def test_launch_stages_the_model_then_starts_instances_on_two_nodes(comm, shared
     if comm.rank == 0:
         config.write_text(json.dumps({
             "platform": "local", "port_start": port, "hf_home": str(hf_home),
-            "internal_port_start": 20000 if port > 30000 else 40000,
+            "internal_port_start": 31000,
             "vllm_command": f"{sys.executable} {STANDIN} serve", "startup_timeout": 30,
             "models": [{"name": "org/Tiny", "served_model_name": "tiny", "instances": 4,
                         "model_source": str(source)}]}))

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import time
+import random
 import uuid
 from pathlib import Path
 
@@ -24,12 +25,12 @@ for var in ("PBS_NODEFILE", "SLURM_JOB_NODELIST", "PMI_SIZE", "PMI_RANK", "AEGIS
 
 
 def free_port_block(n: int) -> int:
-    """A base port with n free ports after it (HTTP ports of the run)."""
+    """A base port with n free ports after it, below the ephemeral range (32768+) so that
+    client sockets of the probes cannot take them in the meantime."""
+    rng = random.Random()
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n < 65000 and all(_free(base + i) for i in range(n)):
+        base = rng.randrange(20000, 30000 - n)
+        if all(_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block")
 
@@ -70,7 +71,7 @@ class Run:
         total = sum(m.get("instances", 1) for m in models)
         self.port = free_port_block(total)
         config = {"platform": "local", "port_start": self.port, "hf_home": str(tmp_path / "hf"),
-                  "internal_port_start": 40000 if self.port < 40000 else 20000,
+                  "internal_port_start": 31000,
                   "vllm_command": f"{sys.executable} {STANDIN} serve", "startup_timeout": 20,
                   "models": [{**m, "name": f"{m['name']}-{self.token}"} for m in models],
                   **settings}

@@ -11,6 +11,7 @@ Exit codes: 0 all ready (or a partial start allowed), 1 failed run, 2 bad input,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -195,6 +196,8 @@ def run_rank(argv: list[str]) -> int:
     except (UsageError, ConfigError, AllocationError) as e:
         _error(str(e))
         return EXIT_BAD_INPUT
+    # hf_home is node-local storage: $VARS in it ($TMPDIR, /mnt/bb/$USER) expand on each node.
+    config = dataclasses.replace(config, hf_home=os.path.expandvars(config.hf_home))
     api_key = None
     if config.api_key_env:
         api_key = os.environ.get(config.api_key_env)

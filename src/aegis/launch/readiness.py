@@ -33,64 +33,82 @@ class _HTTPError(Exception):
     pass
 
 
-async def _request(host: str, port: int, method: str, path: str, *, body: bytes | None,
-                   headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
-    async def go():
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close",
-                     "Accept: application/json"]
-            lines += [f"{k}: {v}" for k, v in headers.items()]
-            if body is not None:
-                lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
-            await writer.drain()
-            status_line = await reader.readline()
-            parts = status_line.split(None, 2)
-            if len(parts) < 2 or not parts[1].isdigit():
-                raise _HTTPError(f"bad status line {status_line[:60]!r}")
-            status = int(parts[1])
-            length, chunked = None, False
-            while True:
-                line = await reader.readline()
-                if line in (b"\r\n", b"\n", b""):
-                    break
-                name, _, value = line.decode("latin-1").partition(":")
-                name = name.strip().lower()
-                if name == "content-length":
-                    length = int(value.strip())
-                elif name == "transfer-encoding" and "chunked" in value.lower():
-                    chunked = True
-            if chunked:
-                data = b""
-                while True:
-                    size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-                    if size == 0:
-                        break
-                    data += await reader.readexactly(size)
-                    await reader.readline()
-            elif length is not None:
-                data = await reader.readexactly(length)
-            else:
-                data = await reader.read()
-            return status, data
-        finally:
-            writer.close()
+class _Connection:
+    """HTTP/1.1 with keep-alive: the three checks of one probe share a connection (one TCP
+    handshake instead of three), reconnecting when the server closes it."""
 
-    return await asyncio.wait_for(go(), timeout)
+    def __init__(self, host: str, port: int, timeout: float):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.reader = self.writer = None
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+    async def request(self, method: str, path: str, *, body: bytes | None = None,
+                      headers: dict[str, str] | None = None,
+                      timeout: float | None = None) -> tuple[int, bytes]:
+        return await asyncio.wait_for(self._request(method, path, body, headers or {}),
+                                      timeout or self.timeout)
+
+    async def _request(self, method, path, body, headers) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
+                 "Accept: application/json", *(f"{k}: {v}" for k, v in headers.items())]
+        if body is not None:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
+        await self.writer.drain()
+        reader = self.reader
+        status_line = await reader.readline()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise _HTTPError(f"bad status line {status_line[:60]!r}")
+        status = int(parts[1])
+        length, chunked, close = None, False, False
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value:
+                chunked = True
+            elif name == "connection" and value == "close":
+                close = True
+        if chunked:
+            data = b""
+            while True:
+                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    await reader.readline()
+                    break
+                data += await reader.readexactly(size)
+                await reader.readline()
+        elif length is not None:
+            data = await reader.readexactly(length)
+        else:
+            data = await reader.read()
+            close = True
+        if close:
+            await self.close()
+        return status, data
 
 
 async def probe(target: Target, timeout: float = 5.0) -> Probe:
     """One readiness check; never raises."""
     auth = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     where = f"{target.host}:{target.port}"
+    conn = _Connection(target.host, target.port, timeout)
     try:
-        status, _ = await _request(target.host, target.port, "GET", "/health", body=None,
-                                   headers={}, timeout=timeout)
+        status, _ = await conn.request("GET", "/health")
         if status != 200:
             return Probe(False, f"/health answered {status}")
-        status, data = await _request(target.host, target.port, "GET", "/v1/models", body=None,
-                                      headers=auth, timeout=timeout)
+        status, data = await conn.request("GET", "/v1/models", headers=auth)
         if status != 200:
             return Probe(False, f"/v1/models answered {status}")
         names = {m.get("id") for m in json.loads(data).get("data", [])}
@@ -99,8 +117,9 @@ async def probe(target: Target, timeout: float = 5.0) -> Probe:
                                 f"(has {sorted(n for n in names if n)})")
         body = json.dumps({"model": target.served_name, "prompt": "Hello", "max_tokens": 1,
                            "temperature": 0}).encode()
-        status, data = await _request(target.host, target.port, "POST", "/v1/completions",
-                                      body=body, headers=auth, timeout=max(timeout, 30.0))
+        # The first completion of a fresh engine can be slow (warm-up): allow longer.
+        status, data = await conn.request("POST", "/v1/completions", body=body, headers=auth,
+                                          timeout=max(timeout, 30.0))
         if status != 200:
             return Probe(False, f"1-token completion answered {status}: {data[:200].decode(errors='replace')}")
         if not json.loads(data).get("choices"):
@@ -112,6 +131,8 @@ async def probe(target: Target, timeout: float = 5.0) -> Probe:
         return Probe(False, f"no answer from {where} within {timeout:g}s")
     except (OSError, _HTTPError, asyncio.IncompleteReadError, ValueError, AttributeError) as e:
         return Probe(False, f"{where}: {type(e).__name__}: {e}")
+    finally:
+        await conn.close()
 
 
 async def _probe_all(targets: list[Target], timeout: float, concurrency: int) -> list[Probe]:

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Readiness detection for 1,000 endpoints: the launcher's concurrent poller vs a naive
+sequential one, same run, same stand-in servers.
+
+One stand-in process (tests/standin_vllm.py --port-range) serves all ports. Each poller is
+started first (everything refused), then the servers come up; the figure is the time from the
+servers' "serving" line to the poller having seen every endpoint pass the full readiness check
+(/health, /v1/models, 1-token completion). Target: <= 2 s for 1,000.
+
+    python benchmarks/bench_readiness.py [--endpoints 1000] [--interval 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from aegis.launch.readiness import Target, wait_ready  # noqa: E402
+
+STANDIN = ROOT / "tests" / "standin_vllm.py"
+
+
+def free_block(n: int) -> int:
+    # Below Linux's ephemeral range (32768+), where the pollers' own client sockets live.
+    for base in range(20000, 32768 - n, 1000):
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise SystemExit("bench_readiness: no free block of ports")
+
+
+class Servers:
+    """The stand-in serving every port; .up is the monotonic time it said it listens."""
+
+    def __init__(self, base: int, n: int, delay: float):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(STANDIN), "serve", "bench", "--served-model-name", "bench",
+             "--host", "127.0.0.1", "--port-range", f"{base}-{base + n - 1}",
+             "--start-delay", str(delay)],
+            stderr=subprocess.PIPE, text=True)
+        self.up: float | None = None
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self):
+        for line in self.proc.stderr:
+            if "standin: serving" in line and self.up is None:
+                self.up = time.monotonic()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def naive_ready(port: int, timeout: float = 5.0) -> bool:
+    """The baseline: urllib, one endpoint and one request at a time."""
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as r:
+            if r.status != 200:
+                return False
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=timeout) as r:
+            if "bench" not in {m["id"] for m in json.load(r)["data"]}:
+                return False
+        req = urllib.request.Request(
+            f"{base}/v1/completions", method="POST",
+            data=json.dumps({"model": "bench", "prompt": "Hello", "max_tokens": 1}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return bool(json.load(r)["choices"])
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def naive_wait(ports: list[int], interval: float, deadline: float) -> dict[int, bool]:
+    pending = list(ports)
+    while pending and time.monotonic() < deadline:
+        started = time.monotonic()
+        pending = [p for p in pending if not naive_ready(p)]
+        if pending:
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    return {p: p not in pending for p in ports}
+
+
+def measure(name: str, n: int, interval: float, delay: float, poll) -> float:
+    base = free_block(n)
+    ports = list(range(base, base + n))
+    servers = Servers(base, n, delay)
+    try:
+        results = poll(ports)
+        done = time.monotonic()
+        ready = sum(results.values())
+        if ready != n or servers.up is None:
+            raise SystemExit(f"bench_readiness: {name}: only {ready}/{n} endpoints ready")
+        return done - servers.up
+    finally:
+        servers.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--endpoints", type=int, default=1000)
+    ap.add_argument("--interval", type=float, default=0.5, help="poll interval (launcher default)")
+    ap.add_argument("--delay", type=float, default=1.0, help="seconds until the servers come up")
+    ap.add_argument("--deadline", type=float, default=120.0)
+    args = ap.parse_args()
+    n = args.endpoints
+
+    def ours(ports):
+        targets = [Target(p, "127.0.0.1", p, "bench") for p in ports]
+        res = wait_ready(targets, deadline=time.monotonic() + args.deadline, interval=args.interval)
+        return {k: v.ready for k, v in res.items()}
+
+    def naive(ports):
+        return naive_wait(ports, args.interval, time.monotonic() + args.deadline)
+
+    t_ours = measure("concurrent", n, args.interval, args.delay, ours)
+    t_naive = measure("sequential", n, args.interval, args.delay, naive)
+    print(f"readiness of {n} endpoints after they come up (poll interval {args.interval:g}s, "
+          f"{os.cpu_count()} cores)")
+    print(f"  aegis concurrent poller : {t_ours:7.2f} s   (target <= 2 s: "
+          f"{'met' if t_ours <= 2 else 'MISSED'})")
+    print(f"  naive sequential poller : {t_naive:7.2f} s")
+    print(f"  speed-up                : {t_naive / t_ours:7.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
