@@ -110,9 +110,15 @@ class Run:
         raise AssertionError(f"endpoints never matched; last: {self.endpoints()}")
 
     def leftovers(self):
+        """Processes of this run still alive after 5 s (killed, so a failure leaves none)."""
         deadline = time.monotonic() + 5
         while (found := processes_with(self.token)) and time.monotonic() < deadline:
             time.sleep(0.1)
+        for line in found:
+            try:
+                os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return found
 
 
@@ -286,3 +292,19 @@ def test_missing_config_and_unknown_option(tmp_path):
                          env=ENV, capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip() == "aegis launch: error: unrecognized arguments: --bogus"
+
+
+def test_instances_die_with_a_launcher_killed_outright(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "instances": 2}])
+    proc = subprocess.Popen([sys.executable, "-m", "aegis.launch", *run.argv()], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        run.wait_endpoints(lambda d: d["ready"] == 2)
+        assert len(processes_with(f"serve m-{run.token}")) == 2
+        proc.kill()  # SIGKILL: no handler runs; the parent-death signal must stop the instances
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert run.leftovers() == []
