@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError, AllocationError) as e:
         _error(str(e))
         return EXIT_BAD_INPUT
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
     if plan.nodes_needed <= 1:
         return run_rank(argv)
     cmd = rank_launch_argv(platform, plan.nodes_needed, argv)
@@ -196,6 +198,8 @@ def run_rank(argv: list[str]) -> int:
     except (UsageError, ConfigError, AllocationError) as e:
         _error(str(e))
         return EXIT_BAD_INPUT
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
     # hf_home is node-local storage: $VARS in it ($TMPDIR, /mnt/bb/$USER) expand on each node.
     config = dataclasses.replace(config, hf_home=os.path.expandvars(config.hf_home))
     api_key = None
