@@ -115,7 +115,7 @@ class _Invalid(Exception):
     pass
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def _type_name(value: Any) -> str:
@@ -214,8 +214,8 @@ def _args(value: Any) -> tuple[str, ...]:
         if isinstance(item, bool) or not isinstance(item, (str, int, float)):
             raise _Invalid(f"expected each argument to be a string, got {_shown(item)} "
                            f"({_type_name(item)})")
-        if "\x00" in str(item):
-            raise _Invalid(f"argument {_shown(item)} contains a NUL byte")
+        if re.search(r"[\x00\x80-\x9f]", str(item)):  # NUL, or C1 controls YAML folds
+            raise _Invalid(f"argument {_shown(item)} contains a NUL or C1 control character")
         out.append(str(item))  # `- 32768` in YAML is an int; vLLM wants the text
     return tuple(out)
 
@@ -536,9 +536,9 @@ def _yaml_loader():
         list("-+0123456789"))
     Loader.add_implicit_resolver(
         float_tag,
-        re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
-                   r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
-                   r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        # PyYAML's own float pattern minus base 60, so what dump_yaml writes reads back
+        re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+                   r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
         list("-+0123456789."))
     return Loader
 
