@@ -91,3 +91,12 @@ def test_to_mapping_round_trips_through_yaml(models, startup_timeout, allow_part
     config = from_mapping({"models": models, "startup_timeout": startup_timeout,
                            "allow_partial": allow_partial, "conda_env": conda_env})
     assert from_mapping(parse_yaml(dump_yaml(config.to_mapping()))) == config
+
+
+def test_docs_config_reference_lists_every_key_and_flag():
+    from conftest import ROOT
+
+    text = (ROOT / "docs" / "config.md").read_text()
+    for key in KEYS:
+        assert f"| `{key.name}` |" in text, key.name
+        assert key.flag in text, key.flag
