@@ -262,8 +262,10 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         log(f"{len(plan.instances)} instance(s) on {plan.nodes_needed} node(s) from "
             f"{allocation.source}; run directory {run_dir}")
+    endpoints_path = Path(run_dir) / config.endpoints_file  # an absolute path stays as it is
+    if rank == 0:
+        endpoints_path.parent.mkdir(parents=True, exist_ok=True)
     coll.barrier()
-    endpoints_path = Path(run_dir) / config.endpoints_file
 
     # Per node, once: stage each model source into the node-local cache (collective).
     for model in config.models:
