@@ -7,6 +7,7 @@ Adding a site is one record in PLATFORMS. Nothing here touches the system except
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 
@@ -74,8 +75,15 @@ PLATFORMS: dict[str, Platform] = {
 }
 
 
+def _local_mpiexec() -> str:
+    # The mpiexec of this interpreter's environment (PyPI mpich) matches the MPI mpi4py
+    # loads; a bare "mpiexec" may resolve to a Slurm wrapper (slurm-wlm-torque installs one).
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.access(beside, os.X_OK) else "mpiexec"
+
+
 def local_platform() -> Platform:
-    """This machine: one CPU core per device, ranks started by the mpiexec on PATH."""
+    """This machine: one CPU core per device, ranks started by this environment's mpiexec."""
     return Platform(
         name="local",
         devices_per_node=max(1, len(os.sched_getaffinity(0))),
@@ -83,7 +91,7 @@ def local_platform() -> Platform:
         scheduler="slurm",
         # --ppn 1: inside a Slurm allocation hydra otherwise packs every rank onto the first
         # node (it fills each node's CPUs); outside one it is harmless.
-        rank_launcher=("mpiexec", "-n", "{nodes}", "--ppn", "1"),
+        rank_launcher=(_local_mpiexec(), "-n", "{nodes}", "--ppn", "1"),
         node_local_dir=os.environ.get("TMPDIR", "/tmp"),
         requires_account=False,
     )

@@ -26,7 +26,7 @@ printf '%s' "${!err-}" >&2
 exit "${!code-0}"
 """
 
-BATCH_COMMANDS = ("qsub", "qstat", "qdel", "sbatch", "squeue", "sacct", "scancel")
+BATCH_COMMANDS = ("qsub", "qstat", "qdel", "sbatch", "squeue", "sacct", "scancel", "scontrol")
 
 
 class FakeBatch:

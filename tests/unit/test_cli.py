@@ -91,7 +91,8 @@ def test_submit_pbs_writes_run_dir_and_prints_job_id(tmp_path, monkeypatch, fake
     assert result.stdout == "1234.aurora-pbs-0001\n"
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert sorted(os.listdir(run_dir)) == ["config.yaml", "job.id", "job.sh"]
-    assert fake_batch.argv("qsub") == ["-v", "HF_TOKEN", str(run_dir / "job.sh")]
+    assert fake_batch.argv("qsub") == ["-j", "oe", "-o", str(run_dir / "job.log"), "-v", "HF_TOKEN",
+                                       str(run_dir / "job.sh")]
     assert fake_batch.hf_token_seen("qsub") == "hf_SECRET_VALUE"  # by environment only
     for name in ("config.yaml", "job.sh", "job.id"):
         assert "SECRET" not in (run_dir / name).read_text()
@@ -173,17 +174,19 @@ def test_status_pbs_unknown_job(fake_batch):
     assert fake_batch.argv("qstat") == ["-x", "-f", "9"]
 
 
-@pytest.mark.parametrize("squeue_out,sacct_out,expected", [
-    ("RUNNING\n", "", "running"),
-    ("PENDING\n", "", "queued"),
-    ("", "CANCELLED by 0\n", "cancelled"),
-    ("", "COMPLETED\n", "completed"),
-    ("", "TIMEOUT\n", "failed"),
-    ("", "", "unknown"),
+@pytest.mark.parametrize("squeue_out,sacct_out,scontrol_out,expected", [
+    ("RUNNING\n", "", "", "running"),
+    ("PENDING\n", "", "", "queued"),
+    ("", "CANCELLED by 0\n", "", "cancelled"),
+    ("", "COMPLETED\n", "", "completed"),
+    ("", "TIMEOUT\n", "", "failed"),
+    ("", "", "JobId=42 JobName=aegis JobState=CANCELLED Reason=None\n", "cancelled"),
+    ("", "", "", "unknown"),
 ])
-def test_status_slurm(fake_batch, squeue_out, sacct_out, expected):
+def test_status_slurm(fake_batch, squeue_out, sacct_out, scontrol_out, expected):
     fake_batch.answer("squeue", out=squeue_out)
     fake_batch.answer("sacct", out=sacct_out)
+    fake_batch.answer("scontrol", out=scontrol_out)
     result = invoke("status", "42", "--scheduler", "slurm")
     assert (result.exit_code, result.stdout) == (0, f"{expected}\n")
 

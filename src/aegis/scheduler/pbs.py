@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Sequence
 
@@ -62,7 +63,10 @@ class PBSBackend(Backend):
     def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
         # -v NAME (no value) copies the variable from qsub's environment: secrets travel by
         # name, never on a command line or in the script.
-        argv = ["qsub"]
+        # -j/-o again on the command line: PBS-compatible wrappers (Slurm's qsub) pass their
+        # own -o, which would override the script's #PBS -o.
+        log = os.path.join(os.path.dirname(os.path.abspath(script_path)), LOG_NAME)
+        argv = ["qsub", "-j", "oe", "-o", log]
         if env_names:
             argv += ["-v", ",".join(env_names)]
         return [*argv, script_path]

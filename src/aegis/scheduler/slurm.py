@@ -3,6 +3,7 @@ scancel."""
 
 from __future__ import annotations
 
+import re
 from shutil import which
 from typing import Sequence
 
@@ -68,7 +69,12 @@ class SlurmBackend(Backend):
             lines = [ln for ln in result.stdout.splitlines() if ln.strip()]
             if result.returncode == 0 and lines:
                 return normalize_state(lines[0])
-        return "unknown"
+        # No accounting (small clusters): slurmctld remembers finished jobs for MinJobAge.
+        if not which("scontrol"):
+            return "unknown"
+        result = run(["scontrol", "-o", "show", "job", job_id])
+        match = re.search(r"\bJobState=(\S+)", result.stdout) if result.returncode == 0 else None
+        return normalize_state(match.group(1)) if match else "unknown"
 
     def cancel(self, job_id: str) -> None:
         check_job_id(job_id)

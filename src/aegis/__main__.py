@@ -1,0 +1,5 @@
+"""`python -m aegis` is the `aegis` command."""
+
+from .cli import main
+
+main()
