@@ -28,6 +28,7 @@
 #include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 extern char **environ;
@@ -488,11 +489,41 @@ static int share_error(ctx *x, int64_t fail, const local_error *mine)
     return w.code;
 }
 
+/* Completes req. MPICH spins inside blocking calls; on a node where the ranks share cores
+ * with tar and the helper threads, a poll-then-sleep loop leaves them the CPU. A few polls
+ * come first so short waits keep their latency. */
+static int wait_request(ctx *x, MPI_Request *req)
+{
+    if (x->opts->poll_sleep_us <= 0)
+        return MPI_Wait(req, MPI_STATUS_IGNORE);
+    struct timespec nap = {0, (long)x->opts->poll_sleep_us * 1000L};
+    for (int polls = 0;; polls++) {
+        int done = 0;
+        int rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS || done)
+            return rc;
+        if (polls >= 16)
+            nanosleep(&nap, NULL);
+    }
+}
+
+static int allreduce_header(ctx *x, int64_t *h)
+{
+    MPI_Request req;
+    if (MPI_Iallreduce(MPI_IN_PLACE, h, H_N, MPI_INT64_T, MPI_MAX, x->comm, &req) !=
+        MPI_SUCCESS)
+        return -1;
+    return wait_request(x, &req) == MPI_SUCCESS ? 0 : -1;
+}
+
+/* One chunk in pieces of at most max_count elements: chunks may exceed INT_MAX bytes. */
 static int bcast_split(ctx *x, char *b, int64_t n)
 {
     for (int64_t off = 0; off < n; off += x->max_count) {
         int64_t c = n - off < x->max_count ? n - off : x->max_count;
-        if (MPI_Bcast(b + off, (int)c, MPI_BYTE, x->root, x->comm) != MPI_SUCCESS)
+        MPI_Request req;
+        if (MPI_Ibcast(b + off, (int)c, MPI_BYTE, x->root, x->comm, &req) != MPI_SUCCESS ||
+            wait_request(x, &req) != MPI_SUCCESS)
             return -1;
     }
     return 0;
@@ -552,7 +583,7 @@ static int run_transfer(ctx *x)
             h[H_CRC] = x->crc_src;
             h[H_TOTAL] = x->bytes_read;
         }
-        if (MPI_Allreduce(MPI_IN_PLACE, h, H_N, MPI_INT64_T, MPI_MAX, x->comm) != MPI_SUCCESS)
+        if (allreduce_header(x, h) != 0)
             return AEGIS_E_MPI;
         if (h[H_FAIL])
             return share_error(x, h[H_FAIL], mine);
@@ -588,7 +619,7 @@ static int run_transfer(ctx *x)
     pthread_mutex_unlock(&x->mu);
     if (mine)
         h[H_FAIL] = x->size - x->rank;
-    if (MPI_Allreduce(MPI_IN_PLACE, h, H_N, MPI_INT64_T, MPI_MAX, x->comm) != MPI_SUCCESS)
+    if (allreduce_header(x, h) != 0)
         return AEGIS_E_MPI;
     if (h[H_FAIL])
         return share_error(x, h[H_FAIL], mine);

@@ -37,6 +37,9 @@ typedef struct aegis_stage_opts {
     int32_t fault_rank;   /* test hook: rank that injects fault_kind, -1 for none */
     int32_t fault_kind;   /* AEGIS_FAULT_* */
     int64_t fault_after;  /* test hook: bytes moved before the fault fires */
+    int32_t poll_sleep_us; /* >0: wait in MPI_Test loops sleeping this long between polls
+                              (frees the core for tar and the helper threads); 0: block in
+                              MPI (MPICH busy-polls) */
 } aegis_stage_opts;
 
 typedef struct aegis_stage_result {

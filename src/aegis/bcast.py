@@ -32,6 +32,9 @@ DEFAULT_CHUNK_SIZE = 16 << 20
 DEFAULT_DEPTH = 4
 MAX_MPI_COUNT = 2**31 - 1
 PROGRESS_INTERVAL_S = 5.0
+# Waiting ranks poll MPI then sleep this long instead of spinning in MPICH's progress loop,
+# which would take a core from tar and the helper threads. 0 = plain blocking MPI calls.
+DEFAULT_POLL_SLEEP_US = 50
 
 # numeric codes shared with csrc/bcast.h (checked against the extension at load time)
 _CODE_NAMES = {
@@ -167,12 +170,14 @@ def read_manifest(dest: Path) -> dict[str, Any] | None:
         return None
 
 
-def _validate(source, dest, root, size, chunk_size, depth, writers, max_count) -> str | None:
+def _validate(source, dest, root, size, chunk_size, depth, writers, max_count,
+              poll_sleep_us) -> str | None:
     if writers not in ("node", "all"):
         return f"writers must be 'node' or 'all', got {writers!r}"
     for name, value, low, high in (("chunk_size", chunk_size, 1, 1 << 40),
                                    ("depth", depth, 1, 1024),
-                                   ("max_count", max_count, 1, MAX_MPI_COUNT)):
+                                   ("max_count", max_count, 1, MAX_MPI_COUNT),
+                                   ("poll_sleep_us", poll_sleep_us, 0, 1_000_000)):
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             return f"{name} must be an integer in [{low}, {high}], got {value!r}"
     if not isinstance(root, int) or not 0 <= root < size:
@@ -272,7 +277,8 @@ class _Progress:
 def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
           depth: int = DEFAULT_DEPTH, writers: str = "node", verify: bool = True,
           force: bool = False, progress: bool = True, max_count: int = MAX_MPI_COUNT,
-          _fault: tuple | None = None) -> StageResult:
+          poll_sleep_us: int = DEFAULT_POLL_SLEEP_US, _fault: tuple | None = None
+          ) -> StageResult:
     """Copy ``source`` (a directory, or one file) to ``dest`` on every node. Collective.
 
     - ``dest`` is a directory: a directory source's contents land in it; a file source lands
@@ -291,6 +297,8 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
       rank writes its own ``dest`` (two writers on one host must not share a ``dest``).
     - ``depth`` buffers of ``chunk_size`` bytes are in flight per rank; ``depth=1`` is the
       serial read -> broadcast -> write loop. ``max_count`` caps elements per MPI call.
+    - ``poll_sleep_us``: a rank waiting on MPI polls, then sleeps this long between polls
+      (0: block inside MPI, which busy-polls in MPICH and competes with tar for cores).
     - Errors raise ``StagingError`` (``.code``, ``.rank``, ``.host``, ``.cause``) on every rank.
     - ``progress``: root logs bytes, GB/s and ETA to stderr every few seconds.
     """
@@ -302,7 +310,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     dest_path = Path(os.path.abspath(os.fspath(dest))) if str(dest) else Path("")
 
     problem = _validate(source, dest, root, comm.Get_size(), chunk_size, depth, writers,
-                        max_count)
+                        max_count, poll_sleep_us)
     _agree(comm, None if problem is None else (E_ARGS, problem))
 
     # root: metadata identity of the source, shared with everyone
@@ -350,7 +358,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     try:
         _agree(comm, error)
         transfer = _transfer(MPI, ffi, lib, comm, source_path, tmp, root, chunk_size, depth,
-                             is_writer, verify, max_count, _fault,
+                             is_writer, verify, max_count, poll_sleep_us, _fault,
                              progress and rank == root, info["size"])
         error = None
         if is_writer:
@@ -375,7 +383,8 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
 
 
 def _transfer(MPI, ffi, lib, comm, source: Path, tmp: Path, root: int, chunk_size: int,
-              depth: int, is_writer: bool, verify: bool, max_count: int, fault,
+              depth: int, is_writer: bool, verify: bool, max_count: int, poll_sleep_us: int,
+              fault,
               show_progress: bool, expected: int) -> dict[str, Any]:
     """One call into the C core; returns bytes and checksum or raises StagingError."""
     real = Path(os.path.realpath(source))
@@ -384,6 +393,7 @@ def _transfer(MPI, ffi, lib, comm, source: Path, tmp: Path, root: int, chunk_siz
     opts.chunk_size, opts.depth, opts.root = chunk_size, depth, root
     opts.max_count, opts.is_writer, opts.verify = max_count, int(is_writer), int(bool(verify))
     opts.fault_rank, opts.fault_kind, opts.fault_after = -1, 0, 0
+    opts.poll_sleep_us = poll_sleep_us
     if fault:
         kind, fault_rank, *after = fault
         opts.fault_kind, opts.fault_rank = _FAULT_KINDS[kind], fault_rank
