@@ -6,7 +6,6 @@ import shlex
 import stat
 import subprocess
 
-import pytest
 
 from aegis.config import from_mapping
 from aegis.launch.endpoints import (
