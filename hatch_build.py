@@ -104,6 +104,8 @@ def compile_extension(root: Path, tmpdir: str, verbose: bool = False) -> Path:
 
     mpicc = find_mpicc()
     flags = mpicc_flags(mpicc)
+    # e.g. AEGIS_EXTRA_CFLAGS="-fsanitize=address -g" for a sanitizer build (docs/staging.md)
+    extra = shlex.split(os.environ.get("AEGIS_EXTRA_CFLAGS", ""))
     ffi = FFI()
     ffi.cdef(cdef_from_header((root / C_HEADER).read_text()))
     ffi.set_source(
@@ -113,8 +115,8 @@ def compile_extension(root: Path, tmpdir: str, verbose: bool = False) -> Path:
         include_dirs=[str(root / "csrc"), *flags["include_dirs"]],
         library_dirs=flags["library_dirs"],
         libraries=flags["libraries"],
-        extra_compile_args=["-O2", "-pthread", *flags["extra_compile_args"]],
-        extra_link_args=["-pthread", *flags["extra_link_args"]],
+        extra_compile_args=["-O2", "-pthread", *flags["extra_compile_args"], *extra],
+        extra_link_args=["-pthread", *flags["extra_link_args"], *extra],
     )
     return Path(ffi.compile(tmpdir=tmpdir, verbose=verbose))
 

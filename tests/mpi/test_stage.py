@@ -322,3 +322,12 @@ def test_crc32c_matches_reference():
         assert bcast.crc32c(data[:cut], software=True) == whole
         # streaming in two pieces gives the same value
         assert bcast.crc32c(data[cut // 2:cut], bcast.crc32c(data[:cut // 2])) == whole
+
+
+def test_mpi_family_tells_mpich_from_open_mpi():
+    """The mismatch check behind the ImportError of aegis.bcast._extension()."""
+    family = bcast._mpi_family
+    assert family("MPICH 5.0.2") == family("MPICH Version:      4.2.0\nMPICH ABI: 16") == "MPICH"
+    assert family("MPI VERSION    : CRAY MPICH version 8.1.28") == "MPICH"
+    assert family("Intel(R) MPI Library 2021.11 for Linux") == "MPICH"
+    assert family("Open MPI v5.0.3, package: ...") == "Open MPI" != family("MPICH 5.0.2")
