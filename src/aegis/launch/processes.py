@@ -63,6 +63,7 @@ class Running:
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_launcher,
                 close_fds=True)
         self.started = time.monotonic()
+        self.stopped = False
 
     @property
     def pid(self) -> int:
@@ -83,8 +84,11 @@ class Running:
 
 def stop_all(running: list[Running], grace: float) -> None:
     """TERM every process group, wait up to `grace` seconds, then KILL what is left (including
-    group members that outlived their leader)."""
+    group members that outlived their leader). Each group is stopped once: a later call does
+    not signal a process group id that may since have been reused."""
+    running = [r for r in running if not r.stopped]
     for r in running:
+        r.stopped = True
         _signal_group(r.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(r.proc.poll() is None for r in running):

@@ -84,6 +84,9 @@ class LocalFleet:
     def _on_exit(self, slot: Slot, code: int, now: float) -> None:
         slot.exit_code = code
         slot.log_tail = slot.running.log_tail()
+        # The leader is gone; its children (vLLM's engine processes) may not be. They would
+        # hold the devices and ports a restart needs.
+        stop_all([slot.running], grace=0)
         can_restart = slot.ever_ready and slot.part.nnodes == 1 and slot.restarts < self.max_restarts
         if can_restart:
             delay = self.restart_backoff * (2 ** slot.restarts)
