@@ -13,6 +13,8 @@ Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
   --crash-once-marker PATH    with crash-after: crash only if PATH is absent (and create it),
                               so a restarted copy stays up
   --start-delay S             sleep S seconds before listening (model "loading")
+  --spawn-child               start a child process (like vLLM's engine core) that outlives
+                              this one unless its process group is stopped
   --port-range A-B            serve every port A..B in one process (benchmarks)
 If VLLM_API_KEY is set, /v1/* requires "Authorization: Bearer <key>" (as vLLM does).
 """
@@ -38,6 +40,7 @@ def parse(argv):
     p.add_argument("--crash-once-marker", default=None)
     p.add_argument("--start-delay", type=float, default=float(os.environ.get("STANDIN_START_DELAY", "0")))
     p.add_argument("--port-range", default=None)
+    p.add_argument("--spawn-child", action="store_true")
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -140,6 +143,12 @@ def main(argv=None):
     if args.fault == "exit-at-start":
         print("standin: RuntimeError: simulated failure at start", file=sys.stderr, flush=True)
         return 3
+    if args.spawn_child:  # same process group; the model name in its argv makes it findable
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "standin-child",
+                          args.model], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     if args.start_delay:
         time.sleep(args.start_delay)
     try:

@@ -64,7 +64,10 @@ def processes_with(token: str) -> list[str]:
 class Run:
     """A config in tmp_path plus helpers to run the launcher on it."""
 
+    made: list["Run"] = []
+
     def __init__(self, tmp_path: Path, models: list[dict], **settings):
+        Run.made.append(self)
         self.token = f"tok{uuid.uuid4().hex[:10]}"  # in every instance's argv: find them in /proc
         self.tmp = tmp_path
         self.run_dir = tmp_path / "run"
@@ -120,6 +123,14 @@ class Run:
             except ProcessLookupError:
                 pass
         return found
+
+
+@pytest.fixture(autouse=True)
+def _no_strays():
+    """Even a failing test leaves no process of its run behind."""
+    yield
+    while Run.made:
+        Run.made.pop().leftovers()
 
 
 def test_all_ready_once_writes_endpoints_and_leaves_nothing_running(tmp_path):
@@ -191,13 +202,16 @@ def test_port_already_taken_fails_that_instance_without_starting_it(tmp_path):
 def test_crash_is_restarted_then_sigterm_stops_everything(tmp_path):
     marker = tmp_path / "crashed-once"
     run = Run(tmp_path, [{"name": "m", "served_model_name": "m", "extra_vllm_args": [
-        "--fault", "crash-after:3", "--crash-once-marker", str(marker)]}])
+        "--fault", "crash-after:3", "--crash-once-marker", str(marker), "--spawn-child"]}])
     proc = run.start()
     try:
         doc = run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
                                  and d["instances"][0]["state"] == "ready")
         assert marker.exists()
-        assert len(processes_with(run.token)) >= 1
+        # the restarted server and its child; the crashed one's child was cleared
+        time.sleep(0.3)
+        alive = processes_with(run.token)
+        assert len(alive) == 2 and sum("standin-child" in p for p in alive) == 1, alive
         log = (run.run_dir / "logs" / "instance-0000.log").read_text()
         assert "crashing after 3 requests" in log and "--- aegis: restart 1" in log
         proc.send_signal(signal.SIGTERM)
