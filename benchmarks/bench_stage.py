@@ -108,7 +108,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--chunk-mib", type=int, default=bcast.DEFAULT_CHUNK_SIZE >> 20)
     parser.add_argument("--depth", type=int, default=bcast.DEFAULT_DEPTH)
-    parser.add_argument("--poll-sleep-us", type=int, default=bcast.DEFAULT_POLL_SLEEP_US)
+    parser.add_argument("--poll-sleep-us", type=int, default=None,
+                        help="default: stage()'s choice (sleep when the node is oversubscribed)")
     parser.add_argument("--dest-dir", default=None,
                         help="where copies land (default: /dev/shm, node-local memory like "
                              "Aurora's /tmp; pass a disk path to include disk writeback)")
@@ -166,7 +167,7 @@ def main() -> int:
     if rank == 0:
         t1, t2, t3 = (best[name] for name, _ in cases)
         print(f"stage benchmark: {size / GiB:.2f} GiB tree -> {out.parent}, {comm.size} ranks, "
-              f"writers=all, chunk {args.chunk_mib} MiB, poll sleep {args.poll_sleep_us} us, "
+              f"writers=all, chunk {args.chunk_mib} MiB, poll sleep {args.poll_sleep_us or 'auto'} us, "
               f"best of {args.repeat}, load avg {os.getloadavg()[0]:.1f}, "
               f"MPIR_CVAR_CH4_PROGRESS_THROTTLE={os.environ.get('MPIR_CVAR_CH4_PROGRESS_THROTTLE', 'unset')}")
         for name, _ in cases:

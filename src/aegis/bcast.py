@@ -14,6 +14,7 @@ initialise MPI.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -32,9 +33,12 @@ DEFAULT_CHUNK_SIZE = 16 << 20
 DEFAULT_DEPTH = 4
 MAX_MPI_COUNT = 2**31 - 1
 PROGRESS_INTERVAL_S = 5.0
-# Waiting ranks poll MPI then sleep this long instead of spinning in MPICH's progress loop,
-# which would take a core from tar and the helper threads. 0 = plain blocking MPI calls.
-DEFAULT_POLL_SLEEP_US = 50
+# On an oversubscribed node, waiting ranks poll MPI then sleep this long instead of spinning
+# in MPICH's progress loop, which would take a core from tar and the helper threads. With
+# cores to spare they block in MPI (0): multi-hop broadcasts need every rank's progress calls.
+OVERSUBSCRIBED_POLL_SLEEP_US = 50
+# busy entities per writer rank: its MPI thread, the writer thread and tar -x
+_ACTIVE_PER_RANK = 3
 
 # numeric codes shared with csrc/bcast.h (checked against the extension at load time)
 _CODE_NAMES = {
@@ -178,6 +182,8 @@ def _validate(source, dest, root, size, chunk_size, depth, writers, max_count,
                                    ("depth", depth, 1, 1024),
                                    ("max_count", max_count, 1, MAX_MPI_COUNT),
                                    ("poll_sleep_us", poll_sleep_us, 0, 1_000_000)):
+        if name == "poll_sleep_us" and value is None:
+            continue  # automatic
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             return f"{name} must be an integer in [{low}, {high}], got {value!r}"
     if not isinstance(root, int) or not 0 <= root < size:
@@ -213,6 +219,31 @@ def _agree(comm, error: tuple[int, str] | None) -> None:
             raise StagingError(err[0], rank, err[1], err[2])
 
 
+def _sibling(dest: Path, kind: str, pid: int | None = None) -> Path:
+    """Hidden sibling of dest for a temporary ("tmp") or a replaced tree ("old")."""
+    return dest.parent / f".{dest.name}.aegis-{kind}-{socket.gethostname()}-{pid or os.getpid()}"
+
+
+def _remove_stale_siblings(dest: Path) -> None:
+    """Siblings left by a stage on this host whose process no longer exists (killed mid-way)."""
+    for kind in ("tmp", "old"):
+        prefix = _sibling(dest, kind, 1).name[:-1]
+        for path in dest.parent.glob(glob.escape(prefix) + "*"):
+            pid = path.name[len(prefix):]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                _rmtree(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _prepare_dest(dest: Path, tmp: Path, force: bool) -> None:
     """Writer-side checks before any byte moves. Raises OSError/ValueError with a cause."""
     if dest.exists() or dest.is_symlink():
@@ -224,13 +255,14 @@ def _prepare_dest(dest: Path, tmp: Path, force: bool) -> None:
             raise ValueError(f"dest {dest} exists, is not empty and was not staged by aegis "
                              f"(no {MANIFEST_NAME}); remove it or pass force=True")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(dest)
     _rmtree(tmp)
     tmp.mkdir(mode=0o700)
 
 
 def _swap_into_place(tmp: Path, dest: Path) -> None:
     """Rename tmp to dest; an old dest is renamed away first and removed after."""
-    old = dest.parent / f".{dest.name}.aegis-old-{os.getpid()}"
+    old = _sibling(dest, "old")
     had_old = dest.exists() or dest.is_symlink()
     if had_old:
         os.rename(dest, old)
@@ -277,13 +309,14 @@ class _Progress:
 def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
           depth: int = DEFAULT_DEPTH, writers: str = "node", verify: bool = True,
           force: bool = False, progress: bool = True, max_count: int = MAX_MPI_COUNT,
-          poll_sleep_us: int = DEFAULT_POLL_SLEEP_US, _fault: tuple | None = None
+          poll_sleep_us: int | None = None, _fault: tuple | None = None
           ) -> StageResult:
     """Copy ``source`` (a directory, or one file) to ``dest`` on every node. Collective.
 
     - ``dest`` is a directory: a directory source's contents land in it; a file source lands
       as ``dest/<name>``. Only ``root`` reads ``source``; writers ignore it.
-    - Atomic per writer: extraction goes to a hidden sibling ``.<dest>.aegis-tmp-<pid>``,
+    - Atomic per writer: extraction goes to a hidden sibling ``.<dest>.aegis-tmp-<host>-<pid>``
+      (leftovers of killed runs on this host are removed by the next stage),
       is verified (tar exit status, byte count, CRC32C unless ``verify=False``), gets the
       manifest ``dest/.aegis-manifest.json`` written last, then is renamed onto ``dest``. On
       any error the temporary is removed and ``dest`` is left as it was.
@@ -299,6 +332,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
       serial read -> broadcast -> write loop. ``max_count`` caps elements per MPI call.
     - ``poll_sleep_us``: a rank waiting on MPI polls, then sleeps this long between polls
       (0: block inside MPI, which busy-polls in MPICH and competes with tar for cores).
+      None: 50 when this node's ranks would oversubscribe its cores, else 0.
     - Errors raise ``StagingError`` (``.code``, ``.rank``, ``.host``, ``.cause``) on every rank.
     - ``progress``: root logs bytes, GB/s and ETA to stderr every few seconds.
     """
@@ -324,12 +358,13 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     _agree(comm, error)
     info = comm.bcast(info, root=root)
 
-    if writers == "all":
-        is_writer = True
-    else:
-        node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-        is_writer = node_comm.Get_rank() == 0
-        node_comm.Free()
+    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    is_writer = writers == "all" or node_comm.Get_rank() == 0
+    ranks_here = node_comm.Get_size()
+    node_comm.Free()
+    if poll_sleep_us is None:
+        oversubscribed = ranks_here * _ACTIVE_PER_RANK > len(os.sched_getaffinity(0))
+        poll_sleep_us = OVERSUBSCRIBED_POLL_SLEEP_US if oversubscribed else 0
 
     manifest = read_manifest(dest_path) if is_writer else None
     cached_here = (not is_writer) or (not force and manifest is not None
@@ -343,7 +378,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
                            time.monotonic() - t0, 0.0, True, manifest.get("checksum")
                            if manifest else None, writer_infos)
 
-    tmp = dest_path.parent / f".{dest_path.name}.aegis-tmp-{os.getpid()}"
+    tmp = _sibling(dest_path, "tmp")
     error = None
     if is_writer:
         same_host = [d for h, r, d, w, _ in roles if w and h == host]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -169,6 +170,23 @@ def test_changed_source_restages(comm, shared_tmp):
     on_root_make(comm, lambda: (src / "a" / "new.json").write_text("{}"))
     result = stage(src, dest, comm, chunk_size=CHUNK, writers="all", progress=False)
     assert not result.cached
+    comm.Barrier()
+    check_round_trip(comm, src, [dest])
+
+
+def test_leftovers_of_killed_runs_are_removed(comm, shared_tmp):
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_random_tree(src, 8))
+    dest = shared_tmp / f"dest{comm.rank}"
+    host = socket.gethostname()
+    dead = shared_tmp / f".{dest.name}.aegis-tmp-{host}-999999999"  # no such pid
+    alive = shared_tmp / f".{dest.name}.aegis-old-{host}-{os.getpid()}"  # a running stage
+    dead.mkdir()
+    (dead / "partial.bin").write_bytes(b"x")
+    alive.mkdir()
+    stage(src, dest, comm, writers="all", progress=False)
+    assert not dead.exists() and alive.exists()
+    alive.rmdir()
     comm.Barrier()
     check_round_trip(comm, src, [dest])
 
