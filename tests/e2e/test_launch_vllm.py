@@ -84,6 +84,7 @@ def _wait_endpoints(proc: subprocess.Popen, endpoints: Path, log: Path, want: in
                 pytrace=False)
 
 
+@pytest.mark.timeout(STARTUP_TIMEOUT + 300)
 def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tmp_path):
     from openai import OpenAI
 
@@ -153,6 +154,7 @@ def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tmp_path)
         vllm_env.kill_marked(token)
 
 
+@pytest.mark.timeout(STARTUP_TIMEOUT + 300)
 def test_launch_reports_a_vllm_that_cannot_start(vllm_venv, tiny_model, tmp_path):
     """A real start failure (context longer than the model allows): exit 1, the instance
     reported failed with vLLM's own reason, nothing left running."""
