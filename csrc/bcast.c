@@ -290,7 +290,7 @@ static int exited_ok(const child *c)
 
 /* ---------------------------------------------------------------- read / write one chunk */
 
-/* Root: fill slot with up to chunk bytes from tar -c. Returns 0, or -1 with x->rerr set. */
+/* Root: fill slot with up to chunk bytes from tar -c. Returns 0, or -1 with *err set. */
 static int read_chunk(ctx *x, int64_t k, local_error *err)
 {
     int s = (int)(k % x->depth);
@@ -334,7 +334,7 @@ static int read_chunk(ctx *x, int64_t k, local_error *err)
 
 static int finish_writer(ctx *x, local_error *err);
 
-/* Writer: push slot into tar -x. Returns 0, or -1 with x->werr set. */
+/* Writer: push slot into tar -x. Returns 0, or -1 with *err set. */
 static int write_chunk(ctx *x, int64_t k, local_error *err)
 {
     int s = (int)(k % x->depth);
@@ -410,6 +410,7 @@ static void *reader_main(void *arg)
             return NULL;
         local_error e = {0};
         int rc = read_chunk(x, k, &e); /* touches only slot k and reader-owned fields */
+        int last = rc != 0 || x->eof[k % x->depth]; /* read before main may own the slot */
         pthread_mutex_lock(&x->mu);
         if (rc == 0)
             x->n_read = k + 1;
@@ -417,7 +418,7 @@ static void *reader_main(void *arg)
             x->rerr = e;
         pthread_cond_broadcast(&x->cv);
         pthread_mutex_unlock(&x->mu);
-        if (rc != 0 || x->eof[k % x->depth])
+        if (last)
             return NULL;
     }
 }
@@ -580,8 +581,10 @@ static int run_transfer(ctx *x)
         else if (x->is_root) {
             h[H_LEN] = x->len[s];
             h[H_EOF] = x->eof[s];
-            h[H_CRC] = x->crc_src;
-            h[H_TOTAL] = x->bytes_read;
+            if (x->eof[s]) { /* the reader has stopped: its totals are final */
+                h[H_CRC] = x->crc_src;
+                h[H_TOTAL] = x->bytes_read;
+            }
         }
         if (allreduce_header(x, h) != 0)
             return AEGIS_E_MPI;
