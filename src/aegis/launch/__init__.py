@@ -24,7 +24,7 @@ from ..config import Config, ConfigError, load_config
 from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
 from .allocation import Allocation, AllocationError, check_enough, find_allocation
-from .instances import build_part, check_api_key_env, staged_model_dir, vllm_command_argv
+from .instances import build_part, staged_model_dir, vllm_command_argv
 
 __all__ = ["main", "run_rank", "under_mpi"]
 
@@ -92,20 +92,11 @@ def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform,
     overrides = {"platform": args.platform, "vllm_command": args.vllm_command,
                  "startup_timeout": args.startup_timeout, "max_restarts": args.max_restarts,
                  "allow_partial": args.allow_partial}
-    try:
-        config = load_config(args.config, overrides)
-    except FileNotFoundError:
-        raise UsageError(f"--config {args.config}: no such file") from None
-    except IsADirectoryError:
-        raise UsageError(f"--config {args.config}: is a directory") from None
-    except TypeError as e:  # unknown keys reaching the dataclass before full validation lands
-        raise ConfigError(f"{args.config}: {e}") from None
+    config = load_config(args.config, overrides)
     try:
         platform = get_platform(config.platform)
     except KeyError as e:
         raise ConfigError(f"platform: {e.args[0]}") from None
-    vllm_command_argv(config)
-    check_api_key_env(config)
     plan = make_plan(config, platform)
     nodefile_text = None
     if args.nodefile:
@@ -118,6 +109,17 @@ def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform,
         read_file=lambda p: Path(p).read_text(encoding="utf-8"), local_count=plan.nodes_needed)
     check_enough(allocation, plan.nodes_needed)
     return args, config, platform, plan, allocation
+
+
+def _prepare_or_exit_code(argv: list[str]):
+    """prepare(), or the exit code when it stops: bad input (one line, 2) or --help (0)."""
+    try:
+        return prepare(argv, os.environ)
+    except (UsageError, ConfigError, AllocationError) as e:
+        _error(str(e))
+        return EXIT_BAD_INPUT
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
 
 
 def under_mpi(env) -> bool:
@@ -134,14 +136,7 @@ def under_mpi(env) -> bool:
 
 def rank_launch_argv(platform: Platform, nodes: int, argv: list[str]) -> list[str]:
     """The MPI job that runs one `python -m aegis.launch` per node."""
-    launcher = platform.launcher_argv(nodes)
-    if launcher and launcher[0] == "mpiexec":
-        # Prefer the mpiexec of this Python's MPI (a venv's mpich); /usr/bin/mpiexec can be a
-        # different MPI or a Slurm wrapper.
-        sibling = Path(sys.executable).parent / "mpiexec"
-        if sibling.exists():
-            launcher = [str(sibling), *launcher[1:]]
-    return [*launcher, sys.executable, "-m", "aegis.launch", *argv]
+    return [*platform.launcher_argv(nodes), sys.executable, "-m", "aegis.launch", *argv]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,13 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if under_mpi(os.environ):
         return run_rank(argv)
-    try:
-        _args, _config, platform, plan, _allocation = prepare(argv, os.environ)
-    except (UsageError, ConfigError, AllocationError) as e:
-        _error(str(e))
-        return EXIT_BAD_INPUT
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else EXIT_OK
+    prepared = _prepare_or_exit_code(argv)
+    if isinstance(prepared, int):
+        return prepared
+    _args, _config, platform, plan, _allocation = prepared
     if plan.nodes_needed <= 1:
         return run_rank(argv)
     cmd = rank_launch_argv(platform, plan.nodes_needed, argv)
@@ -193,13 +185,10 @@ def _address(name: str) -> str:
 def run_rank(argv: list[str]) -> int:
     """One launcher rank. Every check that can fail on bad input runs before anything starts,
     and each rank reaches the same verdict without talking to the others."""
-    try:
-        args, config, platform, plan, allocation = prepare(argv, os.environ)
-    except (UsageError, ConfigError, AllocationError) as e:
-        _error(str(e))
-        return EXIT_BAD_INPUT
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else EXIT_OK
+    prepared = _prepare_or_exit_code(argv)
+    if isinstance(prepared, int):
+        return prepared
+    args, config, platform, plan, allocation = prepared
     # hf_home is node-local storage: $VARS in it ($TMPDIR, /mnt/bb/$USER) expand on each node.
     config = dataclasses.replace(config, hf_home=os.path.expandvars(config.hf_home))
     api_key = None

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..config import Config, ConfigError, ModelConfig
 from ..plan import Instance
 from ..platforms import Platform
+from ..render import render_template
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -63,25 +64,13 @@ def staged_model_dir(hf_home: str, model_name: str) -> str:
 
 
 def vllm_command_argv(config: Config) -> list[str]:
-    try:
-        argv = shlex.split(config.vllm_command)
-    except ValueError as e:
-        raise ConfigError(f"vllm_command: cannot split {config.vllm_command!r} ({e})") from None
-    if not argv:
-        raise ConfigError("vllm_command: empty; expected e.g. 'vllm serve'")
-    return argv
-
-
-def check_api_key_env(config: Config) -> None:
-    if config.api_key_env is not None and not _ENV_NAME.fullmatch(config.api_key_env):
-        raise ConfigError(f"api_key_env: {config.api_key_env!r} is not an environment variable name")
+    return shlex.split(config.vllm_command)  # validated by aegis.config
 
 
 def build_part(*, instance: Instance, model: ModelConfig, config: Config, platform: Platform,
                node_index: int, hosts: list[str], addresses: list[str], bind_host: str | None,
                run_dir: str) -> Part:
     """The process of `instance` on node `node_index` (which must be one of instance.nodes)."""
-    check_api_key_env(config)
     node_rank = instance.nodes.index(node_index)
     nnodes = len(instance.nodes)
     head_address = addresses[instance.nodes[0]]
@@ -116,20 +105,8 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
 
 
 @lru_cache(maxsize=1)
-def _template():
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("aegis", "templates"),
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-        keep_trailing_newline=True, autoescape=False)
-    env.filters["q"] = lambda v: shlex.quote(str(v))
-    env.filters["join_quoted"] = lambda seq: " ".join(shlex.quote(str(a)) for a in seq)
-    return env.get_template("instance.sh.j2")
-
-
 def render_script(part: Part) -> str:
     for name, _ in part.env:
         if not _ENV_NAME.fullmatch(name):
             raise ConfigError(f"instance environment: {name!r} is not a variable name")
-    return _template().render(part=part)
+    return render_template("instance.sh.j2", part=part)

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .. import __version__
 from ..config import Config, ConfigError
 from ..plan import Plan
 from ..platforms import Platform
+from ..render import render_template
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 CONFIG_NAME = "config.yaml"  # the resolved config inside a run directory
 SCRIPT_NAME = "job.sh"
 LOG_NAME = "job.log"  # the batch job's stdout+stderr
@@ -37,32 +35,6 @@ class SchedulerError(RuntimeError):
 
 class SchedulerNotFound(SchedulerError):
     """The batch system's command is not on PATH (not a login node of that system)."""
-
-
-def _jinja_env():
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,  # shell, not HTML: quoting is explicit through the q filter
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["q"] = shlex.quote
-    env.filters["argv"] = lambda words: " ".join(shlex.quote(str(w)) for w in words)
-    return env
-
-
-_ENV = None
-
-
-def _template(name: str):
-    global _ENV
-    if _ENV is None:
-        _ENV = _jinja_env()
-    return _ENV.get_template(name)
 
 
 def model_summaries(config: Config, plan: Plan) -> list[str]:
@@ -91,6 +63,7 @@ class Backend:
     name = ""
     template = ""
     submit_command = ""
+    cancel_command = ""
     directive_prefix = ""
 
     # -- pure ------------------------------------------------------------------------------
@@ -116,7 +89,7 @@ class Backend:
             "model_lines": model_summaries(config, plan),
             "directives": self.directives(config, plan, platform, run_dir),
         }
-        return _template(self.template).render(**context)
+        return render_template(self.template, **context)
 
     def directives(self, config: Config, plan: Plan, platform: Platform,
                    run_dir: str) -> list[str]:
@@ -151,7 +124,11 @@ class Backend:
         raise NotImplementedError
 
     def cancel(self, job_id: str) -> None:
-        raise NotImplementedError
+        check_job_id(job_id)
+        result = run([self.cancel_command, job_id])
+        if result.returncode != 0:
+            raise SchedulerError(f"{self.cancel_command} {job_id} failed (exit {result.returncode}): "
+                                 f"{one_line(result.stderr) or one_line(result.stdout)}")
 
 
 def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None = None,

@@ -9,7 +9,7 @@ from typing import Sequence
 from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
-from .base import LOG_NAME, Backend, SchedulerError, check_job_id, one_line, run
+from .base import LOG_NAME, Backend, check_job_id, run
 
 # PBS one-letter job states -> aegis states (qstat -f prints "job_state = R").
 _STATES = {
@@ -43,6 +43,7 @@ def state_from_attrs(attrs: dict[str, str]) -> str:
 class PBSBackend(Backend):
     name = "pbs"
     template = "pbs_job.sh.j2"
+    cancel_command = "qdel"
     submit_command = "qsub"
     directive_prefix = "#PBS"
 
@@ -84,10 +85,3 @@ class PBSBackend(Backend):
             if result.returncode != 0:
                 return "unknown"
         return state_from_attrs(parse_qstat_full(result.stdout))
-
-    def cancel(self, job_id: str) -> None:
-        check_job_id(job_id)
-        result = run(["qdel", job_id])
-        if result.returncode != 0:
-            raise SchedulerError(f"qdel {job_id} failed (exit {result.returncode}): "
-                                 f"{one_line(result.stderr) or one_line(result.stdout)}")

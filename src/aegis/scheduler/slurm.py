@@ -10,7 +10,7 @@ from typing import Sequence
 from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
-from .base import LOG_NAME, Backend, SchedulerError, check_job_id, one_line, run
+from .base import LOG_NAME, Backend, check_job_id, run
 
 _STATES = {
     "PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued",
@@ -35,6 +35,7 @@ def normalize_state(word: str) -> str:
 class SlurmBackend(Backend):
     name = "slurm"
     template = "slurm_job.sh.j2"
+    cancel_command = "scancel"
     submit_command = "sbatch"
     directive_prefix = "#SBATCH"
 
@@ -75,10 +76,3 @@ class SlurmBackend(Backend):
         result = run(["scontrol", "-o", "show", "job", job_id])
         match = re.search(r"\bJobState=(\S+)", result.stdout) if result.returncode == 0 else None
         return normalize_state(match.group(1)) if match else "unknown"
-
-    def cancel(self, job_id: str) -> None:
-        check_job_id(job_id)
-        result = run(["scancel", job_id])
-        if result.returncode != 0:
-            raise SchedulerError(f"scancel {job_id} failed (exit {result.returncode}): "
-                                 f"{one_line(result.stderr) or one_line(result.stdout)}")
