@@ -99,6 +99,24 @@ def cdef_from_header(header: str) -> str:
     return text
 
 
+def install_atomically(built: Path, target: Path) -> None:
+    """Put the built module at target by rename, never by rewriting the file in place.
+
+    Running processes (an mpiexec job, an ``aegis`` command) keep the old .so mmapped. Truncating
+    and rewriting that inode swaps pages under them: code faults past the new end of file raise
+    SIGBUS, and at exit ld.so runs the new file's unrelocated .fini_array (SIGSEGV in
+    ld-linux-x86-64.so.2, or a jump to the raw link-time address). A rename gives the new build a
+    new inode; the old one lives on until its last mapping goes away.
+    """
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        shutil.copy2(built, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def compile_extension(root: Path, tmpdir: str, verbose: bool = False) -> Path:
     from cffi import FFI
 
@@ -142,7 +160,7 @@ class CFFIMPIBuildHook(BuildHookInterface):
         if version == "editable":
             # hatchling's editable wheel is a .pth pointing at src/ (force_include is ignored),
             # so the compiled module has to sit in the source tree.
-            shutil.copy2(so_path, root / "src" / rel)
+            install_atomically(so_path, root / "src" / rel)
         else:
             build_data["force_include"][str(so_path)] = rel
 
@@ -157,5 +175,5 @@ if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="aegis-cffi-") as tmp:
         built = compile_extension(here, tmp, verbose=True)
-        shutil.copy2(built, here / "src" / "aegis" / built.name)
+        install_atomically(built, here / "src" / "aegis" / built.name)
         print(here / "src" / "aegis" / built.name)
