@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 class Platform:
     name: str
     devices_per_node: int
-    # Environment variable that pins an instance to its devices (value: comma list of ids).
+    # Environment variable that pins an instance to its devices: the device ids joined by
+    # affinity_separator.
     affinity_var: str
     scheduler: str  # "pbs" | "slurm" (a key of aegis.scheduler.BACKENDS)
     # argv prefix that starts one rank per node; "{nodes}" is replaced by the node count.
@@ -27,6 +28,8 @@ class Platform:
     directives: tuple[str, ...] = ()
     # Environment every instance gets on this platform.
     instance_env: dict[str, str] = field(default_factory=dict)
+    # vLLM's CPU backend takes one core list per TP rank, separated by "|" ("0|1").
+    affinity_separator: str = ","
     # HPC sites charge jobs to a project: `aegis submit` refuses to submit without `account`.
     requires_account: bool = True
 
@@ -88,6 +91,7 @@ def local_platform() -> Platform:
         name="local",
         devices_per_node=max(1, len(os.sched_getaffinity(0))),
         affinity_var="VLLM_CPU_OMP_THREADS_BIND",
+        affinity_separator="|",
         scheduler="slurm",
         # --ppn 1: inside a Slurm allocation hydra otherwise packs every rank onto the first
         # node (it fills each node's CPUs); outside one it is harmless.

@@ -28,6 +28,12 @@ def _parts(cfg: dict, platform="aurora", hosts=None, bind_host=None, run_dir="/r
             for node in range(plan.nodes_needed) for inst in plan.on_node(node)]
 
 
+def test_local_platform_binds_one_core_list_per_tp_rank():
+    # vLLM's CPU backend wants "0|1" for TP 2 ("0,1" makes it die at start).
+    parts = _parts({"model": "m", "instances": 1, "tensor_parallel_size": 2}, platform="local")
+    assert dict(parts[0].env)["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
 def test_single_node_instances_get_disjoint_devices_ports_and_env():
     parts = _parts({"model": "meta-llama/Llama-3.1-8B", "instances": 3, "tensor_parallel_size": 4,
                     "extra_vllm_args": "--max-model-len 4096"})

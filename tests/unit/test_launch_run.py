@@ -186,13 +186,24 @@ def test_partial_start_allowed_exits_zero(tmp_path):
     assert (run.run_dir / "endpoints.txt").read_text() == f"127.0.0.1:{run.port}\n"
 
 
-def test_port_already_taken_fails_that_instance_without_starting_it(tmp_path):
+def test_port_already_taken_fails_fast_and_starts_nothing(tmp_path):
     run = Run(tmp_path, [{"name": "m", "instances": 2}])
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", run.port + 1))
         squatter.listen()
         res = run.launch("--once")
     assert res.returncode == 1
+    assert f"port {run.port + 1} on 127.0.0.1 (" in res.stderr and "nothing started" in res.stderr
+    assert not (run.run_dir / "logs").exists() or not any((run.run_dir / "logs").iterdir())
+
+
+def test_port_already_taken_with_allow_partial_fails_that_instance_only(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "instances": 2}])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", run.port + 1))
+        squatter.listen()
+        res = run.launch("--once", "--allow-partial")
+    assert res.returncode == 0, res.stderr
     inst = run.endpoints()["instances"]
     assert inst[0]["state"] == "ready" and inst[1]["state"] == "failed"
     assert inst[1]["error"] == f"port {run.port + 1} on 127.0.0.1 is already in use"

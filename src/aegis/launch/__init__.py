@@ -25,6 +25,7 @@ from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
 from .allocation import Allocation, AllocationError, check_enough, find_allocation
 from .instances import build_part, staged_model_dir, vllm_command_argv
+from .processes import port_in_use
 
 __all__ = ["main", "run_rank", "under_mpi"]
 
@@ -281,6 +282,17 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
                         platform=platform, node_index=rank, hosts=list(allocation.nodes),
                         addresses=addresses, bind_host=args.bind_host, run_dir=run_dir)
              for inst in plan.on_node(rank)] if rank < plan.nodes_needed else []
+    # Ports already taken fail fast: without allow_partial nothing is started anywhere
+    # (with it, those instances are reported failed and the rest start).
+    taken = [f"port {p.port} on {p.bind_host} ({allocation.nodes[rank]}) is already in use"
+             for p in parts if p.is_head and port_in_use(p.bind_host, p.port)]
+    taken = [t for per_rank in coll.allgather(taken) for t in per_rank]
+    if taken and not config.allow_partial:
+        if rank == 0:
+            for t in taken:
+                _error(t)
+            _error("nothing started (allow_partial would start the other instances)")
+        return EXIT_FAILED
     fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
                        max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
                        api_key=api_key, log=log)

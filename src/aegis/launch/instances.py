@@ -87,7 +87,7 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
         if node_rank > 0:
             argv.append("--headless")
     argv += list(model.extra_vllm_args)
-    env = [(platform.affinity_var, ",".join(str(d) for d in instance.devices)),
+    env = [(platform.affinity_var, platform.affinity_separator.join(str(d) for d in instance.devices)),
            *sorted(platform.instance_env.items()),
            ("HF_HOME", config.hf_home),
            ("HF_HUB_OFFLINE", "1"),
