@@ -68,6 +68,8 @@ class Config:
     # Name of an environment variable holding the API key vLLM should require. Only the
     # name is ever stored or rendered; the value reaches vLLM through its environment.
     api_key_env: str | None = None
+    # Extra environment for every instance (e.g. VLLM_CPU_KVCACHE_SPACE), as (name, value).
+    instance_env: tuple[tuple[str, str], ...] = ()
     hf_token: str | None = field(default=None, repr=False)  # accepted, never rendered
     ignored_keys: tuple[str, ...] = ()  # legacy keys accepted with a warning
 
@@ -87,7 +89,8 @@ class Config:
         for key in GLOBAL_KEYS:
             if key.secret:
                 continue
-            out[key.name] = getattr(self, key.name)
+            value = getattr(self, key.name)
+            out[key.name] = dict(value) if key.name == "instance_env" else value
         out["models"] = [_model_to_mapping(m) for m in self.models]
         return out
 
@@ -238,6 +241,44 @@ def _secret(value: Any) -> str:
     return value
 
 
+# Set by the launcher for every instance; configure them through their own keys.
+MANAGED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "VLLM_HOST_IP", "VLLM_PORT", "MASTER_ADDR",
+               "MASTER_PORT", "VLLM_API_KEY")
+
+
+def _environment(value: Any) -> tuple[tuple[str, str], ...]:
+    """A mapping NAME: value, or (from a flag) one string of NAME=VALUE words."""
+    if isinstance(value, str):
+        try:
+            words = shlex.split(value)
+        except ValueError as err:
+            raise _Invalid(f"cannot split {_shown(value)} into NAME=VALUE words: {err}") from None
+        pairs = []
+        for word in words:
+            name, eq, val = word.partition("=")
+            if not eq:
+                raise _Invalid(f"{_shown(word)} is not NAME=VALUE")
+            pairs.append((name, val))
+    elif isinstance(value, dict):
+        pairs = list(value.items())
+    else:
+        raise _Invalid(f"expected a mapping of NAME: value, got {_shown(value)} "
+                       f"({_type_name(value)})")
+    out = []
+    for name, val in pairs:
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise _Invalid(f"{_shown(name)} is not an environment variable name")
+        if name in MANAGED_ENV:
+            raise _Invalid(f"{name} is set by aegis for every instance; use its config key")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+            raise _Invalid(f"{name}: expected a string or number, got {_shown(val)} "
+                           f"({_type_name(val)})")
+        if _CONTROL.search(str(val)):
+            raise _Invalid(f"{name}: the value contains a control character")
+        out.append((name, str(val)))
+    return tuple(out)
+
+
 # Values that end up in a batch-script directive line (#PBS/#SBATCH) are not shell-quoted
 # there (the scheduler parses those lines), so they are restricted to safe characters.
 _NAME_CHARS = "letters, digits and . _ - + @"
@@ -333,6 +374,8 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("api_key_env", _optional(_pattern(r"[A-Za-z_][A-Za-z0-9_]*",
                                           "expected an environment variable name")),
         "Name of the environment variable holding the API key vLLM requires (value never stored)."),
+    Key("instance_env", _environment,
+        "Extra environment for every instance: a mapping NAME: value (flag: 'NAME=VALUE ...')."),
 )
 
 KEYS: tuple[Key, ...] = MODEL_KEYS + GLOBAL_KEYS

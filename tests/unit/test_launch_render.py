@@ -28,6 +28,15 @@ def _parts(cfg: dict, platform="aurora", hosts=None, bind_host=None, run_dir="/r
             for node in range(plan.nodes_needed) for inst in plan.on_node(node)]
 
 
+def test_instance_env_reaches_the_script_exactly(tmp_path):
+    value = "a b 'c' $(touch pwned) \"d\""
+    part = _parts({"model": "m", "instance_env": {"MY_KNOB": value}}, platform="local",
+                  run_dir=str(tmp_path))[0]
+    script = render_script(part).replace("exec ", "printf '%s' \"$MY_KNOB\" #", 1)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout == value and not (tmp_path / "pwned").exists()
+
+
 def test_local_platform_binds_one_core_list_per_tp_rank():
     # vLLM's CPU backend wants "0|1" for TP 2 ("0,1" makes it die at start).
     parts = _parts({"model": "m", "instances": 1, "tensor_parallel_size": 2}, platform="local")

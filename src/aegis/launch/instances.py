@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from ..config import Config, ConfigError, ModelConfig
@@ -89,6 +88,7 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
     argv += list(model.extra_vllm_args)
     env = [(platform.affinity_var, platform.affinity_separator.join(str(d) for d in instance.devices)),
            *sorted(platform.instance_env.items()),
+           *config.instance_env,
            ("HF_HOME", config.hf_home),
            ("HF_HUB_OFFLINE", "1"),
            ("VLLM_HOST_IP", address),
@@ -104,7 +104,6 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
                 bind_host=bind_host or address, port=instance.port)
 
 
-@lru_cache(maxsize=1)
 def render_script(part: Part) -> str:
     for name, _ in part.env:
         if not _ENV_NAME.fullmatch(name):
