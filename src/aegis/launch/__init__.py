@@ -25,7 +25,9 @@ from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
 from .allocation import Allocation, AllocationError, check_enough, find_allocation
 from .instances import build_part, staged_model_dir, vllm_command_argv
+from .endpoints import failure_report, merge_parts, summary_table, write_endpoints
 from .processes import port_in_use
+from .supervise import LocalFleet
 
 __all__ = ["main", "run_rank", "under_mpi"]
 
@@ -227,9 +229,6 @@ def run_rank(argv: list[str]) -> int:
 
 
 def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
-    from .endpoints import failure_report, merge_parts, summary_table, write_endpoints
-    from .supervise import LocalFleet
-
     rank = coll.rank
     log = (lambda msg: _log(rank, msg))
 
@@ -297,14 +296,12 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
                        max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
                        api_key=api_key, log=log)
     try:
-        return _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log,
-                      merge_parts, summary_table, failure_report, write_endpoints)
+        return _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log)
     finally:
         fleet.stop(args.stop_grace)
 
 
-def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log,
-           merge_parts, summary_table, failure_report, write_endpoints) -> int:
+def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log) -> int:
     rank = coll.rank
 
     def publish(states_local, *, report: bool) -> list | None:
@@ -337,11 +334,14 @@ def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log,
             break
         tick(started)
 
-    if signum:
+    def stopped(signum: int) -> int:
         log(f"stopping on signal {signum}")
         fleet.stop(args.stop_grace)
         publish(fleet.states(stopped=True), report=rank == 0)
         return 128 + signum
+
+    if signum:
+        return stopped(signum)
 
     merged = publish(fleet.states(), report=True)
     verdict = None
@@ -366,10 +366,7 @@ def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log,
         flags = coll.allgather((stop.signum, fleet.recoverable(), now_states != last))
         signum = max(f[0] for f in flags)
         if signum:
-            log(f"stopping on signal {signum}")
-            fleet.stop(args.stop_grace)
-            publish(fleet.states(stopped=True), report=rank == 0)
-            return 128 + signum
+            return stopped(signum)
         if sum(f[1] for f in flags) == 0:
             if rank == 0:
                 log("every instance has failed; giving up")
