@@ -168,7 +168,7 @@ def test_summary_and_failure_report_show_log_tail():
     states = [_state(0), _state(1, "failed", exit_code=3, error="exited with code 3",
                                  log_tail=("RuntimeError: boom",))]
     table = summary_table(states)
-    assert "1/2 instances ready" in table and "failed" in table
+    assert "1/2 instances ready, 1 failed" in table
     report = failure_report(states)
     assert "instance 1 (m) on n0:8001 failed (exit code 3): exited with code 3" in report
     assert "  | RuntimeError: boom" in report and "instance 0" not in report

@@ -101,8 +101,12 @@ def summary_table(states: list[InstanceState]) -> str:
                      str(s.restarts), s.error[:70]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    ready = sum(s.state == "ready" for s in states)
-    lines.append(f"{ready}/{len(states)} instances ready")
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s.state] = counts.get(s.state, 0) + 1
+    ready = counts.pop("ready", 0)
+    others = "".join(f", {n} {state}" for state, n in sorted(counts.items()))
+    lines.append(f"{ready}/{len(states)} instances ready{others}")
     return "\n".join(lines)
 
 
