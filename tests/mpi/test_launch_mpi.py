@@ -3,14 +3,14 @@ process (rank r plays node r), staging a tiny model directory through aegis.bcas
 
 import json
 import os
-import random
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 
 from aegis.launch import run_rank
+
+from ports import free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = ROOT / "tests" / "standin_vllm.py"
@@ -20,22 +20,8 @@ def _port_block(comm, n):
     """Free HTTP ports below the ephemeral range (32768+), chosen by rank 0."""
     base = None
     if comm.rank == 0:
-        rng = random.Random()
-        while base is None:
-            candidate = rng.randrange(20000, 30000 - n)
-            if all(_free(candidate + i) for i in range(n)):
-                base = candidate
+        base = free_port_block(n)
     return comm.bcast(base, root=0)
-
-
-def _free(port):
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 @pytest.mark.mpi(min_size=2)

@@ -11,38 +11,18 @@ import stat
 import subprocess
 import sys
 import time
-import random
 import uuid
 from pathlib import Path
 
 import pytest
+
+from ports import free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = ROOT / "tests" / "standin_vllm.py"
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 for var in ("PBS_NODEFILE", "SLURM_JOB_NODELIST", "PMI_SIZE", "PMI_RANK", "AEGIS_LAUNCH_RANKS"):
     ENV.pop(var, None)
-
-
-def free_port_block(n: int) -> int:
-    """A base port with n free ports after it, below the ephemeral range (32768+) so that
-    client sockets of the probes cannot take them in the meantime."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 30000 - n)
-        if all(_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def processes_with(token: str) -> list[str]:
