@@ -10,7 +10,8 @@ Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
   --fault never-ready         /health answers 503 forever
   --fault bad-completions     /health and /v1/models fine, completions answer 500
   --fault crash-after:N       exit 4 right after answering N requests
-  --crash-once-marker PATH    with crash-after: crash only if PATH is absent (and create it),
+  --fault hang-after:N        after N requests, accept connections but never answer (a hung engine)
+  --crash-once-marker PATH    with crash-after/hang-after: strike only if PATH is absent (and create it),
                               so a restarted copy stays up
   --start-delay S             sleep S seconds before listening (model "loading")
   --spawn-child               start a child process (like vLLM's engine core) that outlives
@@ -52,14 +53,20 @@ class Server:
         self.key = os.environ.get("VLLM_API_KEY")
         self.served = 0
         self.crash_after = None
-        if args.fault.startswith("crash-after:"):
-            self.crash_after = int(args.fault.split(":", 1)[1])
-            marker = args.crash_once_marker
-            if marker:
-                if os.path.exists(marker):
-                    self.crash_after = None
-                else:
-                    open(marker, "w").close()
+        self.hang_after = None
+        kind, _, count = args.fault.partition(":")
+        # With --crash-once-marker the fault strikes only the first run (the marker records it).
+        if kind in ("crash-after", "hang-after") and not self._struck_before(args.crash_once_marker):
+            setattr(self, kind.replace("-", "_"), int(count))
+
+    @staticmethod
+    def _struck_before(marker) -> bool:
+        if not marker:
+            return False
+        if os.path.exists(marker):
+            return True
+        open(marker, "w").close()
+        return False
 
     def route(self, method, path, headers, body):
         fault = self.args.fault
@@ -104,6 +111,9 @@ class Server:
                     k, _, v = h.decode("latin-1").partition(":")
                     headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+                if self.hang_after is not None and self.served >= self.hang_after:
+                    print("standin: hanging", file=sys.stderr, flush=True)
+                    await asyncio.sleep(3600)
                 status, payload = self.route(method, path.split("?")[0], headers, body)
                 data = b"" if payload is None else json.dumps(payload).encode()
                 close = headers.get("connection", "").lower() == "close"

@@ -190,6 +190,29 @@ def test_port_already_taken_with_allow_partial_fails_that_instance_only(tmp_path
     assert not (run.run_dir / "logs" / "instance-0001.log").exists()
 
 
+def test_hung_instance_is_stopped_and_restarted(tmp_path):
+    marker = tmp_path / "hung-once"
+    run = Run(tmp_path, [{"name": "m", "extra_vllm_args": [
+        "--fault", "hang-after:3", "--crash-once-marker", str(marker), "--spawn-child"]}])
+    proc = run.start("--liveness-interval", "0.2", "--probe-timeout", "0.5")
+    try:
+        doc = run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
+                                 and d["instances"][0]["state"] == "ready")
+        assert marker.exists()
+        log = (run.run_dir / "logs" / "instance-0000.log").read_text()
+        assert "standin: hanging" in log and "--- aegis: restart 1" in log
+        time.sleep(0.3)
+        alive = processes_with(run.token)  # the hung server and its child are gone
+        assert len(alive) == 2 and sum("standin-child" in p for p in alive) == 1, alive
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped answering" in err and "restart 1/3" in err
+    assert doc["instances"][0]["state"] == "ready"
+
+
 def test_crash_is_restarted_then_sigterm_stops_everything(tmp_path):
     marker = tmp_path / "crashed-once"
     run = Run(tmp_path, [{"name": "m", "served_model_name": "m", "extra_vllm_args": [

@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between TERM and KILL when stopping instances")
     p.add_argument("--restart-backoff", type=float, default=2.0,
                    help="first restart delay in seconds; doubles per restart")
+    p.add_argument("--probe-timeout", type=float, default=5.0,
+                   help="seconds one readiness/liveness check may take")
+    p.add_argument("--liveness-interval", type=float, default=30.0,
+                   help="seconds between checks of a ready instance; 3 failed checks in a row "
+                   "count as hung (stopped and restarted)")
     return p
 
 
@@ -92,6 +97,10 @@ def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform,
         raise UsageError(f"--poll-interval {args.poll_interval:g}: must be > 0 and <= 1 second")
     if args.stop_grace < 0 or args.restart_backoff < 0:
         raise UsageError("--stop-grace and --restart-backoff must be >= 0")
+    for flag, value in (("--liveness-interval", args.liveness_interval),
+                        ("--probe-timeout", args.probe_timeout)):
+        if value <= 0:
+            raise UsageError(f"{flag} {value:g}: must be > 0 seconds")
     overrides = {"platform": args.platform, "vllm_command": args.vllm_command,
                  "startup_timeout": args.startup_timeout, "max_restarts": args.max_restarts,
                  "allow_partial": args.allow_partial}
@@ -294,6 +303,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
         return EXIT_FAILED
     fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
                        max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
+                       liveness_interval=args.liveness_interval, probe_timeout=args.probe_timeout,
                        api_key=api_key, log=log)
     try:
         return _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log)

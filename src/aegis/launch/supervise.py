@@ -2,7 +2,9 @@
 
 States: starting -> ready; an instance whose process exits during startup is failed at once
 (exit code + log tail); one that was ready and crashes is restarted after a backoff
-(backoff * 2**k seconds) up to max_restarts times, then failed. Multi-node instances are not
+(backoff * 2**k seconds) up to max_restarts times, then failed. A ready instance is checked
+again every liveness_interval seconds (the same full probe); after LIVENESS_FAILURES failed
+checks in a row it is taken as hung, stopped, and restarted like a crash. Multi-node instances are not
 restarted (their processes live on several ranks). Worker processes of a multi-node instance
 count as "ready" while they run; the head's readiness decides the instance.
 """
@@ -18,6 +20,7 @@ from .processes import Running, port_in_use, stop_all, write_script
 from .readiness import Target, probe_round
 
 _WILDCARDS = ("0.0.0.0", "::", "")
+LIVENESS_FAILURES = 3  # consecutive failed checks of a ready instance before it counts as hung
 
 
 def probe_host(part: Part) -> str:
@@ -39,18 +42,22 @@ class Slot:
     error: str = ""
     log_tail: list[str] = field(default_factory=list)
     last_probe: str = "not probed yet"
+    next_check: float = 0.0  # when a ready head is checked again
+    failed_checks: int = 0
 
 
 class LocalFleet:
     def __init__(self, parts: list[Part], *, startup_timeout: float, max_restarts: int,
                  restart_backoff: float = 2.0, api_key: str | None = None,
-                 probe_timeout: float = 5.0, log=lambda msg: None):
+                 probe_timeout: float = 5.0, liveness_interval: float = 30.0,
+                 log=lambda msg: None):
         self.slots = [Slot(p) for p in parts]
         self.startup_timeout = startup_timeout
         self.max_restarts = max_restarts
         self.restart_backoff = restart_backoff
         self.api_key = api_key
         self.probe_timeout = probe_timeout
+        self.liveness_interval = liveness_interval
         self.log = log
 
     # --- transitions ---
@@ -81,24 +88,26 @@ class LocalFleet:
         slot.error = error
         self.log(f"{slot.part.name} failed: {error}")
 
-    def _on_exit(self, slot: Slot, code: int, now: float) -> None:
+    def _on_exit(self, slot: Slot, code: int | None, now: float, why: str = "") -> None:
+        """The process ended (code), or was stopped because it hung (code None, why)."""
         slot.exit_code = code
         slot.log_tail = slot.running.log_tail()
         # The leader is gone; its children (vLLM's engine processes) may not be. They would
         # hold the devices and ports a restart needs.
         stop_all([slot.running], grace=0)
+        what = why or f"exited with code {code}"
         can_restart = slot.ever_ready and slot.part.nnodes == 1 and slot.restarts < self.max_restarts
         if can_restart:
             delay = self.restart_backoff * (2 ** slot.restarts)
             slot.restarts += 1
             slot.state = "restarting"
             slot.next_start = now + delay
-            slot.error = f"exited with code {code}; restart {slot.restarts}/{self.max_restarts} in {delay:g}s"
+            slot.error = f"{what}; restart {slot.restarts}/{self.max_restarts} in {delay:g}s"
             self.log(f"{slot.part.name} {slot.error}")
         else:
-            why = (f" after {slot.restarts} restart(s)" if slot.restarts else
-                   " during startup" if not slot.ever_ready else "")
-            self._fail(slot, f"exited with code {code}{why}")
+            when = (f" after {slot.restarts} restart(s)" if slot.restarts else
+                    " during startup" if not slot.ever_ready else "")
+            self._fail(slot, f"{what}{when}")
 
     def step(self) -> None:
         """One tick: notice exits, start due restarts, probe starting heads, enforce timeouts."""
@@ -110,20 +119,26 @@ class LocalFleet:
                     self._on_exit(slot, code, now)
             if slot.state == "restarting" and slot.next_start is not None and now >= slot.next_start:
                 self._start(slot, now)
-        starting = [s for s in self.slots if s.state == "starting" and s.part.is_head]
+        due = [i for i, s in enumerate(self.slots) if s.part.is_head and (
+            s.state == "starting" or (s.state == "ready" and now >= s.next_check))]
         results = probe_round(
-            [Target(i, probe_host(s.part), s.part.port, s.part.served_name, self.api_key)
-             for i, s in enumerate(self.slots) if s in starting],
+            [Target(i, probe_host(self.slots[i].part), self.slots[i].part.port,
+                    self.slots[i].part.served_name, self.api_key) for i in due],
             timeout=self.probe_timeout)
         now = time.monotonic()
         for i, result in results.items():
             slot = self.slots[i]
+            if slot.state == "ready":
+                self._liveness(slot, result, now)
+                continue
             # An answered completion counts even if the process died since: the next tick
             # sees the exit and treats it as a crash in service (restartable).
             if result.ready:
                 slot.state = "ready"
                 slot.ever_ready = True
                 slot.error = ""
+                slot.failed_checks = 0
+                slot.next_check = now + self.liveness_interval
                 self.log(f"{slot.part.name} ready on {slot.part.node_host}:{slot.part.port}"
                          + (f" (restart {slot.restarts})" if slot.restarts else ""))
             elif (code := slot.running.exit_code()) is not None:  # died while being probed
@@ -134,6 +149,20 @@ class LocalFleet:
                     slot.log_tail = slot.running.log_tail() if slot.running else []
                     self._fail(slot, f"not ready within {self.startup_timeout:g}s; last check: {result.detail}")
                     stop_all([slot.running], grace=5.0)
+
+    def _liveness(self, slot: Slot, result, now: float) -> None:
+        slot.next_check = now + self.liveness_interval
+        if result.ready:
+            slot.failed_checks = 0
+            return
+        if (code := slot.running.exit_code()) is not None:
+            self._on_exit(slot, code, now)
+            return
+        slot.failed_checks += 1
+        slot.last_probe = result.detail
+        if slot.failed_checks >= LIVENESS_FAILURES:
+            stop_all([slot.running], grace=5.0)
+            self._on_exit(slot, None, now, why=f"stopped answering ({result.detail})")
 
     # --- views ---
 
