@@ -174,12 +174,13 @@ class ByteSize(click.ParamType):
 @main.command()
 @click.argument("source")
 @click.argument("dest")
-@click.option("--chunk-size", type=ByteSize(), help="Broadcast chunk size (e.g. 64M).")
-@click.option("--depth", type=click.IntRange(min=1), help="Chunks in flight.")
+@click.option("--chunk-size", type=ByteSize(), help="Broadcast chunk size, e.g. 64M.  [default: 16M]")
+@click.option("--depth", type=click.IntRange(min=1),
+              help="Chunks in flight (1 = serial read, broadcast, write).  [default: 4]")
 @click.option("--writers", type=click.Choice(["node", "all"]),
-              help="One writer per node (node) or every rank writes (all).")
+              help="One writer per node (node) or every rank writes (all).  [default: node]")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check the extracted tree against the source listing.")
+              help="Check every writer's copy of the tar stream against the root's CRC32C.")
 @click.option("--force", is_flag=True, help="Stage again even if DEST is already up to date.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
@@ -197,9 +198,10 @@ def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
                              **tuning)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         raise ConfigError(f"stage: {err}") from None
-    except Exception as err:  # noqa: BLE001 - a failed collective: one line, exit 1
+    except bcast.StagingError as err:
+        # Failing before any byte moved means a bad SOURCE or DEST (exit 2); later, the run.
         click.echo(f"aegis: error: stage failed: {err}", err=True)
-        return EXIT_FAILED
+        return EXIT_BAD_INPUT if err.code in (bcast.E_ARGS, bcast.E_PREPARE) else EXIT_FAILED
     from mpi4py import MPI  # already loaded by bcast
 
     if MPI.COMM_WORLD.Get_rank() == 0:  # one result per job, not one per rank
@@ -234,18 +236,31 @@ def _job_and_backend(job: str, scheduler: str | None, platform: str):
         if scheduler is None:
             scheduler = load_config(os.path.join(job, CONFIG_NAME)).effective_scheduler
         job = job_id
-    return job, get_backend(scheduler or get_platform(platform).scheduler)
+    if scheduler is None and platform is not None:
+        scheduler = get_platform(platform).scheduler
+    return job, get_backend(scheduler or _scheduler_on_path())
+
+
+def _scheduler_on_path() -> str:
+    """A bare job id: ask the batch system this login node has."""
+    from shutil import which
+
+    found = [name for name, command in (("pbs", "qstat"), ("slurm", "squeue")) if which(command)]
+    if len(found) != 1:
+        why = "both qstat and squeue are" if found else "neither qstat nor squeue is"
+        raise ConfigError(f"job id: {why} on PATH; say which with --scheduler pbs|slurm")
+    return found[0]
 
 
 def _job_command(name: str, summary: str, action: Callable[[Any, str], int]) -> None:
     @main.command(name=name, help=summary)
     @click.argument("job")
     @click.option("--scheduler", type=click.Choice(["pbs", "slurm"]),
-                  help="Batch system (default: the platform's, or the run directory's).")
-    @click.option("--platform", default="aurora", show_default=True,
-                  type=click.Choice(platform_names()),
+                  help="Batch system (default: the run directory's; for a job id, the one "
+                  "whose qstat or squeue is on PATH).")
+    @click.option("--platform", type=click.Choice(platform_names()),
                   help="Platform whose batch system to ask when --scheduler is not given.")
-    def command(job: str, scheduler: str | None, platform: str) -> int:
+    def command(job: str, scheduler: str | None, platform: str | None) -> int:
         from .scheduler.base import check_job_id
 
         job_id, backend = _job_and_backend(job, scheduler, platform)

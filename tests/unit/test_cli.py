@@ -162,14 +162,14 @@ def test_two_submits_get_distinct_run_dirs(tmp_path, monkeypatch, fake_batch):
 ])
 def test_status_pbs(fake_batch, qstat_out, expected):
     fake_batch.answer("qstat", out=qstat_out)
-    result = invoke("status", "1.pbs")
+    result = invoke("status", "1.pbs", "--platform", "aurora")
     assert (result.exit_code, result.stdout) == (0, f"{expected}\n")
     assert fake_batch.argv("qstat") == ["-f", "1.pbs"]
 
 
 def test_status_pbs_unknown_job(fake_batch):
     fake_batch.answer("qstat", err="qstat: Unknown Job Id 9\n", exit=153)
-    result = invoke("status", "9")
+    result = invoke("status", "9", "--scheduler", "pbs")
     assert (result.exit_code, result.stdout) == (0, "unknown\n")
     assert fake_batch.argv("qstat") == ["-x", "-f", "9"]
 
@@ -203,10 +203,29 @@ def test_status_from_run_dir(tmp_path, monkeypatch, fake_batch):
 
 
 def test_cancel_both_backends(fake_batch):
-    assert invoke("cancel", "5.pbs").exit_code == 0
+    assert invoke("cancel", "5.pbs", "--scheduler", "pbs").exit_code == 0
     assert fake_batch.argv("qdel") == ["5.pbs"]
     assert invoke("cancel", "6", "--scheduler", "slurm").exit_code == 0
     assert fake_batch.argv("scancel") == ["6"]
+
+
+@pytest.mark.parametrize("present,expected", [
+    (("qstat",), "pbs"), (("squeue",), "slurm"),
+    ((), "neither qstat nor squeue is on PATH"), (("qstat", "squeue"), "both qstat and squeue are on PATH"),
+])
+def test_bare_job_id_asks_the_batch_system_on_path(fake_batch, present, expected):
+    for command in ("qstat", "squeue"):
+        if command not in present:
+            (fake_batch.bin_dir / command).unlink()
+    fake_batch.answer("qstat", out="Job Id: 7\n    job_state = R\n")
+    fake_batch.answer("squeue", out="PENDING\n")
+    result = invoke("status", "7")
+    if expected in ("pbs", "slurm"):
+        assert (result.exit_code, result.stdout) == (0, "running\n" if expected == "pbs" else "queued\n")
+    else:
+        assert result.exit_code == 2
+        assert result.stderr == (f"aegis: error: job id: {expected}; say which with "
+                                 "--scheduler pbs|slurm\n")
 
 
 def test_cancel_failure_exit_1(fake_batch):
@@ -240,3 +259,13 @@ def test_installed_command_dry_run_and_error(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr == "aegis: error: instances (--instances): 0 is out of range; must be >= 1\n"
     assert os.listdir(tmp_path) == []
+
+
+def test_stage_with_a_missing_source_is_bad_input(tmp_path):
+    # One rank (no mpiexec): the collective is just this process.
+    result = subprocess.run([sys.executable, "-m", "aegis", "stage", "-q", str(tmp_path / "nope"),
+                             str(tmp_path / "dest")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("aegis: error: stage failed: staging failed on rank 0 (")
+    assert result.stderr.rstrip().endswith("No such file or directory")
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "dest").exists()

@@ -49,9 +49,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Start the planned vLLM instances on this allocation, "
+    p = _Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="Start the planned vLLM instances on this allocation, "
                 "verify them, write the endpoints file and supervise them until the job ends.")
-    p.add_argument("--config", required=True, help="deployment YAML")
+    p.add_argument("-c", "--config", required=True, help="deployment YAML")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--nodes", help="node names in rank order (a,b or node[1-4])")
     where.add_argument("--nodefile", help="file with one node name per line (duplicates folded)")

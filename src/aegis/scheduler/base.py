@@ -138,8 +138,9 @@ def run(argv: list[str], env: Mapping[str, str] | None = None, cwd: str | None =
                               capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
                               check=False)
     except FileNotFoundError:
+        hint = " (aegis submit --dry-run prints the script without submitting)" \
+            if argv[0] in ("qsub", "sbatch") else ""
         raise SchedulerNotFound(f"{argv[0]} not found on PATH: not a login node of this batch "
-                                "system? (use --dry-run to print the script without submitting)"
-                                ) from None
+                                f"system?{hint}") from None
     except subprocess.TimeoutExpired:
         raise SchedulerError(f"{argv[0]} did not answer within {timeout:.0f} s") from None
