@@ -52,7 +52,7 @@ class Config:
     # Internal vLLM/torch ports: instance slot s on a node gets
     # [internal_port_start + s*INTERNAL_PORTS_PER_SLOT, ... + INTERNAL_PORTS_PER_SLOT).
     internal_port_start: int = 30000
-    hf_home: str = "/tmp/hf_home"
+    hf_home: str = "/tmp/hf_home"  # from_mapping: <platform node_local_dir>/hf_home
     walltime: str = "01:00:00"
     account: str | None = None
     queue: str | None = None
@@ -340,7 +340,8 @@ GLOBAL_KEYS: tuple[Key, ...] = (
         "First of the per-slot blocks of internal vLLM/torch ports (VLLM_PORT, MASTER_PORT).",
         kind="int"),
     Key("hf_home", lambda v: _text(v, what="a directory path"),
-        "Node-local Hugging Face cache (HF_HOME) that weights are staged into."),
+        "Node-local Hugging Face cache (HF_HOME) that weights are staged into; $VARS expand "
+        "on each node. Default: the platform's node-local directory + /hf_home."),
     Key("hf_token", _optional(_secret),
         "Hugging Face token. Never rendered or written; the job gets it as the exported "
         "variable HF_TOKEN. The flag reads it from a file, never from the command line.",
@@ -503,7 +504,10 @@ def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
                               _BY_NAME[name].flag if name in overrides else None)
                for name, value in merged.items()}
     config = Config(models=models, ignored_keys=tuple(ignored), **fields_)
-    check_placement(config, get_platform(config.platform))
+    platform = get_platform(config.platform)
+    if "hf_home" not in fields_:  # default: under the platform's node-local storage
+        config = config.replace(hf_home=f"{platform.node_local_dir.rstrip('/')}/hf_home")
+    check_placement(config, platform)
     return config
 
 

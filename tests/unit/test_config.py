@@ -8,6 +8,8 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pytest
+
 from aegis.config import (GLOBAL_KEYS, KEYS, Config, ModelConfig, from_mapping, load_config,
                           parse_yaml, dump_yaml)
 
@@ -100,3 +102,13 @@ def test_docs_config_reference_lists_every_key_and_flag():
     for key in KEYS:
         assert f"| `{key.name}` |" in text, key.name
         assert key.flag in text, key.flag
+
+
+@pytest.mark.parametrize("platform,expected", [
+    ("aurora", "/tmp/hf_home"), ("polaris", "/local/scratch/hf_home"),
+    ("frontier", "/mnt/bb/$USER/hf_home"),
+])
+def test_hf_home_defaults_to_the_platforms_node_local_storage(platform, expected):
+    assert load_config(None, {"model": "m", "platform": platform}).hf_home == expected
+    assert load_config(None, {"model": "m", "platform": platform,
+                              "hf_home": "/x"}).hf_home == "/x"
