@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from aegis.config import (GLOBAL_KEYS, KEYS, Config, ModelConfig, from_mapping, load_config,
                           parse_yaml, dump_yaml)
