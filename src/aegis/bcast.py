@@ -46,7 +46,7 @@ _CODE_NAMES = {
     5: "extraction failed", 6: "checksum mismatch", 7: "MPI error", 8: "thread start failed",
     9: "size mismatch", 10: "preparation failed",
 }
-E_ARGS, E_PREPARE = 1, 10
+E_ARGS, E_WRITE, E_PREPARE = 1, 5, 10
 
 _FAULT_KINDS = {"checksum": 1, "kill_writer": 2, "kill_reader": 3}
 
@@ -123,7 +123,7 @@ def _extension():
             "for the MPI mpi4py uses: MPICC=/path/to/its/mpicc "
             "pip install --no-build-isolation --force-reinstall ."
         )
-    if lib.AEGIS_E_PREPARE != E_PREPARE:
+    if (lib.AEGIS_E_ARGS, lib.AEGIS_E_WRITE, lib.AEGIS_E_PREPARE) != (E_ARGS, E_WRITE, E_PREPARE):
         raise ImportError("aegis._bcast does not match aegis/bcast.py; reinstall aegis")
     return MPI, ffi, lib
 
@@ -403,8 +403,8 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
                 manifest_path = tmp / MANIFEST_NAME
                 manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
                 _swap_into_place(tmp, dest_path)
-            except OSError as exc:
-                error = (E_PREPARE, f"dest {dest_path}: {exc.strerror or exc}")
+            except OSError as exc:  # after the transfer: a write failure, not bad input
+                error = (E_WRITE, f"dest {dest_path}: {exc.strerror or exc}")
         _agree(comm, error)
     finally:
         if is_writer and (tmp.exists() or tmp.is_symlink()):
