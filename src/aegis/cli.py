@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from .config import KEYS, Config, ConfigError, Key, load_config
+from .config import KEYS, Config, ConfigError, Key, _scheduler_names, load_config
 from .platforms import get_platform, platform_names
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -245,7 +245,9 @@ def _scheduler_on_path() -> str:
     """A bare job id: ask the batch system this login node has."""
     from shutil import which
 
-    found = [name for name, command in (("pbs", "qstat"), ("slurm", "squeue")) if which(command)]
+    from .scheduler import BACKENDS
+
+    found = [name for name, backend in BACKENDS.items() if which(backend.state_command)]
     if len(found) != 1:
         why = "both qstat and squeue are" if found else "neither qstat nor squeue is"
         raise ConfigError(f"job id: {why} on PATH; say which with --scheduler pbs|slurm")
@@ -255,16 +257,14 @@ def _scheduler_on_path() -> str:
 def _job_command(name: str, summary: str, action: Callable[[Any, str], int]) -> None:
     @main.command(name=name, help=summary)
     @click.argument("job")
-    @click.option("--scheduler", type=click.Choice(["pbs", "slurm"]),
+    @click.option("--scheduler", type=click.Choice(_scheduler_names()),
                   help="Batch system (default: the run directory's; for a job id, the one "
                   "whose qstat or squeue is on PATH).")
     @click.option("--platform", type=click.Choice(platform_names()),
                   help="Platform whose batch system to ask when --scheduler is not given.")
     def command(job: str, scheduler: str | None, platform: str | None) -> int:
-        from .scheduler.base import check_job_id
-
         job_id, backend = _job_and_backend(job, scheduler, platform)
-        return action(backend, check_job_id(job_id))
+        return action(backend, job_id)  # the backend checks the id
 
 
 def _print_state(backend, job_id: str) -> int:

@@ -282,7 +282,8 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
 # Values that end up in a batch-script directive line (#PBS/#SBATCH) are not shell-quoted
 # there (the scheduler parses those lines), so they are restricted to safe characters.
 _NAME_CHARS = "letters, digits and . _ - + @"
-_PATH_RE = r"~?[A-Za-z0-9_./+@%,=-]+"
+DIRECTIVE_SAFE_PATH = r"[A-Za-z0-9_./+@%,=-]+"  # also checked on the resolved run dir
+_PATH_RE = "~?" + DIRECTIVE_SAFE_PATH
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,9 @@ class Key:
 
 
 def _scheduler_names() -> list[str]:
-    return ["pbs", "slurm"]
+    from .scheduler import BACKENDS  # the scheduler package imports config
+
+    return list(BACKENDS)
 
 
 MODEL_KEYS: tuple[Key, ...] = (

@@ -77,10 +77,6 @@ class Plan:
                 "instances": [i.to_dict() for i in self.instances]}
 
 
-def instances_per_node(tp: int, devices_per_node: int) -> int:
-    return max(1, devices_per_node // tp)
-
-
 def nodes_per_instance(tp: int, devices_per_node: int) -> int:
     return -(-tp // devices_per_node)
 

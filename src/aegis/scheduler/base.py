@@ -55,16 +55,23 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+def log_path(run_dir: str) -> str:
+    """The batch job's stdout+stderr inside its run directory."""
+    return f"{run_dir}/{LOG_NAME}"
+
+
 def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 
 class Backend:
     name = ""
-    template = ""
+    template = "job.sh.j2"
     submit_command = ""
     cancel_command = ""
+    state_command = ""  # its presence on PATH says which batch system a login node has
     directive_prefix = ""
+    env_transport = ""  # how named variables reach the job, for the script's comment
 
     # -- pure ------------------------------------------------------------------------------
     def render(self, config: Config, plan: Plan, platform: Platform, run_dir: str,
@@ -83,11 +90,12 @@ class Backend:
             "platform": platform,
             "run_dir": run_dir,
             "config_path": f"{run_dir}/{CONFIG_NAME}",
-            "log_path": f"{run_dir}/{LOG_NAME}",
             "launcher_argv": platform.launcher_argv(plan.nodes_needed),
             "python": python,
             "model_lines": model_summaries(config, plan),
             "directives": self.directives(config, plan, platform, run_dir),
+            "directive_prefix": self.directive_prefix,
+            "env_transport": self.env_transport,
         }
         return render_template(self.template, **context)
 
@@ -99,7 +107,8 @@ class Backend:
         raise NotImplementedError
 
     def parse_job_id(self, stdout: str) -> str:
-        raise NotImplementedError
+        lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+        return lines[-1] if lines else ""
 
     # -- side effects ----------------------------------------------------------------------
     def available(self) -> bool:

@@ -9,7 +9,7 @@ from typing import Sequence
 from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
-from .base import LOG_NAME, Backend, check_job_id, run
+from .base import Backend, check_job_id, log_path, run
 
 # PBS one-letter job states -> aegis states (qstat -f prints "job_state = R").
 _STATES = {
@@ -42,10 +42,11 @@ def state_from_attrs(attrs: dict[str, str]) -> str:
 
 class PBSBackend(Backend):
     name = "pbs"
-    template = "pbs_job.sh.j2"
     cancel_command = "qdel"
+    state_command = "qstat"
     submit_command = "qsub"
     directive_prefix = "#PBS"
+    env_transport = "qsub -v NAME"
 
     def directives(self, config: Config, plan: Plan, platform: Platform,
                    run_dir: str) -> list[str]:
@@ -58,7 +59,7 @@ class PBSBackend(Backend):
             lines.append(f"-A {config.account}")
         if config.queue:
             lines.append(f"-q {config.queue}")
-        lines += ["-j oe", f"-o {run_dir}/{LOG_NAME}", *platform.directives]
+        lines += ["-j oe", f"-o {log_path(run_dir)}", *platform.directives]
         return lines
 
     def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
@@ -66,15 +67,11 @@ class PBSBackend(Backend):
         # name, never on a command line or in the script.
         # -j/-o again on the command line: PBS-compatible wrappers (Slurm's qsub) pass their
         # own -o, which would override the script's #PBS -o.
-        log = os.path.join(os.path.dirname(os.path.abspath(script_path)), LOG_NAME)
+        log = log_path(os.path.dirname(os.path.abspath(script_path)))
         argv = ["qsub", "-j", "oe", "-o", log]
         if env_names:
             argv += ["-v", ",".join(env_names)]
         return [*argv, script_path]
-
-    def parse_job_id(self, stdout: str) -> str:
-        lines = [line.strip() for line in stdout.splitlines() if line.strip()]
-        return lines[-1] if lines else ""
 
     def state(self, job_id: str) -> str:
         check_job_id(job_id)

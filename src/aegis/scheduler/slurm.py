@@ -10,7 +10,7 @@ from typing import Sequence
 from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
-from .base import LOG_NAME, Backend, check_job_id, run
+from .base import Backend, check_job_id, log_path, run
 
 _STATES = {
     "PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued",
@@ -34,10 +34,11 @@ def normalize_state(word: str) -> str:
 
 class SlurmBackend(Backend):
     name = "slurm"
-    template = "slurm_job.sh.j2"
     cancel_command = "scancel"
+    state_command = "squeue"
     submit_command = "sbatch"
     directive_prefix = "#SBATCH"
+    env_transport = "sbatch --export=ALL"
 
     def directives(self, config: Config, plan: Plan, platform: Platform,
                    run_dir: str) -> list[str]:
@@ -46,7 +47,7 @@ class SlurmBackend(Backend):
             lines.append(f"-A {config.account}")
         if config.queue:
             lines.append(f"-p {config.queue}")
-        lines += [f"-o {run_dir}/{LOG_NAME}", "--exclusive", *platform.directives]
+        lines += [f"-o {log_path(run_dir)}", "--exclusive", *platform.directives]
         return lines
 
     def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
@@ -55,8 +56,7 @@ class SlurmBackend(Backend):
         return ["sbatch", "--parsable", "--export=ALL", script_path]
 
     def parse_job_id(self, stdout: str) -> str:
-        lines = [line.strip() for line in stdout.splitlines() if line.strip()]
-        return lines[-1].split(";")[0] if lines else ""  # "123;cluster" on federations
+        return super().parse_job_id(stdout).split(";")[0]  # "123;cluster" on federations
 
     def state(self, job_id: str) -> str:
         check_job_id(job_id)

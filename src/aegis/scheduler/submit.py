@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from ..config import Config, ConfigError, check_submittable, dump_yaml
+from ..config import DIRECTIVE_SAFE_PATH, Config, ConfigError, check_submittable, dump_yaml
 from ..plan import Plan, make_plan
 from ..platforms import Platform
 from .base import CONFIG_NAME, SCRIPT_NAME, Backend, SchedulerError, SchedulerNotFound
 
 JOB_ID_NAME = "job.id"
-_DIRECTIVE_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+@%,=-]+")
+_DIRECTIVE_SAFE_PATH = re.compile(DIRECTIVE_SAFE_PATH)
 
 
 @dataclass(frozen=True)
