@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import threading
@@ -28,26 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
 from aegis.launch.readiness import Target, wait_ready  # noqa: E402
+from ports import free_port_block  # noqa: E402
 
 STANDIN = ROOT / "tests" / "standin_vllm.py"
-
-
-def free_block(n: int) -> int:
-    # Below Linux's ephemeral range (32768+), where the pollers' own client sockets live.
-    for base in range(20000, 32768 - n, 1000):
-        ok = True
-        for p in range(base, base + n):
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise SystemExit("bench_readiness: no free block of ports")
 
 
 class Servers:
@@ -119,7 +104,7 @@ def cpu_seconds() -> float:
 
 def measure(name: str, n: int, delay: float, procs: int, poll) -> tuple[float, float]:
     """(seconds from servers up to all detected ready, CPU seconds the poller used)."""
-    base = free_block(n)
+    base = free_port_block(n)
     ports = list(range(base, base + n))
     servers = Servers(base, n, delay, procs)
     try:

@@ -1,9 +1,10 @@
-"""Free loopback ports for tests that start servers."""
+"""Free loopback ports for tests and benchmarks that start servers."""
 
 from __future__ import annotations
 
 import random
-import socket
+
+from aegis.launch.processes import port_in_use
 
 
 def free_port_block(n: int) -> int:
@@ -12,16 +13,6 @@ def free_port_block(n: int) -> int:
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 30000 - n)
-        if all(port_is_free(base + i) for i in range(n)):
+        if not any(port_in_use("127.0.0.1", base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False

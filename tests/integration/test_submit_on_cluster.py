@@ -13,7 +13,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 import slurm_jobs as sj
 import yaml
+from ports import free_port_block
 
 pytestmark = pytest.mark.slurm
 
@@ -43,26 +43,6 @@ def job_env(venv_bin: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(sj.REPO / "src"), env.get("PYTHONPATH"))
                                         if p)
     return env
-
-
-def free_port_block(count: int) -> int:
-    """A base port with `count` free ports after it (other test suites may run beside us)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 29000)
-        socks = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block found")
 
 
 def make_model_dir(root: Path) -> Path:

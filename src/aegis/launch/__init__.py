@@ -105,10 +105,7 @@ def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform,
                  "startup_timeout": args.startup_timeout, "max_restarts": args.max_restarts,
                  "allow_partial": args.allow_partial}
     config = load_config(args.config, overrides)
-    try:
-        platform = get_platform(config.platform)
-    except KeyError as e:
-        raise ConfigError(f"platform: {e.args[0]}") from None
+    platform = get_platform(config.platform)  # validated by load_config
     plan = make_plan(config, platform)
     nodefile_text = None
     if args.nodefile:
@@ -161,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return prepared
     _args, _config, platform, plan, _allocation = prepared
     if plan.nodes_needed <= 1:
-        return run_rank(argv)
+        return _run_prepared(prepared)
     cmd = rank_launch_argv(platform, plan.nodes_needed, argv)
     if shutil.which(cmd[0]) is None:
         _error(f"rank launcher {cmd[0]!r} (platform {platform.name}) not found on PATH")
@@ -198,8 +195,10 @@ def run_rank(argv: list[str]) -> int:
     """One launcher rank. Every check that can fail on bad input runs before anything starts,
     and each rank reaches the same verdict without talking to the others."""
     prepared = _prepare_or_exit_code(argv)
-    if isinstance(prepared, int):
-        return prepared
+    return prepared if isinstance(prepared, int) else _run_prepared(prepared)
+
+
+def _run_prepared(prepared) -> int:
     args, config, platform, plan, allocation = prepared
     # hf_home is node-local storage: $VARS in it ($TMPDIR, /mnt/bb/$USER) expand on each node.
     config = dataclasses.replace(config, hf_home=os.path.expandvars(config.hf_home))
@@ -240,11 +239,12 @@ def run_rank(argv: list[str]) -> int:
 def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
     rank = coll.rank
     log = (lambda msg: _log(rank, msg))
+    mine = plan.on_node(rank)
 
     # Preflight that depends on this node: the command must exist here.
     cmd0 = vllm_command_argv(config)[0]
     problem = None
-    if plan.on_node(rank) and shutil.which(cmd0) is None:
+    if mine and shutil.which(cmd0) is None:
         problem = f"vllm_command: {cmd0!r} not found on node {allocation.nodes[rank]}"
     problems = [p for p in coll.allgather(problem) if p]
     if problems:
@@ -283,24 +283,25 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
                        f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s")
                 log(f"staged {model.model_source} -> {dest} ({how})")
 
-    my_nodes = sorted({n for inst in plan.on_node(rank) for n in inst.nodes})
+    my_nodes = {n for inst in mine for n in inst.nodes}
     addresses = [_address(h) if i in my_nodes else h for i, h in enumerate(allocation.nodes)]
     models = config.models
     parts = [build_part(instance=inst, model=models[inst.model_index], config=config,
                         platform=platform, node_index=rank, hosts=list(allocation.nodes),
                         addresses=addresses, bind_host=args.bind_host, run_dir=run_dir)
-             for inst in plan.on_node(rank)] if rank < plan.nodes_needed else []
+             for inst in mine]
     # Ports already taken fail fast: without allow_partial nothing is started anywhere
-    # (with it, those instances are reported failed and the rest start).
-    taken = [f"port {p.port} on {p.bind_host} ({allocation.nodes[rank]}) is already in use"
-             for p in parts if p.is_head and port_in_use(p.bind_host, p.port)]
-    taken = [t for per_rank in coll.allgather(taken) for t in per_rank]
-    if taken and not config.allow_partial:
-        if rank == 0:
-            for t in taken:
-                _error(t)
-            _error("nothing started (allow_partial would start the other instances)")
-        return EXIT_FAILED
+    # (with it, the fleet reports those instances failed and starts the rest).
+    if not config.allow_partial:  # the same on every rank, so the collective matches
+        taken = [f"port {p.port} on {p.bind_host} ({allocation.nodes[rank]}) is already in use"
+                 for p in parts if p.is_head and port_in_use(p.bind_host, p.port)]
+        taken = [t for per_rank in coll.allgather(taken) for t in per_rank]
+        if taken:
+            if rank == 0:
+                for t in taken:
+                    _error(t)
+                _error("nothing started (allow_partial would start the other instances)")
+            return EXIT_FAILED
     fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
                        max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
                        liveness_interval=args.liveness_interval, probe_timeout=args.probe_timeout,
@@ -347,7 +348,7 @@ def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log) -
     def stopped(signum: int) -> int:
         log(f"stopping on signal {signum}")
         fleet.stop(args.stop_grace)
-        publish(fleet.states(stopped=True), report=rank == 0)
+        publish(fleet.states(stopped=True), report=True)  # rank 0 reports
         return 128 + signum
 
     if signum:
@@ -362,8 +363,7 @@ def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log) -
             log(f"{len(merged) - ready} of {len(merged)} instance(s) not ready"
                 + ("" if not config.allow_partial else " and none is ready"))
     ok = coll.bcast(verdict)
-    if args.once or not ok:
-        fleet.stop(args.stop_grace)
+    if args.once or not ok:  # _run's finally stops the fleet
         return EXIT_OK if ok else EXIT_FAILED
 
     # Supervise until the job ends (signal) or nothing can come back.

@@ -100,16 +100,12 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
     return unique_in_order(hosts)
 
 
-def parse_nodes_option(value: str) -> list[str]:
-    """--nodes a,b,c (Slurm compact forms allowed too: --nodes node[1-4])."""
-    return expand_slurm_nodelist(value)
-
-
 def find_allocation(*, nodes: str | None, nodefile_text: str | None, nodefile_name: str | None,
                     env: Mapping[str, str], read_file, local_count: int) -> Allocation:
     """Pick the node list. `read_file(path) -> str` is injected so this stays testable."""
     if nodes:
-        return Allocation(tuple(parse_nodes_option(nodes)), "--nodes")
+        # --nodes a,b,c; Slurm compact forms work too (--nodes node[1-4])
+        return Allocation(tuple(expand_slurm_nodelist(nodes)), "--nodes")
     if nodefile_text is not None:
         hosts = parse_nodefile(nodefile_text)
         if not hosts:

@@ -9,7 +9,6 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-STATES = ("starting", "ready", "restarting", "failed", "stopped")
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,7 @@ class InstanceState:
     node: int
     host: str
     port: int
-    state: str  # one of STATES
+    state: str  # starting | ready | restarting | failed | stopped
     log: str
     restarts: int = 0
     exit_code: int | None = None

@@ -36,6 +36,7 @@ class Part:
     script_path: str
     log_path: str
     bind_host: str
+    address: str  # this node's address (what a wildcard bind_host is reached at)
     port: int
 
     @property
@@ -101,7 +102,7 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
                 nnodes=nnodes, argv=tuple(argv), env=tuple(env), api_key_env=config.api_key_env,
                 script_path=str(Path(run_dir) / "instances" / f"{name}.sh"),
                 log_path=str(Path(run_dir) / "logs" / f"{name}.log"),
-                bind_host=bind_host or address, port=instance.port)
+                bind_host=bind_host or address, address=address, port=instance.port)
 
 
 def render_script(part: Part) -> str:

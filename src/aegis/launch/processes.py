@@ -75,7 +75,8 @@ class Running:
     def log_tail(self, lines: int = 20) -> list[str]:
         try:
             with open(self.part.log_path, "rb") as f:
-                f.seek(self.log_offset)
+                # the tail only: a server that ran for days has a long log
+                f.seek(max(self.log_offset, os.fstat(f.fileno()).st_size - 64 * 1024))
                 data = f.read()
         except OSError:
             return []

@@ -24,9 +24,7 @@ LIVENESS_FAILURES = 3  # consecutive failed checks of a ready instance before it
 
 
 def probe_host(part: Part) -> str:
-    if part.bind_host in _WILDCARDS:
-        return dict(part.env).get("VLLM_HOST_IP", "127.0.0.1")
-    return part.bind_host
+    return part.address if part.bind_host in _WILDCARDS else part.bind_host
 
 
 @dataclass
@@ -41,7 +39,6 @@ class Slot:
     exit_code: int | None = None
     error: str = ""
     log_tail: list[str] = field(default_factory=list)
-    last_probe: str = "not probed yet"
     next_check: float = 0.0  # when a ready head is checked again
     failed_checks: int = 0
 
@@ -81,7 +78,6 @@ class LocalFleet:
         # Workers have no HTTP endpoint: running is all they can show.
         slot.state = "starting" if part.is_head else "ready"
         slot.error = ""
-        slot.last_probe = "not probed yet"
 
     def _fail(self, slot: Slot, error: str) -> None:
         slot.state = "failed"
@@ -117,7 +113,7 @@ class LocalFleet:
                 code = slot.running.exit_code()
                 if code is not None:
                     self._on_exit(slot, code, now)
-            if slot.state == "restarting" and slot.next_start is not None and now >= slot.next_start:
+            if slot.state == "restarting" and now >= slot.next_start:
                 self._start(slot, now)
         due = [i for i, s in enumerate(self.slots) if s.part.is_head and (
             s.state == "starting" or (s.state == "ready" and now >= s.next_check))]
@@ -144,9 +140,8 @@ class LocalFleet:
             elif (code := slot.running.exit_code()) is not None:  # died while being probed
                 self._on_exit(slot, code, now)
             else:
-                slot.last_probe = result.detail
                 if now >= slot.deadline:
-                    slot.log_tail = slot.running.log_tail() if slot.running else []
+                    slot.log_tail = slot.running.log_tail()
                     self._fail(slot, f"not ready within {self.startup_timeout:g}s; last check: {result.detail}")
                     stop_all([slot.running], grace=5.0)
 
@@ -159,7 +154,6 @@ class LocalFleet:
             self._on_exit(slot, code, now)
             return
         slot.failed_checks += 1
-        slot.last_probe = result.detail
         if slot.failed_checks >= LIVENESS_FAILURES:
             stop_all([slot.running], grace=5.0)
             self._on_exit(slot, None, now, why=f"stopped answering ({result.detail})")
