@@ -117,10 +117,9 @@ def install_atomically(built: Path, target: Path) -> None:
         raise
 
 
-def compile_extension(root: Path, tmpdir: str, verbose: bool = False) -> Path:
+def compile_extension(root: Path, tmpdir: str, mpicc: str, verbose: bool = False) -> Path:
     from cffi import FFI
 
-    mpicc = find_mpicc()
     flags = mpicc_flags(mpicc)
     # e.g. AEGIS_EXTRA_CFLAGS="-fsanitize=address -g" for a sanitizer build (docs/staging.md)
     extra = shlex.split(os.environ.get("AEGIS_EXTRA_CFLAGS", ""))
@@ -148,8 +147,9 @@ class CFFIMPIBuildHook(BuildHookInterface):
         root = Path(self.root)
         self._tmp = tempfile.mkdtemp(prefix="aegis-cffi-")
         try:
-            self.app.display_info(f"[aegis] MPI compiler wrapper: {find_mpicc()}")
-            so_path = compile_extension(root, self._tmp,
+            mpicc = find_mpicc()
+            self.app.display_info(f"[aegis] MPI compiler wrapper: {mpicc}")
+            so_path = compile_extension(root, self._tmp, mpicc,
                                         verbose=bool(os.environ.get("AEGIS_BUILD_VERBOSE")))
         except MPICompilerNotFound as exc:
             self.app.abort(str(exc))
@@ -174,6 +174,6 @@ if __name__ == "__main__":
     # Developer shortcut: build the extension in place (src/aegis/) without pip.
     here = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="aegis-cffi-") as tmp:
-        built = compile_extension(here, tmp, verbose=True)
+        built = compile_extension(here, tmp, find_mpicc(), verbose=True)
         install_atomically(built, here / "src" / "aegis" / built.name)
         print(here / "src" / "aegis" / built.name)

@@ -34,6 +34,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from aegis import bcast  # noqa: E402
+from aegis.launch.collective import Collective  # noqa: E402
 
 GiB = 1 << 30
 
@@ -64,13 +65,6 @@ def build_tree(root: Path, total_gib: float) -> int:
     return want
 
 
-def quiet_barrier(comm) -> None:
-    """A barrier that sleeps instead of busy-polling (MPICH spins inside MPI_Barrier)."""
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(0.002)
-
-
 def warm(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -96,10 +90,10 @@ def cpu_seconds() -> float:
 
 def timed(comm, fn) -> tuple[float, float]:
     """(wall time from a common start to the last rank finishing, CPU seconds of all ranks)."""
-    quiet_barrier(comm)
+    Collective(comm, poll=0.002).barrier()  # sleeps; MPICH spins in MPI_Barrier
     cpu0, start = cpu_seconds(), time.perf_counter()
     fn()
-    quiet_barrier(comm)
+    Collective(comm, poll=0.002).barrier()
     wall, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     return wall, comm.allreduce(cpu)
 
@@ -136,7 +130,7 @@ def main() -> int:
         if rank == 0:
             shutil.rmtree(out, ignore_errors=True)
             os.sync()  # earlier runs' dirty pages must not be flushed inside the next timing
-        quiet_barrier(comm)
+        Collective(comm, poll=0.002).barrier()
 
     def pipelined() -> None:
         bcast.stage(src, dests[rank], comm, chunk_size=chunk, depth=args.depth,

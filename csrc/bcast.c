@@ -558,6 +558,21 @@ static void mark_sent(ctx *x, int64_t k)
     pthread_mutex_unlock(&x->mu);
 }
 
+/* Collective "is every rank fine?", with the first failure shared. The helper threads may
+ * be running, so the local error is read under the lock. */
+static int agree(ctx *x)
+{
+    int64_t h[H_N] = {0};
+    pthread_mutex_lock(&x->mu);
+    const local_error *mine = pending_error(x);
+    pthread_mutex_unlock(&x->mu);
+    if (mine)
+        h[H_FAIL] = x->size - x->rank;
+    if (allreduce_header(x, h) != 0)
+        return AEGIS_E_MPI;
+    return h[H_FAIL] ? share_error(x, h[H_FAIL], mine) : AEGIS_OK;
+}
+
 static int run_transfer(ctx *x)
 {
     int64_t k;
@@ -616,19 +631,12 @@ static int run_transfer(ctx *x)
             pthread_cond_wait(&x->cv, &x->mu);
         pthread_mutex_unlock(&x->mu);
     }
-    int64_t h[H_N] = {0};
-    pthread_mutex_lock(&x->mu);
-    const local_error *mine = pending_error(x);
-    pthread_mutex_unlock(&x->mu);
-    if (mine)
-        h[H_FAIL] = x->size - x->rank;
-    if (allreduce_header(x, h) != 0)
-        return AEGIS_E_MPI;
-    if (h[H_FAIL])
-        return share_error(x, h[H_FAIL], mine);
-    x->res->total_bytes = x->bytes_expected;
-    x->res->checksum = x->crc_expected;
-    return AEGIS_OK;
+    int code = agree(x);
+    if (code == AEGIS_OK) {
+        x->res->total_bytes = x->bytes_expected;
+        x->res->checksum = x->crc_expected;
+    }
+    return code;
 }
 
 /* ---------------------------------------------------------------- entry point */
@@ -665,18 +673,6 @@ static void cleanup(ctx *x)
     pthread_mutex_destroy(&x->mu);
     if (x->comm != MPI_COMM_NULL)
         MPI_Comm_free(&x->comm);
-}
-
-/* Collective "did every rank get through setup?" with the first failure shared. */
-static int agree_setup(ctx *x)
-{
-    int64_t h[H_N] = {0};
-    const local_error *mine = pending_error(x);
-    if (mine)
-        h[H_FAIL] = x->size - x->rank;
-    if (MPI_Allreduce(MPI_IN_PLACE, h, H_N, MPI_INT64_T, MPI_MAX, x->comm) != MPI_SUCCESS)
-        return AEGIS_E_MPI;
-    return h[H_FAIL] ? share_error(x, h[H_FAIL], mine) : AEGIS_OK;
 }
 
 int aegis_stage(void *comm_ptr, const char *src_dir, const char *src_member,
@@ -760,7 +756,7 @@ int aegis_stage(void *comm_ptr, const char *src_dir, const char *src_member,
             set_error(&x.werr, AEGIS_E_THREAD, "cannot start the writer thread");
     }
 
-    int code = agree_setup(&x);
+    int code = agree(&x); /* did every rank get through setup? */
     if (code == AEGIS_OK)
         code = run_transfer(&x);
     if (code == AEGIS_E_MPI && !res->cause[0])

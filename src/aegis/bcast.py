@@ -13,6 +13,8 @@ initialise MPI.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -48,7 +50,6 @@ _CODE_NAMES = {
 }
 E_ARGS, E_WRITE, E_PREPARE = 1, 5, 10
 
-_FAULT_KINDS = {"checksum": 1, "kill_writer": 2, "kill_reader": 3}
 
 
 class StagingError(RuntimeError):
@@ -407,14 +408,14 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
                 error = (E_WRITE, f"dest {dest_path}: {exc.strerror or exc}")
         _agree(comm, error)
     finally:
-        if is_writer and (tmp.exists() or tmp.is_symlink()):
-            _rmtree(tmp)
+        if is_writer:
+            _rmtree(tmp)  # a no-op once renamed into place
 
     seconds = time.monotonic() - t0
     return StageResult(info["source"], str(dest_path), transfer["bytes"], info["size"],
                        seconds, transfer["bytes"] / seconds if seconds > 0 else 0.0, False,
                        transfer["checksum"],
-                       [WriterInfo(h, r, d, False) for h, r, d, w, _ in roles if w])
+                       [dataclasses.replace(w, cached=False) for w in writer_infos])
 
 
 def _transfer(MPI, ffi, lib, comm, source: Path, tmp: Path, root: int, chunk_size: int,
@@ -427,20 +428,19 @@ def _transfer(MPI, ffi, lib, comm, source: Path, tmp: Path, root: int, chunk_siz
     opts = ffi.new("aegis_stage_opts *")
     opts.chunk_size, opts.depth, opts.root = chunk_size, depth, root
     opts.max_count, opts.is_writer, opts.verify = max_count, int(is_writer), int(bool(verify))
-    opts.fault_rank, opts.fault_kind, opts.fault_after = -1, 0, 0
+    opts.fault_rank = -1  # ffi.new zeroes the rest
     opts.poll_sleep_us = poll_sleep_us
-    if fault:
+    if fault:  # ("checksum" | "kill_writer" | "kill_reader", rank[, after_bytes])
         kind, fault_rank, *after = fault
-        opts.fault_kind, opts.fault_rank = _FAULT_KINDS[kind], fault_rank
+        opts.fault_kind, opts.fault_rank = getattr(lib, "AEGIS_FAULT_" + kind.upper()), fault_rank
         opts.fault_after = after[0] if after else 0
     res = ffi.new("aegis_stage_result *")
     comm_ptr = ffi.cast("void *", MPI._addressof(comm))
-    enc = os.fsencode
-    if show_progress:
-        with _Progress(res, expected, PROGRESS_INTERVAL_S):
-            code = lib.aegis_stage(comm_ptr, enc(src_dir), enc(member), enc(str(tmp)), opts, res)
-    else:
-        code = lib.aegis_stage(comm_ptr, enc(src_dir), enc(member), enc(str(tmp)), opts, res)
+    progress = (_Progress(res, expected, PROGRESS_INTERVAL_S) if show_progress
+                else contextlib.nullcontext())
+    with progress:
+        code = lib.aegis_stage(comm_ptr, os.fsencode(src_dir), os.fsencode(member),
+                               os.fsencode(str(tmp)), opts, res)
     if code != lib.AEGIS_OK:
         raise StagingError(code, res.failing_rank, ffi.string(res.host).decode(errors="replace"),
                            ffi.string(res.cause).decode(errors="replace")
