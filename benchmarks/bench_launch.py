@@ -37,8 +37,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests" / d) for d in ("e2e", ".")]
 import vllm_env  # noqa: E402
+from harness import aegis_argv  # noqa: E402
 
 TARGET_OVERHEAD_S = 3.0
 INSTANCES = 2
@@ -136,7 +137,7 @@ def launch(model: Path, port: int, work: Path, token: str) -> dict[str, float]:
            "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
     t0 = time.monotonic()
     with open(work / "launcher.log", "wb") as out:
-        proc = subprocess.Popen([*vllm_env.aegis_argv(), "launch", "--config", str(config),
+        proc = subprocess.Popen([*aegis_argv(), "launch", "--config", str(config),
                                  "--run-dir", str(run_dir)], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -193,9 +194,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="aegis-bench-launch-"))
     # Kept when a run fails: its logs say why.
     model = tmp / "tiny-llama"
-    subprocess.run([str(vllm_env.VLLM_VENV / "bin" / "python"),
-                    str(vllm_env.REPO / "scripts" / "make-tiny-model"), str(model)],
-                   check=True, stdout=subprocess.DEVNULL)
+    made = vllm_env.make_tiny_model(model)
+    if made.returncode != 0:
+        raise SystemExit(f"bench_launch: make-tiny-model failed:\n{made.stderr}")
     try:
         for r in range(args.repeats):
             order = ("standalone", "launch") if r % 2 == 0 else ("launch", "standalone")

@@ -22,6 +22,10 @@ import pytest
 import yaml
 
 import vllm_env
+from harness import aegis_argv
+from ports import free_port_block
+
+pytestmark = pytest.mark.vllm
 
 STARTUP_TIMEOUT = 420  # two instances share 2 cores: ~45-70 s measured, slow CI boxes more
 SIGTERM_EXIT = 128 + signal.SIGTERM
@@ -29,11 +33,6 @@ SIGTERM_EXIT = 128 + signal.SIGTERM
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _free_port_base() -> int:
-    # Distinct per run so a leftover from an earlier, killed run cannot answer for this one.
-    return 18000 + (os.getpid() % 500) * 4
 
 
 def _write_config(tmp_path: Path, *, model_source: Path, vllm_venv: Path, instances: int,
@@ -89,13 +88,13 @@ def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tmp_path)
     from openai import OpenAI
 
     token = uuid.uuid4().hex
-    port_start = _free_port_base()
+    port_start = free_port_block(2)
     config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=2,
                            port_start=port_start, extra_args=vllm_env.VLLM_CPU_ARGS)
     run_dir = tmp_path / "run"
     launcher_log = tmp_path / "launcher.log"
     with open(launcher_log, "wb") as log:
-        proc = subprocess.Popen([*vllm_env.aegis_argv(), "launch", "--config", str(config),
+        proc = subprocess.Popen([*aegis_argv(), "launch", "--config", str(config),
                                  "--run-dir", str(run_dir)],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env=_launcher_env(tmp_path, token), start_new_session=True)
@@ -161,11 +160,11 @@ def test_launch_reports_a_vllm_that_cannot_start(vllm_venv, tiny_model, tmp_path
     reported failed with vLLM's own reason, nothing left running."""
     token = uuid.uuid4().hex
     config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=1,
-                           port_start=_free_port_base() + 2,
+                           port_start=free_port_block(1),
                            extra_args=("--dtype", "float32", "--max-model-len", "100000",
                                        "--enforce-eager"))
     run_dir = tmp_path / "run"
-    proc = subprocess.run([*vllm_env.aegis_argv(), "launch", "--config", str(config),
+    proc = subprocess.run([*aegis_argv(), "launch", "--config", str(config),
                            "--run-dir", str(run_dir), "--once", "--max-restarts", "0"],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           env=_launcher_env(tmp_path, token), timeout=STARTUP_TIMEOUT + 120,

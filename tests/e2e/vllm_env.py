@@ -1,11 +1,11 @@
 """Shared by the vLLM end-to-end tests and benchmarks/bench_launch.py: where the vLLM venv is,
-the environment a CPU instance needs, the `aegis` command, and the process table."""
+the environment a CPU instance needs, the tiny model, and the process table."""
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
+import subprocess
 import time
 from pathlib import Path
 
@@ -39,10 +39,11 @@ def venv_problem(venv: Path) -> str | None:
     return None
 
 
-def aegis_argv() -> list[str]:
-    """The `aegis` command of the Python running this (console script when installed)."""
-    script = Path(sys.executable).parent / "aegis"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "aegis.cli"]
+def make_tiny_model(out: Path) -> subprocess.CompletedProcess:
+    """The project's tiny Llama (scripts/make-tiny-model, run by the vLLM venv's python)."""
+    return subprocess.run([str(VLLM_VENV / "bin" / "python"),
+                           str(REPO / "scripts" / "make-tiny-model"), str(out)],
+                          capture_output=True, text=True, timeout=300)
 
 
 def marked_processes(token: str) -> dict[int, str]:

@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import slurm_jobs
+from harness import NoSilentSkips
 
-sys.path.insert(0, str(Path(__file__).parent))
-import slurm_jobs  # noqa: E402
-
-REQUIRED = os.environ.get("AEGIS_REQUIRE_SLURM") == "1"
-_skipped: list[str] = []
+_REQUIRE = NoSilentSkips(os.environ.get("AEGIS_REQUIRE_SLURM") == "1", "AEGIS_REQUIRE_SLURM",
+                         "Slurm")
+pytest_runtest_logreport = _REQUIRE.logreport
+pytest_sessionfinish = _REQUIRE.sessionfinish
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,14 +29,11 @@ def slurm_cluster():
                           capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        message = f"the test Slurm cluster is not up ({why}); start it: scripts/slurm-cluster start"
-        if REQUIRED:
-            pytest.fail(f"AEGIS_REQUIRE_SLURM=1 but {message}", pytrace=False)
-        pytest.skip(message)
+        _REQUIRE.unavailable(f"the test Slurm cluster is not up ({why}); start it: "
+                             "scripts/slurm-cluster start")
     os.environ["SLURM_CONF"] = str(slurm_jobs.SLURM_CONF)
     nodes = slurm_jobs.run(["sinfo", "-h", "-N", "-p", "debug", "-o", "%N"]).stdout.split()
     assert len(nodes) >= 2, f"the test cluster needs >= 2 nodes, sinfo lists {nodes}"
-    return {"conf": slurm_jobs.SLURM_CONF, "nodes": nodes}
 
 
 @pytest.fixture
@@ -59,15 +57,3 @@ def venv_bin() -> Path:
     """bin/ of the Python running the tests: its mpiexec (PyPI mpich's hydra), python, aegis."""
     return Path(sys.executable).parent
 
-
-def pytest_runtest_logreport(report):
-    # a conftest's runtest hooks only see the items under its directory
-    if report.skipped:
-        _skipped.append(report.nodeid)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if REQUIRED and _skipped and exitstatus == 0:
-        print(f"\nAEGIS_REQUIRE_SLURM=1 but {len(_skipped)} Slurm test(s) were skipped: "
-              f"{', '.join(_skipped)}", file=sys.stderr)
-        session.exitstatus = 1

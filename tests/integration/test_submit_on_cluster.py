@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import slurm_jobs as sj
 import yaml
+from harness import aegis_argv
 from ports import free_port_block
 
 pytestmark = pytest.mark.slurm
@@ -27,12 +28,6 @@ pytestmark = pytest.mark.slurm
 STANDIN = sj.REPO / "tests" / "standin_vllm.py"
 MODEL = "aegis-test/tiny-standin"
 NODES = 2
-
-
-def aegis_argv(venv_bin: Path) -> list[str]:
-    """The installed `aegis` command when present, else the same CLI through the interpreter."""
-    script = venv_bin / "aegis"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "aegis.cli"]
 
 
 def job_env(venv_bin: Path) -> dict[str, str]:
@@ -95,7 +90,7 @@ def deployment(tmp_path):
 
 
 def submit(venv_bin, deployment, *flags: str) -> tuple[str, Path]:
-    proc = sj.run([*aegis_argv(venv_bin), "submit", "-c", deployment["path"], *flags],
+    proc = sj.run([*aegis_argv(), "submit", "-c", deployment["path"], *flags],
                   check=False, env=job_env(venv_bin), cwd=deployment["root"])
     assert proc.returncode == 0, f"aegis submit exited {proc.returncode}: {proc.stderr}"
     job_id = proc.stdout.strip()
@@ -182,13 +177,13 @@ def check_running_deployment(job_id: str, run_dir: Path, deployment) -> None:
 
 
 def cancel_and_check_nothing_left(venv_bin, job_id: str, run_dir: Path, token: str, scheduler: str):
-    proc = sj.run([*aegis_argv(venv_bin), "cancel", "--scheduler", scheduler, job_id],
+    proc = sj.run([*aegis_argv(), "cancel", "--scheduler", scheduler, job_id],
                   check=False, env=job_env(venv_bin))
     assert proc.returncode == 0, proc.stderr
     assert sj.wait_finished(job_id) == "CANCELLED"
     left = sj.wait_no_processes(token, timeout=30)
     assert left == [], f"processes left after cancelling job {job_id}: {left}"
-    status = sj.run([*aegis_argv(venv_bin), "status", "--scheduler", scheduler, job_id],
+    status = sj.run([*aegis_argv(), "status", "--scheduler", scheduler, job_id],
                     env=job_env(venv_bin))
     # No longer active. How it ended is all the batch system can say: the test cluster has no
     # accounting (no sacct: Slurm says "unknown" once the job left squeue), and the Torque-style
@@ -217,7 +212,7 @@ def test_submit_pbs_script_through_qsub(deployment, jobs, venv_bin):
 
     check_running_deployment(job_id, run_dir, deployment)
     assert sj.qstat_full(job_id)["job_state"] == "R"
-    status = sj.run([*aegis_argv(venv_bin), "status", "--scheduler", "pbs", job_id],
+    status = sj.run([*aegis_argv(), "status", "--scheduler", "pbs", job_id],
                     env=job_env(venv_bin))
     assert status.stdout.strip() == "running", status.stdout
     # the launcher found its nodes in PBS_NODEFILE (written by the cluster's TaskProlog)
@@ -231,7 +226,7 @@ def test_submit_pbs_script_through_qsub(deployment, jobs, venv_bin):
 def test_submit_refused_by_the_scheduler_exits_1_and_keeps_the_run_dir(deployment, venv_bin,
                                                                        scheduler):
     name = deployment["config"]["job_name"]
-    proc = sj.run([*aegis_argv(venv_bin), "submit", "-c", deployment["path"], "--scheduler",
+    proc = sj.run([*aegis_argv(), "submit", "-c", deployment["path"], "--scheduler",
                    scheduler, "--queue", "no-such-queue"],
                   check=False, env=job_env(venv_bin), cwd=deployment["root"])
     assert proc.returncode == 1, (proc.returncode, proc.stderr)

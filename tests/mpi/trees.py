@@ -8,7 +8,7 @@ import random
 import stat
 from pathlib import Path
 
-MANIFEST = ".aegis-manifest.json"
+from aegis.bcast import MANIFEST_NAME as MANIFEST
 
 # names that break anything passing paths through a shell
 AWKWARD_NAMES = [
@@ -22,7 +22,7 @@ AWKWARD_NAMES = [
 ]
 
 
-def tree_digest(root: Path, skip_manifest: bool = True) -> dict[str, tuple]:
+def tree_digest(root: Path) -> dict[str, tuple]:
     """{relative path: (kind, permission bits, sha256 of content | link target)}."""
     out: dict[str, tuple] = {}
     top = root.lstat()
@@ -33,7 +33,7 @@ def tree_digest(root: Path, skip_manifest: bool = True) -> dict[str, tuple]:
         for name in dirnames + filenames:
             path = Path(dirpath, name)
             rel = str(path.relative_to(root))
-            if skip_manifest and rel == MANIFEST:
+            if rel == MANIFEST:
                 continue
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode):
