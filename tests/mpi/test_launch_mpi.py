@@ -56,7 +56,9 @@ def test_launch_stages_the_model_then_starts_instances_on_two_nodes(comm, shared
     assert (staged / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert (staged / "tokenizer" / "tokenizer.json").is_file()
     doc = json.loads((shared_tmp / "run1" / "endpoints.json").read_text())
-    assert doc["ready"] == 4
+    # all 4 were verified ready (exit 0); --once then stopped them, and the file says so
+    assert doc["total"] == 4 and doc["launcher"]["ranks"] == comm.size
+    assert [i["state"] for i in doc["instances"]] == ["stopped"] * 4
     # local has 2 one-core devices per node: 4 instances on nodes 0 and 1 (ranks 0 and 1)
     assert [i["node"] for i in doc["instances"]] == [0, 0, 1, 1]
     for k in range(4):

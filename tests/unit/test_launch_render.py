@@ -1,16 +1,13 @@
-"""Instance commands and scripts (incl. multi-node), endpoints file content and permissions."""
+"""Instance commands and scripts (incl. multi-node), the summary table and failure report."""
 
-import json
 import os
 import shlex
-import stat
 import subprocess
 
 
 from aegis.config import from_mapping
 from aegis.launch.endpoints import (
-    InstanceState, endpoints_json, endpoints_txt, failure_report, merge_parts, summary_table,
-    write_endpoints)
+    InstanceState, endpoints_txt, failure_report, merge_parts, summary_table)
 from aegis.launch.instances import build_part, render_script, sanitise, staged_model_dir
 from aegis.plan import make_plan
 from aegis.platforms import get_platform
@@ -127,35 +124,6 @@ def _state(i, state="ready", **kw):
     return InstanceState(**{**base, **kw})
 
 
-def test_endpoints_file_content_and_mode(tmp_path):
-    states = [_state(0), _state(1, "failed", exit_code=3, error="exited with code 3",
-                                 log_tail=("Traceback", "RuntimeError: boom"))]
-    json_path, txt_path = write_endpoints(tmp_path / "endpoints.json", states,
-                                          run_dir="/r", job="123.pbs")
-    for p in (json_path, txt_path):
-        assert stat.S_IMODE(p.stat().st_mode) == 0o600
-    doc = json.loads(json_path.read_text())
-    assert doc["job"] == "123.pbs" and doc["ready"] == 1 and doc["total"] == 2
-    first = doc["instances"][0]
-    assert first == {"id": 0, "model": "org/m", "served_name": "m", "node": 0, "host": "n0",
-                     "port": 8000, "state": "ready", "log": "/r/logs/instance-0000.log",
-                     "restarts": 0, "exit_code": None, "error": "",
-                     "base_url": "http://n0:8000/v1"}
-    assert doc["instances"][1]["exit_code"] == 3
-    assert txt_path.read_text() == "n0:8000\n"  # only ready instances
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["endpoints.json", "endpoints.txt"]
-
-
-def test_endpoints_rewrite_replaces_atomically_and_keeps_0600(tmp_path):
-    target = tmp_path / "endpoints.json"
-    target.write_text("old")
-    target.chmod(0o644)
-    write_endpoints(target, [_state(0)], run_dir="/r", job="j")
-    assert stat.S_IMODE(target.stat().st_mode) == 0o600
-    assert json.loads(target.read_text())["total"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["endpoints.json", "endpoints.txt"]
-
-
 def test_merge_parts_fails_a_multi_node_instance_when_a_worker_failed():
     head = _state(0, "ready", node_rank=0)
     worker = _state(0, "failed", node=1, node_rank=1, error="exited with code 1")
@@ -173,4 +141,3 @@ def test_summary_and_failure_report_show_log_tail():
     assert "instance 1 (m) on n0:8001 failed (exit code 3): exited with code 3" in report
     assert "  | RuntimeError: boom" in report and "instance 0" not in report
     assert endpoints_txt(states) == "n0:8000\n"
-    assert json.loads(endpoints_json([], run_dir="/r", job="j"))["instances"] == []

@@ -118,17 +118,54 @@ def test_all_ready_once_writes_endpoints_and_leaves_nothing_running(tmp_path):
     res = run.launch("--once")
     assert res.returncode == 0, res.stderr
     doc = run.endpoints()
-    assert doc["ready"] == 2 and doc["total"] == 2
-    assert [(i["port"], i["state"], i["base_url"]) for i in doc["instances"]] == [
-        (run.port + k, "ready", f"http://127.0.0.1:{run.port + k}/v1") for k in range(2)]
+    # --once stops the servers after verifying them: the file must not list them as ready.
+    assert doc["ready"] == 0 and doc["total"] == 2
+    assert doc["launcher"]["state"] == "stopped" and doc["launcher"]["exit_code"] == 0
+    assert [(i["port"], i["state"], i["url"], i["base_url"]) for i in doc["instances"]] == [
+        (run.port + k, "stopped", f"http://127.0.0.1:{run.port + k}",
+         f"http://127.0.0.1:{run.port + k}/v1") for k in range(2)]
     assert stat.S_IMODE((run.run_dir / "endpoints.json").stat().st_mode) == 0o600
-    assert (run.run_dir / "endpoints.txt").read_text() == "".join(
-        f"127.0.0.1:{run.port + k}\n" for k in range(2))
+    assert (run.run_dir / "endpoints.txt").read_text() == ""
     for k in range(2):
         assert (run.run_dir / "instances" / f"instance-000{k}.sh").is_file()
         assert "standin: serving 'tiny'" in (run.run_dir / "logs" / f"instance-000{k}.log").read_text()
     assert "2/2 instances ready" in res.stderr and res.stdout == ""
     assert run.leftovers() == []
+
+
+def test_endpoints_follow_the_launch_from_staging_to_serving(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "instances": 2, "served_model_name": "m",
+                          "extra_vllm_args": ["--start-delay", "1.5"]}])
+    proc = run.start()
+    seen = set()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                doc = run.endpoints()
+            except (OSError, ValueError):
+                time.sleep(0.02)
+                continue
+            seen.add((doc["launcher"]["state"], tuple(i["state"] for i in doc["instances"])))
+            if doc["launcher"]["state"] == "serving":
+                break
+            time.sleep(0.02)
+        assert doc["ready"] == 2 and doc["launcher"]["pid"] == proc.pid
+        assert (run.run_dir / "endpoints.txt").read_text().count("\n") == 2
+        assert ("starting", ("starting", "starting")) in seen, seen
+        assert all(state != "ready" for launcher, states in seen if launcher != "serving"
+                   for state in states), seen
+        beat = doc["launcher"]["heartbeat_at"]
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    final = run.endpoints()
+    assert final["launcher"]["state"] == "stopped" and final["launcher"]["exit_code"] == 143
+    assert final["launcher"]["heartbeat_at"] >= beat and final["ready"] == 0
+    assert [i["state"] for i in final["instances"]] == ["stopped", "stopped"]
+    assert (run.run_dir / "endpoints.txt").read_text() == ""
 
 
 def test_each_fault_is_reported_with_its_log_tail_across_two_ranks(tmp_path):
@@ -144,8 +181,11 @@ def test_each_fault_is_reported_with_its_log_tail_across_two_ranks(tmp_path):
     assert res.returncode == 1, res.stderr
     assert "starting 2 ranks" in res.stderr  # 4 one-core instances on 2-core "nodes"
     states = {i["served_name"]: i for i in run.endpoints()["instances"]}
+    # a failed start stops the good one too: it must not be listed as ready
     assert {k: v["state"] for k, v in states.items()} == {
-        "good": "ready", "dies": "failed", "stuck": "failed", "broken": "failed"}
+        "good": "stopped", "dies": "failed", "stuck": "failed", "broken": "failed"}
+    assert run.endpoints()["launcher"]["state"] == "failed"
+    assert (run.run_dir / "endpoints.txt").read_text() == ""
     assert states["dies"]["exit_code"] == 3
     assert states["dies"]["error"] == "exited with code 3 during startup"
     assert states["stuck"]["error"].startswith("not ready within 4s; last check: /health answered 503")
@@ -162,8 +202,8 @@ def test_partial_start_allowed_exits_zero(tmp_path):
                          {"name": "dies", "extra_vllm_args": ["--fault", "exit-at-start"]}])
     res = run.launch("--once", "--allow-partial")
     assert res.returncode == 0, res.stderr
-    assert run.endpoints()["ready"] == 1
-    assert (run.run_dir / "endpoints.txt").read_text() == f"127.0.0.1:{run.port}\n"
+    assert "1/2 instances ready, 1 failed" in res.stderr
+    assert [i["state"] for i in run.endpoints()["instances"]] == ["stopped", "failed"]
 
 
 def test_port_already_taken_fails_fast_and_starts_nothing(tmp_path):
@@ -185,7 +225,7 @@ def test_port_already_taken_with_allow_partial_fails_that_instance_only(tmp_path
         res = run.launch("--once", "--allow-partial")
     assert res.returncode == 0, res.stderr
     inst = run.endpoints()["instances"]
-    assert inst[0]["state"] == "ready" and inst[1]["state"] == "failed"
+    assert inst[0]["state"] == "stopped" and inst[1]["state"] == "failed"  # --once stopped it
     assert inst[1]["error"] == f"port {run.port + 1} on 127.0.0.1 is already in use"
     assert not (run.run_dir / "logs" / "instance-0001.log").exists()
 

@@ -24,8 +24,9 @@ from ..config import Config, ConfigError, load_config
 from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
 from .allocation import Allocation, AllocationError, check_enough, find_allocation
-from .instances import build_part, staged_model_dir, vllm_command_argv
-from .endpoints import failure_report, merge_parts, summary_table, write_endpoints
+from .endpoints import (EndpointsFile, InstanceState, failure_report, merge_parts, none_serving,
+                        summary_table)
+from .instances import build_part, part_name, staged_model_dir, vllm_command_argv
 from .processes import port_in_use
 from .supervise import LocalFleet
 
@@ -256,15 +257,53 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
     job = _job_id(os.environ)
     run_dir = coll.bcast(os.path.abspath(args.run_dir or os.path.join(config.run_dir, job))
                          if rank == 0 else None)
-    if rank == 0:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        log(f"{len(plan.instances)} instance(s) on {plan.nodes_needed} node(s) from "
-            f"{allocation.source}; run directory {run_dir}")
     endpoints_path = Path(run_dir) / config.endpoints_file  # an absolute path stays as it is
+    endpoints = None
+    problem = None
     if rank == 0:
-        endpoints_path.parent.mkdir(parents=True, exist_ok=True)
-    coll.barrier()
+        try:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            endpoints_path.parent.mkdir(parents=True, exist_ok=True)
+            endpoints = EndpointsFile(endpoints_path, run_dir=run_dir, job=job, ranks=coll.size)
+            endpoints.update(_planned_states(plan, allocation, run_dir), state="staging")
+        except OSError as e:
+            problem = f"cannot write {e.filename or endpoints_path}: {e.strerror or e}"
+    problem = coll.bcast(problem)
+    if problem:
+        if rank == 0:
+            _error(problem)
+        return EXIT_BAD_INPUT
+    if rank == 0:
+        endpoints.start_heartbeat()
+        log(f"{len(plan.instances)} instance(s) on {plan.nodes_needed} node(s) from "
+            f"{allocation.source}; run directory {run_dir}; endpoints {endpoints_path}")
+    code = EXIT_FAILED
+    try:
+        code = _stage_and_serve(args, config, platform, plan, allocation, coll, stop, api_key,
+                                run_dir, endpoints, log)
+        return code
+    finally:
+        if endpoints is not None:  # rank 0, also on an internal error: nothing is served now
+            try:
+                endpoints.finish("stopped" if code == EXIT_OK or code > 128 else "failed", code)
+            except OSError as e:
+                log(f"cannot write {endpoints_path}: {e.strerror or e}")
 
+
+def _planned_states(plan, allocation, run_dir) -> list[InstanceState]:
+    """Every planned instance before anything starts (state pending)."""
+    return [InstanceState(
+        id=inst.id, model=inst.model, served_name=inst.served_name, node=inst.nodes[0],
+        host=allocation.nodes[inst.nodes[0]], port=inst.port, state="pending",
+        log=str(Path(run_dir) / "logs" / f"{part_name(inst.id, 0, len(inst.nodes))}.log"))
+        for inst in plan.instances]
+
+
+def _stage_and_serve(args, config, platform, plan, allocation, coll, stop, api_key, run_dir,
+                     endpoints, log) -> int:
+    rank = coll.rank
+    mine = plan.on_node(rank)
+    coll.barrier()
     # Per node, once: stage each model source into the node-local cache (collective).
     for model in config.models:
         if model.model_source and not stop.signum:
@@ -307,61 +346,84 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
                        liveness_interval=args.liveness_interval, probe_timeout=args.probe_timeout,
                        api_key=api_key, log=log)
     try:
-        return _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log)
+        return _serve(args, config, coll, fleet, stop, endpoints, log)
     finally:
         fleet.stop(args.stop_grace)
 
 
-def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log) -> int:
+def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
+    """Start, verify, supervise. Rank 0 rewrites the endpoints file on every change; from
+    the moment a stop is decided it lists nothing as ready."""
     rank = coll.rank
 
-    def publish(states_local, *, report: bool) -> list | None:
-        gathered = coll.gather(states_local)
-        if rank != 0:
-            return None
-        merged = merge_parts([s for part in gathered for s in part])
-        write_endpoints(endpoints_path, merged, run_dir=run_dir, job=job)
-        if report:
-            print(summary_table(merged), file=sys.stderr, flush=True)
-            failures = failure_report(merged)
-            if failures:
-                print(failures, file=sys.stderr, flush=True)
-            log(f"endpoints: {endpoints_path}")
+    def gathered(states_local) -> list | None:
+        per_rank = coll.gather(states_local)
+        return merge_parts([s for part in per_rank for s in part]) if rank == 0 else None
+
+    def publish(states_local, state: str | None = None) -> list | None:
+        merged = gathered(states_local)
+        if rank == 0:
+            endpoints.update(merged, state=state)
         return merged
+
+    def report(merged) -> None:
+        print(summary_table(merged), file=sys.stderr, flush=True)
+        failures = failure_report(merged)
+        if failures:
+            print(failures, file=sys.stderr, flush=True)
+
+    def stopping() -> None:
+        if rank == 0:
+            endpoints.update(none_serving(endpoints.states), state="stopping")
 
     def tick(started: float) -> None:
         time.sleep(max(0.0, args.poll_interval - (time.monotonic() - started)))
 
     if not stop.signum:
         fleet.start_all()
+    last = fleet.states()
+    publish(last, state="starting")
     # Startup: until every instance is ready or failed everywhere, or a stop is requested.
     while True:
         started = time.monotonic()
         if not stop.signum:
             fleet.step()
-        flags = coll.allgather((stop.signum, fleet.decided()))
+        now_states = fleet.states()
+        flags = coll.allgather((stop.signum, fleet.decided(), now_states != last))
         signum = max(f[0] for f in flags)
         if signum or all(f[1] for f in flags):
             break
+        if any(f[2] for f in flags):
+            publish(now_states)
+            last = now_states
         tick(started)
 
     def stopped(signum: int) -> int:
         log(f"stopping on signal {signum}")
+        stopping()
         fleet.stop(args.stop_grace)
-        publish(fleet.states(stopped=True), report=True)  # rank 0 reports
+        merged = publish(fleet.states(stopped=True))
+        if rank == 0:
+            report(merged)
         return 128 + signum
 
     if signum:
         return stopped(signum)
 
-    merged = publish(fleet.states(), report=True)
+    merged = gathered(fleet.states())
     verdict = None
     if rank == 0:
+        report(merged)
         ready = sum(s.state == "ready" for s in merged)
         verdict = ready == len(merged) or (config.allow_partial and ready > 0)
         if not verdict:
             log(f"{len(merged) - ready} of {len(merged)} instance(s) not ready"
                 + ("" if not config.allow_partial else " and none is ready"))
+        if verdict and not args.once:
+            endpoints.update(merged, state="serving")
+        else:  # everything is stopped next (_run's finally): never list it as ready
+            endpoints.update(none_serving(merged), state="stopping")
+        log(f"endpoints: {endpoints.json_path}")
     ok = coll.bcast(verdict)
     if args.once or not ok:  # _run's finally stops the fleet
         return EXIT_OK if ok else EXIT_FAILED
@@ -380,9 +442,12 @@ def _serve(args, config, coll, fleet, stop, endpoints_path, run_dir, job, log) -
         if sum(f[1] for f in flags) == 0:
             if rank == 0:
                 log("every instance has failed; giving up")
-            publish(now_states, report=True)
+            stopping()
+            merged = publish(now_states)
+            if rank == 0:
+                report(merged)
             return EXIT_FAILED
         if any(f[2] for f in flags):
-            publish(now_states, report=False)
+            publish(now_states)
             last = now_states
         tick(started)

@@ -1,14 +1,32 @@
-"""The endpoints file: what clients read to find the servers. Rendering is pure; the write is
-atomic (temp file in the same directory + os.replace) and mode 0600 from the first byte."""
+"""The endpoints file: what clients read to find the servers, and how they tell that the
+launcher behind it is alive. docs/launch.md ("The endpoints file") is the contract.
+
+Rendering and the reader's checks are pure; writing is atomic (temp file in the same
+directory + os.replace, mode 0600 from the first byte). Rank 0 owns the file (EndpointsFile):
+it rewrites it on every state change and a heartbeat thread refreshes `heartbeat_at` every
+HEARTBEAT_INTERVAL seconds, also while a long collective (staging) blocks the main thread.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import tempfile
-from dataclasses import asdict, dataclass
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+SCHEMA = 1  # bumped only for changes a reader must know about; fields are only ever added
+HEARTBEAT_INTERVAL = 5.0  # seconds between rewrites by a live launcher
+STALE_AFTER = 3  # heartbeat intervals without a rewrite: the launcher is taken as dead
+# The launcher as a whole; a reader waits while it is staging or starting.
+LAUNCHER_STATES = ("staging", "starting", "serving", "stopping", "stopped", "failed")
+# One instance; only "ready" ones are served (and listed in the .txt file).
+INSTANCE_STATES = ("pending", "starting", "ready", "restarting", "failed", "stopped")
+FINAL_LAUNCHER_STATES = ("stopped", "failed")
 
 
 @dataclass(frozen=True)
@@ -21,7 +39,7 @@ class InstanceState:
     node: int
     host: str
     port: int
-    state: str  # starting | ready | restarting | failed | stopped
+    state: str  # one of INSTANCE_STATES
     log: str
     restarts: int = 0
     exit_code: int | None = None
@@ -30,8 +48,12 @@ class InstanceState:
     node_rank: int = 0  # which process of a multi-node instance this is (0 = head)
 
     @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{self.url}/v1"
 
 
 def merge_parts(states: list[InstanceState]) -> list[InstanceState]:
@@ -49,22 +71,56 @@ def merge_parts(states: list[InstanceState]) -> list[InstanceState]:
     return merged
 
 
-def endpoints_json(states: list[InstanceState], *, run_dir: str, job: str) -> str:
+def none_serving(states: list[InstanceState]) -> list[InstanceState]:
+    """The states once the launcher stops them: every instance not failed is stopped."""
+    return [s if s.state == "failed" else replace(s, state="stopped") for s in states]
+
+
+def endpoints_doc(states: list[InstanceState], *, launcher: dict, run_dir: str, job: str) -> dict:
     records = []
     for s in states:
         rec = {k: v for k, v in asdict(s).items() if k not in ("log_tail", "node_rank")}
+        rec["url"] = s.url
         rec["base_url"] = s.base_url
         records.append(rec)
-    doc = {"job": job, "run_dir": run_dir,
-           "ready": sum(s.state == "ready" for s in states), "total": len(states),
-           "instances": records}
-    return json.dumps(doc, indent=2) + "\n"
+    return {"schema": SCHEMA, "job": job, "run_dir": run_dir, "launcher": launcher,
+            "ready": sum(s.state == "ready" for s in states), "total": len(states),
+            "instances": records}
 
 
 def endpoints_txt(states: list[InstanceState]) -> str:
     """host:port per ready instance, one a line (the earlier Aegis format)."""
     return "".join(f"{s.host}:{s.port}\n" for s in states if s.state == "ready")
 
+
+# --- readers (pure: the caller passes the time) ---
+
+def launcher_alive(doc: dict, now: float) -> bool:
+    """The launcher behind `doc` is running: not finished, heartbeat fresh (wall clock, so
+    readers on other hosts need roughly synchronised clocks, as HPC nodes have)."""
+    launcher = doc["launcher"]
+    if launcher["state"] in FINAL_LAUNCHER_STATES:
+        return False
+    return now - launcher["heartbeat_at"] <= STALE_AFTER * launcher["heartbeat_interval"]
+
+
+def serving(doc: dict, now: float) -> list[dict]:
+    """The instances a client may use: ready, behind a live launcher."""
+    if not launcher_alive(doc, now):
+        return []
+    return [i for i in doc["instances"] if i["state"] == "ready"]
+
+
+def read_endpoints(path: str | os.PathLike) -> dict:
+    """The parsed file. Raises OSError (missing) or ValueError (not an endpoints file)."""
+    doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(doc, dict) or not isinstance(doc.get("launcher"), dict) or \
+            not isinstance(doc.get("instances"), list):
+        raise ValueError(f"{path}: not an aegis endpoints file")
+    return doc
+
+
+# --- the writer (rank 0) ---
 
 def write_atomic(path: str | os.PathLike, text: str, mode: int = 0o600) -> None:
     path = Path(path)
@@ -84,13 +140,69 @@ def write_atomic(path: str | os.PathLike, text: str, mode: int = 0o600) -> None:
         raise
 
 
-def write_endpoints(json_path: str | os.PathLike, states: list[InstanceState], *, run_dir: str,
-                    job: str) -> tuple[Path, Path]:
-    json_path = Path(json_path)
-    txt_path = json_path.with_suffix(".txt")
-    write_atomic(json_path, endpoints_json(states, run_dir=run_dir, job=job))
-    write_atomic(txt_path, endpoints_txt(states))
-    return json_path, txt_path
+class EndpointsFile:
+    """Rank 0's endpoints file (JSON, plus host:port lines beside it as .txt)."""
+
+    def __init__(self, json_path: str | os.PathLike, *, run_dir: str, job: str, ranks: int,
+                 interval: float = HEARTBEAT_INTERVAL, clock=time.time):
+        self.json_path = Path(json_path)
+        self.txt_path = self.json_path.with_suffix(".txt")
+        self.run_dir, self.job, self.clock, self.interval = run_dir, job, clock, interval
+        now = clock()
+        self.launcher = {"pid": os.getpid(), "host": socket.gethostname(), "ranks": ranks,
+                         "state": "staging", "exit_code": None, "started_at": now,
+                         "updated_at": now, "heartbeat_at": now, "heartbeat_interval": interval}
+        self.states: list[InstanceState] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failed_beats = 0
+
+    def update(self, states: list[InstanceState] | None = None, *, state: str | None = None,
+               exit_code: int | None = None) -> None:
+        """A change: new instance states and/or launcher state. Written at once."""
+        with self._lock:
+            if states is not None:
+                self.states = list(states)
+            if state is not None:
+                self.launcher["state"] = state
+            if exit_code is not None:
+                self.launcher["exit_code"] = exit_code
+            self.launcher["updated_at"] = self.clock()
+            self._write(txt=True)
+
+    def finish(self, state: str, exit_code: int) -> None:
+        """The launcher ends: nothing is served any more. Stops the heartbeat."""
+        self._stop.set()
+        self.update(none_serving(self.states), state=state, exit_code=exit_code)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="aegis-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    self._write(txt=False)
+                    self._failed_beats = 0
+                except OSError as e:  # a full or stalled file system: say so, keep trying
+                    self._failed_beats += 1
+                    if self._failed_beats == 1:
+                        print(f"aegis launch: heartbeat: cannot write {self.json_path}: "
+                              f"{e.strerror or e}", file=sys.stderr, flush=True)
+
+    def _write(self, *, txt: bool) -> None:
+        self.launcher["heartbeat_at"] = self.clock()
+        doc = endpoints_doc(self.states, launcher=self.launcher, run_dir=self.run_dir,
+                            job=self.job)
+        write_atomic(self.json_path, json.dumps(doc, indent=2) + "\n")
+        if txt:
+            write_atomic(self.txt_path, endpoints_txt(self.states))
 
 
 def summary_table(states: list[InstanceState]) -> str:

@@ -1,0 +1,144 @@
+"""The endpoints file: its schema, the writer (atomic, 0600, heartbeat, nothing ready once the
+launcher stops) and the readers' liveness rule."""
+
+import json
+import stat
+import time
+
+import pytest
+
+from aegis.launch.endpoints import (
+    HEARTBEAT_INTERVAL, SCHEMA, STALE_AFTER, EndpointsFile, InstanceState, launcher_alive,
+    read_endpoints, serving)
+
+
+def _state(i, state="ready", **kw):
+    base = dict(id=i, model="org/m", served_name="m", node=i // 2, host=f"n{i // 2}",
+                port=8000 + i, state=state, log=f"/r/logs/instance-{i:04d}.log")
+    return InstanceState(**{**base, **kw})
+
+
+class Clock:
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def _file(tmp_path, clock=None, **kw):
+    return EndpointsFile(tmp_path / "endpoints.json", run_dir="/r", job="123.pbs", ranks=2,
+                         clock=clock or Clock(), **kw)
+
+
+def test_schema_content_and_mode(tmp_path):
+    ep = _file(tmp_path)
+    ep.update([_state(0), _state(1, "failed", exit_code=3, error="exited with code 3",
+                                 log_tail=("Traceback", "RuntimeError: boom"))], state="serving")
+    for p in (ep.json_path, ep.txt_path):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    doc = read_endpoints(ep.json_path)
+    assert doc["schema"] == SCHEMA == 1
+    assert doc["job"] == "123.pbs" and doc["run_dir"] == "/r"
+    assert doc["ready"] == 1 and doc["total"] == 2
+    launcher = doc["launcher"]
+    assert launcher["state"] == "serving" and launcher["exit_code"] is None
+    assert launcher["ranks"] == 2 and isinstance(launcher["pid"], int) and launcher["host"]
+    assert launcher["heartbeat_at"] == launcher["started_at"] == 1_000_000.0
+    assert launcher["heartbeat_interval"] == HEARTBEAT_INTERVAL
+    assert doc["instances"][0] == {
+        "id": 0, "model": "org/m", "served_name": "m", "node": 0, "host": "n0", "port": 8000,
+        "state": "ready", "log": "/r/logs/instance-0000.log", "restarts": 0, "exit_code": None,
+        "error": "", "url": "http://n0:8000", "base_url": "http://n0:8000/v1"}
+    assert doc["instances"][1]["exit_code"] == 3 and "log_tail" not in doc["instances"][1]
+    assert ep.txt_path.read_text() == "n0:8000\n"  # only ready instances
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["endpoints.json", "endpoints.txt"]
+
+
+def test_rewrite_replaces_atomically_and_keeps_0600(tmp_path):
+    target = tmp_path / "endpoints.json"
+    target.write_text("old")
+    target.chmod(0o644)
+    _file(tmp_path).update([_state(0)])
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert json.loads(target.read_text())["total"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["endpoints.json", "endpoints.txt"]
+
+
+def test_finish_lists_nothing_as_ready_and_keeps_failures(tmp_path):
+    clock = Clock()
+    ep = _file(tmp_path, clock)
+    ep.update([_state(0), _state(1, "failed", error="boom"), _state(2, "restarting")],
+              state="serving")
+    clock.now += 7
+    ep.finish("failed", 1)
+    doc = read_endpoints(ep.json_path)
+    assert [i["state"] for i in doc["instances"]] == ["stopped", "failed", "stopped"]
+    assert doc["instances"][1]["error"] == "boom"
+    assert doc["ready"] == 0 and ep.txt_path.read_text() == ""
+    assert doc["launcher"]["state"] == "failed" and doc["launcher"]["exit_code"] == 1
+    assert doc["launcher"]["updated_at"] == doc["launcher"]["heartbeat_at"] == 1_000_007.0
+    assert not launcher_alive(doc, clock.now) and serving(doc, clock.now) == []
+
+
+def test_heartbeat_thread_refreshes_only_the_heartbeat_until_finish(tmp_path):
+    ep = _file(tmp_path, clock=time.time, interval=0.05)
+    ep.update([_state(0)], state="serving")
+    first = read_endpoints(ep.json_path)["launcher"]
+    ep.start_heartbeat()
+    time.sleep(0.3)
+    beat = read_endpoints(ep.json_path)["launcher"]
+    assert beat["heartbeat_at"] > first["heartbeat_at"]
+    assert beat["updated_at"] == first["updated_at"]  # no change, only a heartbeat
+    ep.finish("stopped", 0)
+    assert not ep._thread.is_alive()
+    final = ep.json_path.read_text()
+    time.sleep(0.2)
+    assert ep.json_path.read_text() == final  # no beat after the end
+
+
+def test_heartbeat_survives_a_failing_file_system(tmp_path, monkeypatch, capsys):
+    import aegis.launch.endpoints as endpoints
+
+    ep = _file(tmp_path, clock=time.time, interval=0.02)
+    ep.update([_state(0)])
+    real = endpoints.write_atomic
+    full = [True]
+
+    def write(path, text, mode=0o600):
+        if full[0]:
+            raise OSError(28, "No space left on device")
+        real(path, text, mode)
+
+    monkeypatch.setattr(endpoints, "write_atomic", write)
+    ep.start_heartbeat()
+    time.sleep(0.2)
+    assert ep._thread.is_alive()
+    before = read_endpoints(ep.json_path)["launcher"]["heartbeat_at"]
+    full[0] = False
+    time.sleep(0.2)
+    assert read_endpoints(ep.json_path)["launcher"]["heartbeat_at"] > before
+    ep.finish("stopped", 0)
+    assert read_endpoints(ep.json_path)["launcher"]["state"] == "stopped"
+    err = capsys.readouterr().err
+    assert err.count("heartbeat: cannot write") == 1 and "No space left on device" in err
+
+
+@pytest.mark.parametrize("state, age, alive", [
+    ("serving", 0, True), ("starting", STALE_AFTER * HEARTBEAT_INTERVAL, True),
+    ("serving", STALE_AFTER * HEARTBEAT_INTERVAL + 0.1, False),  # a SIGKILLed launcher
+    ("stopping", 1, True), ("stopped", 0, False), ("failed", 0, False)])
+def test_readers_tell_a_dead_launcher(tmp_path, state, age, alive):
+    clock = Clock()
+    ep = _file(tmp_path, clock)
+    ep.update([_state(0)], state=state)
+    doc = read_endpoints(ep.json_path)
+    assert launcher_alive(doc, clock.now + age) is alive
+    assert len(serving(doc, clock.now + age)) == (1 if alive else 0)
+
+
+def test_read_endpoints_refuses_other_json(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text('{"ready": 1}')
+    with pytest.raises(ValueError, match="not an aegis endpoints file"):
+        read_endpoints(path)
