@@ -377,3 +377,14 @@ def test_instances_die_with_a_launcher_killed_outright(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert run.leftovers() == []
+
+
+def test_unwritable_run_directory_is_refused_before_anything_starts(tmp_path):
+    run = Run(tmp_path, [{"name": "m"}])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = run.launch("--once", "--run-dir", str(blocker / "run"))
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"aegis launch: error: cannot write {blocker / 'run'}: Not a directory"]
+    assert processes_with(run.token) == []
