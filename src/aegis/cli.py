@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import click
 
-from .config import KEYS, Config, ConfigError, Key, _scheduler_names, load_config
+from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, FileTooLarge, Key,
+                     _scheduler_names, load_config, read_small_file, why_unreadable)
 from .platforms import get_platform, platform_names
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -41,8 +42,9 @@ class AegisGroup(click.Group):
         except click.ClickException as err:  # bad flags: click's own message, one line
             click.echo(f"aegis: error: {' '.join(err.format_message().split())}", err=True)
             code = err.exit_code
-        except ConfigError as err:
-            click.echo(f"aegis: error: {err}", err=True)
+        except ConfigError as err:  # one line per problem
+            for line in str(err).splitlines():
+                click.echo(f"aegis: error: {line}", err=True)
             code = EXIT_BAD_INPUT
         except SchedulerError as err:
             click.echo(f"aegis: error: {err}", err=True)
@@ -87,10 +89,10 @@ def config_from_flags(config_path: str | None, flag_values: dict[str, Any]) -> C
     token_file = overrides.get("hf_token")
     if token_file is not None:
         try:
-            with open(token_file, encoding="utf-8") as f:
-                overrides["hf_token"] = f.read().strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"--hf-token-file: cannot read {token_file}: {err}") from None
+            overrides["hf_token"] = read_small_file(token_file, MAX_TOKEN_BYTES).strip()
+        except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+            raise ConfigError(f"--hf-token-file: cannot read {token_file}: "
+                              f"{why_unreadable(err)}") from None
     config = load_config(config_path, overrides)
     for key in config.ignored_keys:
         _warn(f"ignoring legacy key {key!r} (accepted for old configs; this Aegis does not "

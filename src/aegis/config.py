@@ -5,7 +5,9 @@ CONTRACT (other modules rely on these names; extend, don't rename):
     from_mapping(data, overrides) -> Config, Config.to_mapping() (secrets omitted).
 
 Precedence: CLI overrides > file > defaults. Validation errors raise ConfigError with one
-line naming the key path, the bad value and what is allowed (the CLI exits 2 on it).
+line per problem, each naming the key path, the bad value and what is allowed; every problem
+of a file is reported at once (the CLI exits 2 on it). Input is bounded: files are read with a
+size cap, YAML nesting and alias expansion are capped, numbers have ranges.
 
 KEYS is the single table of config keys: the CLI generates one flag per key from it and
 docs/config.md documents it, so "every key has a flag" holds by construction.
@@ -15,16 +17,52 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import reprlib
 import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .platforms import Platform, get_platform, platform_names
+from .platforms import PLATFORMS, Platform, get_platform, local_platform, platform_names
 
 
 class ConfigError(ValueError):
-    """A user mistake in the config or flags: one line, key path first."""
+    """A user mistake in the config or flags: one line per problem, key path first."""
+
+
+# Bounds on what a config may ask for, so hostile input fails fast with bounded memory.
+MAX_CONFIG_BYTES = 1 << 20  # a deployment config is a few KB
+MAX_TOKEN_BYTES = 64 << 10  # a Hugging Face token is ~40 characters
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 100_000  # after alias expansion
+MAX_INSTANCES = 65535  # each instance takes an HTTP port
+MAX_TENSOR_PARALLEL = 4096
+MAX_RESTARTS = 1_000_000
+MAX_STARTUP_SECONDS = 7 * 24 * 3600
+
+
+class FileTooLarge(ValueError):
+    pass
+
+
+def read_small_file(path: str, limit: int) -> str:
+    """The text of `path`, reading at most `limit` bytes (so /dev/zero or a huge file cannot
+    exhaust memory). Raises OSError, UnicodeDecodeError, or FileTooLarge."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(f"larger than {limit // 1024} KiB")
+    return data.decode("utf-8")
+
+
+def why_unreadable(err: Exception) -> str:
+    """One line for a read_small_file failure."""
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err)
 
 
 @dataclass(frozen=True)
@@ -126,8 +164,12 @@ def _type_name(value: Any) -> str:
             dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
+
+
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = _SHORT_REPR.repr(value)  # bounded, whatever the value's size or depth
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -159,12 +201,24 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
     return check
 
 
-def _positive_number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Invalid(f"expected a number of seconds, got {_shown(value)} ({_type_name(value)})")
-    if not value > 0:
-        raise _Invalid(f"{value} is out of range; must be > 0 seconds")
-    return float(value)
+def seconds(maximum: float) -> Callable[[Any], float]:
+    """A duration: a finite number of seconds, > 0 and <= maximum (NaN, inf and 0 refused)."""
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Invalid(f"expected a number of seconds, got {_shown(value)} "
+                           f"({_type_name(value)})")
+        if not (math.isfinite(value) and 0 < value <= maximum):
+            raise _Invalid(f"{value} is out of range; must be > 0 and <= {maximum:g} seconds")
+        return float(value)
+    return check
+
+
+def check_seconds(flag: str, value: float, maximum: float) -> None:
+    """The launcher's timing flags: the same rule as the config's, as a one-line ConfigError."""
+    try:
+        seconds(maximum)(value)
+    except _Invalid as err:
+        raise ConfigError(f"{flag}: {err}") from None
 
 
 def _boolean(value: Any) -> bool:
@@ -236,14 +290,22 @@ def _command(value: Any) -> str:
 
 def _secret(value: Any) -> str:
     # Never echo the value of a secret in an error.
-    if not isinstance(value, str) or not value or any(c.isspace() for c in value):
-        raise _Invalid("expected a token string without whitespace (value not shown)")
+    if (not isinstance(value, str) or not value or any(c.isspace() for c in value)
+            or _CONTROL.search(value)):
+        raise _Invalid("expected a token string without whitespace or control characters "
+                       "(value not shown)")
     return value
 
 
+# Device-affinity variables (every platform's, and the other GPU runtimes'): the launcher sets
+# them from the plan, and a user value would pin instances onto each other's devices.
+AFFINITY_ENV = tuple(sorted({p.affinity_var for p in [*PLATFORMS.values(), local_platform()]}
+                            | {"CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
+                               "ROCR_VISIBLE_DEVICES"}))
 # Set by the launcher for every instance; configure them through their own keys.
 MANAGED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "VLLM_HOST_IP", "VLLM_PORT", "MASTER_ADDR",
-               "MASTER_PORT", "VLLM_API_KEY")
+               "MASTER_PORT", "VLLM_API_KEY", *AFFINITY_ENV,
+               *sorted({name for p in PLATFORMS.values() for name in p.instance_env}))
 
 
 def _environment(value: Any) -> tuple[tuple[str, str], ...]:
@@ -268,6 +330,9 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
     for name, val in pairs:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise _Invalid(f"{_shown(name)} is not an environment variable name")
+        if name in AFFINITY_ENV:
+            raise _Invalid(f"{name} is set by aegis for every instance from the plan's devices; "
+                           "devices follow from tensor_parallel_size")
         if name in MANAGED_ENV:
             raise _Invalid(f"{name} is set by aegis for every instance; use its config key")
         if isinstance(val, bool) or not isinstance(val, (str, int, float)):
@@ -315,9 +380,9 @@ MODEL_KEYS: tuple[Key, ...] = (
     Key("model", lambda v: _text(v, what="a model name (Hugging Face id or path)"),
         "Model to serve (Hugging Face id); also the served name unless served_model_name is set.",
         scope="model"),
-    Key("instances", _integer(1), "Number of vLLM instances of this model.", scope="model",
-        kind="int"),
-    Key("tensor_parallel_size", _integer(1),
+    Key("instances", _integer(1, MAX_INSTANCES), "Number of vLLM instances of this model.",
+        scope="model", kind="int"),
+    Key("tensor_parallel_size", _integer(1, MAX_TENSOR_PARALLEL),
         "Devices per instance (vLLM --tensor-parallel-size). Above the devices per node it "
         "must be a multiple of them (the instance spans whole nodes).", scope="model", kind="int"),
     Key("model_source", _optional(_text),
@@ -363,7 +428,7 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("run_dir", _pattern(_PATH_RE, "use a path of letters, digits and . _ - / + @ % , = "
                                       "(no spaces, quotes or shell characters)"),
         "Parent directory of per-submission run directories (script, config, logs, endpoints)."),
-    Key("startup_timeout", _positive_number,
+    Key("startup_timeout", seconds(MAX_STARTUP_SECONDS),
         "Seconds an instance may take to become ready.", kind="float"),
     Key("endpoints_file", lambda v: _text(v, what="a file path"),
         "Where the launcher writes the ready endpoints (JSON; host:port list beside it as .txt). "
@@ -371,7 +436,7 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("conda_env", _optional(_text),
         "Conda environment activated in the batch script (then `python` runs the launcher)."),
     Key("vllm_command", _command, "Command that starts one server; model and flags are appended."),
-    Key("max_restarts", _integer(0), "Restarts per instance before it is reported dead.",
+    Key("max_restarts", _integer(0, MAX_RESTARTS), "Restarts per instance before it is reported dead.",
         kind="int"),
     Key("allow_partial", _boolean,
         "Keep going (exit 0) when at least one instance is ready.", kind="bool"),
@@ -408,47 +473,73 @@ def _checked(key: Key, value: Any, path: str, source: str | None) -> Any:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def _unknown(path: str, name: str, allowed: list[str]) -> ConfigError:
+def _unknown(path: str, name: str, allowed: list[str]) -> str:
     hint = _did_you_mean(name, allowed)
-    return ConfigError(f"{path}: unknown key{hint or '; see docs/config.md for the keys'}")
+    return f"{path}: unknown key{hint or '; see docs/config.md for the keys'}"
 
 
-def _parse_model(entry: Any, path: str, overrides: dict[str, Any],
-                 ignored: list[str]) -> ModelConfig:
+class _Problems:
+    """Collects every problem of a config, so one run reports them all (one line each)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def check(self, key: Key, value: Any, path: str, source: str | None) -> Any:
+        try:
+            return _checked(key, value, path, source)
+        except ConfigError as err:
+            self.add(str(err))
+            return None
+
+    def raise_any(self) -> None:
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+def _parse_model(entry: Any, path: str, overrides: dict[str, Any], ignored: list[str],
+                 problems: _Problems) -> ModelConfig | None:
     if not isinstance(entry, dict):
-        raise ConfigError(f"{path}: expected a mapping with at least 'model', "
-                          f"got {_shown(entry)} ({_type_name(entry)})")
+        problems.add(f"{path}: expected a mapping with at least 'model', "
+                     f"got {_shown(entry)} ({_type_name(entry)})")
+        return None
     entry = dict(entry)
     if _MODEL_NAME_ALIAS in entry:
         if "model" in entry:
-            raise ConfigError(f"{path}: has both 'model' and 'name'; keep 'model'")
+            problems.add(f"{path}: has both 'model' and 'name'; keep 'model'")
+            return None
         entry["model"] = entry.pop(_MODEL_NAME_ALIAS)
     names = [k.name for k in MODEL_KEYS]
     values: dict[str, Any] = {}
+    known_before = len(problems.lines)
     for name, value in entry.items():
         sub = f"{path}.{name}" if path else str(name)
         if name in LEGACY_MODEL_KEYS:
             ignored.append(sub)
             continue
         if name not in names:
-            raise _unknown(sub, str(name), names)
+            problems.add(_unknown(sub, str(name), names))
+            continue
         values[name] = value
     values.update(overrides)
     if values.get("model") is None:
         where = f"{path}.model" if path else "model"
-        raise ConfigError(f"{where}: missing; name the model to serve (e.g. "
-                          "'meta-llama/Llama-3.1-8B-Instruct')")
+        problems.add(f"{where}: missing; name the model to serve (e.g. "
+                     "'meta-llama/Llama-3.1-8B-Instruct')")
     fields_ = {}
     for name, value in values.items():
         key = _BY_NAME[name]
         sub = f"{path}.{name}" if path else name
-        fields_[key.field_name] = _checked(key, value, sub, key.flag if name in overrides else None)
-    return ModelConfig(**fields_)
+        fields_[key.field_name] = problems.check(key, value, sub,
+                                                 key.flag if name in overrides else None)
+    return ModelConfig(**fields_) if len(problems.lines) == known_before else None
 
 
 def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
     """Validate `data` (the parsed YAML) with `overrides` (config key -> value, None = unset)
-    on top, and return the Config. Raises ConfigError (one line) on the first problem."""
+    on top, and return the Config. Raises ConfigError naming every problem, one per line."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -460,53 +551,58 @@ def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
             raise ConfigError(f"{name}: not a config key (internal error: unknown override)")
     model_overrides = {k: v for k, v in overrides.items() if _BY_NAME[k].scope == "model"}
     ignored: list[str] = []
+    problems = _Problems()
 
     allowed_top = [k.name for k in KEYS] + ["models"]
     global_values: dict[str, Any] = {}
     single_model: dict[str, Any] = {}
     for name, value in data.items():
         if not isinstance(name, str):
-            raise ConfigError(f"{name!r}: keys must be strings")
-        if name in LEGACY_GLOBAL_KEYS:
+            problems.add(f"{_shown(name)}: keys must be strings")
+        elif name in LEGACY_GLOBAL_KEYS:
             ignored.append(name)
         elif name == "models":
             continue
         elif name not in _BY_NAME:
-            raise _unknown(name, name, allowed_top)
+            problems.add(_unknown(name, name, allowed_top))
         elif _BY_NAME[name].scope == "model":
             single_model[name] = value
         else:
             global_values[name] = value
 
+    models: list[ModelConfig | None] = []
     if "models" in data:
         if single_model:
             first = next(iter(single_model))
-            raise ConfigError(f"{first}: cannot be combined with a models: list; "
-                              f"set models[*].{first} in each entry instead")
+            problems.add(f"{first}: cannot be combined with a models: list; "
+                         f"set models[*].{first} in each entry instead")
         if model_overrides:
             flag = _BY_NAME[next(iter(model_overrides))].flag
-            raise ConfigError(f"{flag}: per-model flags apply to the single-model form only; "
-                              "this config has a models: list (edit models[*] in the file)")
+            problems.add(f"{flag}: per-model flags apply to the single-model form only; "
+                         "this config has a models: list (edit models[*] in the file)")
         raw_models = data["models"]
         if not isinstance(raw_models, list):
-            raise ConfigError(f"models: expected a list of model entries, got "
-                              f"{_shown(raw_models)} ({_type_name(raw_models)})")
-        if not raw_models:
-            raise ConfigError("models: the list is empty; give at least one entry with 'model'")
-        models = tuple(_parse_model(entry, f"models[{i}]", {}, ignored)
-                       for i, entry in enumerate(raw_models))
+            problems.add(f"models: expected a list of model entries, got "
+                         f"{_shown(raw_models)} ({_type_name(raw_models)})")
+        elif not raw_models:
+            problems.add("models: the list is empty; give at least one entry with 'model'")
+        else:
+            models = [_parse_model(entry, f"models[{i}]", {}, ignored, problems)
+                      for i, entry in enumerate(raw_models)]
+    elif "model" not in single_model and "model" not in model_overrides:
+        problems.add("model: missing; set 'model' (single-model form, or --model) "
+                     "or a non-empty 'models' list")
     else:
-        if "model" not in single_model and "model" not in model_overrides:
-            raise ConfigError("model: missing; set 'model' (single-model form, or --model) "
-                              "or a non-empty 'models' list")
-        models = (_parse_model(single_model, "", model_overrides, ignored),)
+        models = [_parse_model(single_model, "", model_overrides, ignored, problems)]
 
     merged = {**global_values, **{k: v for k, v in overrides.items()
                                   if _BY_NAME[k].scope == "global"}}
-    fields_ = {name: _checked(_BY_NAME[name], value, name,
-                              _BY_NAME[name].flag if name in overrides else None)
+    fields_ = {name: problems.check(_BY_NAME[name], value, name,
+                                    _BY_NAME[name].flag if name in overrides else None)
                for name, value in merged.items()}
-    config = Config(models=models, ignored_keys=tuple(ignored), **fields_)
+    problems.raise_any()
+    config = Config(models=tuple(m for m in models if m is not None), ignored_keys=tuple(ignored),
+                    **fields_)
     platform = get_platform(config.platform)
     if "hf_home" not in fields_:  # default: under the platform's node-local storage
         config = config.replace(hf_home=f"{platform.node_local_dir.rstrip('/')}/hf_home")
@@ -515,36 +611,44 @@ def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
 
 
 def check_placement(config: Config, platform: Platform) -> None:
-    """Platform-dependent rules: TP placeable, ports inside 1..65535 and not overlapping."""
-    from .plan import INTERNAL_PORTS_PER_SLOT  # plan imports config; import late
+    """Platform-dependent rules: TP placeable, a plan of at most MAX_NODES nodes, ports inside
+    1..65535 and not overlapping. Every broken rule is reported."""
+    from .plan import INTERNAL_PORTS_PER_SLOT, MAX_NODES, nodes_per_instance  # plan imports config
 
+    problems = _Problems()
     dpn = platform.devices_per_node
     single = len(config.models) == 1
+    nodes = 0
     for i, model in enumerate(config.models):
         tp = model.tensor_parallel_size
+        path = "tensor_parallel_size" if single else f"models[{i}].tensor_parallel_size"
         if tp > dpn and tp % dpn:
-            path = "tensor_parallel_size" if single else f"models[{i}].tensor_parallel_size"
-            raise ConfigError(
+            problems.add(
                 f"{path}: {tp} cannot be placed on {platform.name} ({dpn} devices per node); "
                 f"allowed: 1-{dpn}, or a multiple of {dpn} (whole nodes)")
+        nodes += model.instances * nodes_per_instance(tp, dpn)  # an upper bound of the plan's
+    if nodes > MAX_NODES:  # checked before make_plan builds anything of that size
+        problems.add(f"instances: the models need up to {nodes} nodes of {platform.name}; "
+                     f"at most {MAX_NODES} are supported")
     http_first, http_last = config.port_start, config.port_start + config.total_instances - 1
     if http_last > 65535:
-        raise ConfigError(
+        problems.add(
             f"port_start: {config.port_start} + {config.total_instances} instances runs past "
             f"65535 (last port {http_last}); allowed: port_start <= "
             f"{65536 - config.total_instances}")
     internal_first = config.internal_port_start
     internal_last = internal_first + dpn * INTERNAL_PORTS_PER_SLOT - 1
     if internal_last > 65535:
-        raise ConfigError(
+        problems.add(
             f"internal_port_start: {internal_first} + {dpn} slots x {INTERNAL_PORTS_PER_SLOT} "
             f"ports runs past 65535; allowed: internal_port_start <= "
             f"{65536 - dpn * INTERNAL_PORTS_PER_SLOT}")
-    if http_first <= internal_last and internal_first <= http_last:
+    elif http_first <= internal_last and internal_first <= http_last:
         http = f"{http_first}" if http_first == http_last else f"{http_first}-{http_last}"
-        raise ConfigError(
+        problems.add(
             f"port_start: HTTP ports {http} overlap the internal port range "
             f"{internal_first}-{internal_last} (internal_port_start); move one of them")
+    problems.raise_any()
 
 
 def check_submittable(config: Config, platform: Platform) -> None:
@@ -593,18 +697,56 @@ def _yaml_loader():
     return Loader
 
 
+def _check_size(text: str, loader) -> None:
+    """Refuse nesting deeper than MAX_YAML_DEPTH and aliases that expand to more than
+    MAX_YAML_VALUES values ("billion laughs") before anything is built: PyYAML composes
+    recursively and shares aliased objects, but every check and repr of them walks them whole.
+    Works on the parser's events, which PyYAML produces without recursion."""
+    import yaml
+
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    stack: list[list] = [[None, 0]]  # [anchor, values so far] per open collection
+    for event in yaml.parse(text, Loader=loader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(stack) > MAX_YAML_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                           problem_mark=event.start_mark)
+            stack.append([event.anchor, 1])
+            continue
+        if isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, count = stack.pop()
+        elif isinstance(event, yaml.ScalarEvent):
+            anchor, count = event.anchor, 1
+        elif isinstance(event, yaml.AliasEvent):
+            anchor, count = None, sizes.get(event.anchor, 1)
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = count
+        stack[-1][1] += count
+        if stack[-1][1] > MAX_YAML_VALUES or count > MAX_YAML_VALUES:
+            raise yaml.MarkedYAMLError(
+                problem=f"aliases expand to more than {MAX_YAML_VALUES} values",
+                problem_mark=event.start_mark)
+
+
 def parse_yaml(text: str, source: str = "config") -> Any:
     import yaml
 
+    loader = _yaml_loader()
     try:
-        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        _check_size(text, loader)
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
         problem = err.problem or err.context or "unreadable"
         raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow (NUL, ...)
+        raise ConfigError(f"{source}: invalid YAML: unacceptable character "
+                          f"#x{err.character:04x} at offset {err.position}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: invalid YAML: {err}") from None
+        raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0]}") from None
 
 
 def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -612,13 +754,11 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
     if path is None:
         return from_mapping({}, overrides)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = read_small_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read config file: "
-                          f"{getattr(err, 'strerror', None) or err}") from None
+    except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+        raise ConfigError(f"{path}: cannot read config file: {why_unreadable(err)}") from None
     return from_mapping(parse_yaml(text, str(path)), overrides)
 
 

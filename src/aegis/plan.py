@@ -23,6 +23,8 @@ from .config import Config
 from .platforms import Platform
 
 INTERNAL_PORTS_PER_SLOT = 16
+# More nodes than any machine has: plans and node lists above it are refused before they are built.
+MAX_NODES = 100_000
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,7 @@ def test_installed_command_dry_run_and_error(tmp_path):
     bad = subprocess.run([aegis, "submit", "--model", "m", "--instances", "0", "--dry-run"],
                          capture_output=True, text=True, cwd=tmp_path)
     assert bad.returncode == 2
-    assert bad.stderr == "aegis: error: instances (--instances): 0 is out of range; must be >= 1\n"
+    assert bad.stderr == "aegis: error: instances (--instances): 0 is out of range; must be between 1 and 65535\n"
     assert os.listdir(tmp_path) == []
 
 

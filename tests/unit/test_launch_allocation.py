@@ -71,3 +71,16 @@ def test_too_few_nodes_names_both_numbers():
         check_enough(alloc, 3)
     assert str(e.value) == ("the plan needs 3 node(s) but the allocation (SLURM_JOB_NODELIST) "
                             "has 2: n1, n2")
+
+
+def test_node_ranges_up_to_the_cap_expand_and_beyond_it_are_counted_not_built():
+    from aegis.launch.allocation import expand_slurm_nodelist
+    from aegis.plan import MAX_NODES
+
+    assert len(expand_slurm_nodelist(f"n[1-{MAX_NODES}]")) == MAX_NODES
+    with pytest.raises(AllocationError, match="names more than 100000 nodes"):
+        expand_slurm_nodelist(f"n[0-{MAX_NODES}]")
+    with pytest.raises(AllocationError, match="more than 100000 nodes"):
+        expand_slurm_nodelist(f"a[1-{MAX_NODES}],b[1-{MAX_NODES}]")
+    assert expand_slurm_nodelist("x[08-10]y[1,3]") == ["x08y1", "x08y3", "x09y1", "x09y3",
+                                                       "x10y1", "x10y3"]

@@ -326,7 +326,31 @@ def test_api_key_reaches_vllm_through_the_environment_only(tmp_path):
 @pytest.mark.parametrize("extra, env_extra, message", [
     (["--nodes", "only-one"], {}, "the plan needs 2 node(s) but the allocation (--nodes) has 1: only-one"),
     ([], {"SLURM_JOB_NODELIST": "n1"}, "the plan needs 2 node(s) but the allocation (SLURM_JOB_NODELIST) has 1: n1"),
-    (["--poll-interval", "5"], {}, "--poll-interval 5: must be > 0 and <= 1 second"),
+    (["--poll-interval", "5"], {}, "--poll-interval: 5.0 is out of range; must be > 0 and <= 1 seconds"),
+    # bounded input: huge node ranges are counted, never built
+    (["--nodes", "n[1-100000000]"], {},
+     "--nodes: 'n[1-100000000]' names more than 100000 nodes; at most 100000 are supported"),
+    (["--nodes", "a[1-1000]b[1-1000]"], {},
+     "--nodes: 'a[1-1000]b[1-1000]' names more than 100000 nodes; at most 100000 are supported"),
+    ([], {"SLURM_JOB_NODELIST": "n[0-99999999999999999]"},
+     "SLURM_JOB_NODELIST: 'n[0-99999999999999999]' names more than 100000 nodes; at most 100000 are supported"),
+    (["--nodes", "n[1-3],x$(id)"], {}, "--nodes: 'x$(id)' is not a host name"),
+    (["--nodefile", "/dev/zero"], {}, "--nodefile /dev/zero: larger than 65536 KiB"),
+    ([], {"PBS_NODEFILE": "/dev/zero"},
+     "PBS_NODEFILE /dev/zero: cannot read it (larger than 65536 KiB)"),
+    # timing knobs: NaN, inf and 0 refused
+    (["--stop-grace", "nan"], {}, "--stop-grace: nan is out of range; must be > 0 and <= 3600 seconds"),
+    (["--stop-grace", "0"], {}, "--stop-grace: 0.0 is out of range; must be > 0 and <= 3600 seconds"),
+    (["--restart-backoff", "0"], {}, "--restart-backoff: 0.0 is out of range; must be > 0 and <= 3600 seconds"),
+    (["--restart-backoff", "inf"], {}, "--restart-backoff: inf is out of range; must be > 0 and <= 3600 seconds"),
+    (["--restart-backoff", "nan"], {}, "--restart-backoff: nan is out of range; must be > 0 and <= 3600 seconds"),
+    (["--probe-timeout", "inf"], {}, "--probe-timeout: inf is out of range; must be > 0 and <= 3600 seconds"),
+    (["--liveness-interval", "0"], {}, "--liveness-interval: 0.0 is out of range; must be > 0 and <= 86400 seconds"),
+    (["--poll-interval", "nan"], {}, "--poll-interval: nan is out of range; must be > 0 and <= 1 seconds"),
+    (["--startup-timeout", "inf"], {},
+     "startup_timeout (--startup-timeout): inf is out of range; must be > 0 and <= 604800 seconds"),
+    (["--max-restarts", "99999999999"], {},
+     "max_restarts (--max-restarts): 99999999999 is out of range; must be between 0 and 1000000"),
 ])
 def test_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, extra, env_extra, message):
     run = Run(tmp_path, [{"name": "m", "instances": 3}])
@@ -334,6 +358,45 @@ def test_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, extra, env_ex
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"aegis launch: error: {message}"]
     assert not run.run_dir.exists()
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if not line.startswith("aegis launch: starting")]
+
+
+def test_run_dir_on_a_read_only_file_system_is_refused_on_every_rank(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "instances": 3}])  # 2 ranks: rank 0 checks, both stop
+    res = run.launch("--run-dir", "/sys/aegis-run")  # sysfs: no regular files, even for root
+    assert res.returncode == 2
+    assert _errors(res.stderr) == [
+        "aegis launch: error: --run-dir /sys/aegis-run: cannot write in /sys (Permission denied)"]
+    assert run.leftovers() == []
+
+
+@pytest.mark.parametrize("endpoints", ["endpoints.json", "endpoints.txt"])
+def test_endpoints_file_that_cannot_be_written_is_refused_on_every_rank(tmp_path, endpoints):
+    """A directory where the endpoints file (or its .txt twin) goes; 2 ranks (mpiexec)."""
+    target = tmp_path / "ep" / endpoints
+    target.mkdir(parents=True)
+    run = Run(tmp_path, [{"name": "m", "instances": 3}],
+              endpoints_file=str(tmp_path / "ep" / "endpoints.json"))
+    res = run.launch()
+    assert res.returncode == 2, res.stderr
+    assert _errors(res.stderr) == [
+        f"aegis launch: error: endpoints_file {tmp_path}/ep/endpoints.json: {target} is a "
+        "directory"]
+    assert not run.run_dir.exists() and run.leftovers() == []
+
+
+@pytest.mark.parametrize("host, why", [("999.1.1.1", "Name or service not known"),
+                                       ("192.0.2.1", "Cannot assign requested address")])
+def test_a_bind_host_that_is_no_address_here_is_reported_as_such(tmp_path, host, why):
+    run = Run(tmp_path, [{"name": "m"}], allow_partial=True)  # a bad address is bad input anyway
+    res = run.launch("--bind-host", host)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        f"aegis launch: error: cannot listen on {host} port {run.port}: {why} (127.0.0.1)"]
+    assert not run.run_dir.exists() and run.leftovers() == []
 
 
 def test_too_few_nodes_from_pbs_nodefile_on_every_rank(tmp_path):
@@ -386,5 +449,5 @@ def test_unwritable_run_directory_is_refused_before_anything_starts(tmp_path):
     res = run.launch("--once", "--run-dir", str(blocker / "run"))
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().splitlines() == [
-        f"aegis launch: error: cannot write {blocker / 'run'}: Not a directory"]
+        f"aegis launch: error: --run-dir {blocker / 'run'}: {blocker} is not a directory"]
     assert processes_with(run.token) == []

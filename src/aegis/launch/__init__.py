@@ -17,17 +17,20 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from ..config import Config, ConfigError, load_config
+from ..config import (Config, ConfigError, FileTooLarge, check_seconds, load_config,
+                      read_small_file, why_unreadable)
 from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
-from .allocation import Allocation, AllocationError, check_enough, find_allocation
+from .allocation import (MAX_NODEFILE_BYTES, Allocation, AllocationError, check_enough,
+                         find_allocation)
 from .endpoints import (EndpointsFile, InstanceState, failure_report, merge_parts, none_serving,
                         summary_table)
 from .instances import build_part, part_name, staged_model_dir, vllm_command_argv
-from .processes import port_in_use
+from .processes import bind_problem
 from .supervise import LocalFleet
 
 __all__ = ["main", "run_rank", "under_mpi"]
@@ -86,7 +89,8 @@ def _log(rank: int | None, msg: str) -> None:
 
 
 def _error(msg: str) -> None:
-    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+    for line in msg.splitlines():  # a ConfigError may name several problems, one a line
+        print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
 
 
 # --- pure preparation: same answer on every rank ---
@@ -94,14 +98,12 @@ def _error(msg: str) -> None:
 def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform, Plan, Allocation]:
     """Parse, load, plan, find the nodes. Raises UsageError/ConfigError/AllocationError."""
     args = build_parser().parse_args(argv)
-    if not 0 < args.poll_interval <= 1:
-        raise UsageError(f"--poll-interval {args.poll_interval:g}: must be > 0 and <= 1 second")
-    if args.stop_grace < 0 or args.restart_backoff < 0:
-        raise UsageError("--stop-grace and --restart-backoff must be >= 0")
-    for flag, value in (("--liveness-interval", args.liveness_interval),
-                        ("--probe-timeout", args.probe_timeout)):
-        if value <= 0:
-            raise UsageError(f"{flag} {value:g}: must be > 0 seconds")
+    for flag, value, maximum in (("--poll-interval", args.poll_interval, 1),
+                                 ("--stop-grace", args.stop_grace, 3600),
+                                 ("--restart-backoff", args.restart_backoff, 3600),
+                                 ("--probe-timeout", args.probe_timeout, 3600),
+                                 ("--liveness-interval", args.liveness_interval, 86400)):
+        check_seconds(flag, value, maximum)
     overrides = {"platform": args.platform, "vllm_command": args.vllm_command,
                  "startup_timeout": args.startup_timeout, "max_restarts": args.max_restarts,
                  "allow_partial": args.allow_partial}
@@ -111,12 +113,12 @@ def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform,
     nodefile_text = None
     if args.nodefile:
         try:
-            nodefile_text = Path(args.nodefile).read_text(encoding="utf-8")
-        except OSError as e:
-            raise UsageError(f"--nodefile {args.nodefile}: {e.strerror}") from None
+            nodefile_text = read_small_file(args.nodefile, MAX_NODEFILE_BYTES)
+        except (OSError, UnicodeDecodeError, FileTooLarge) as e:
+            raise UsageError(f"--nodefile {args.nodefile}: {why_unreadable(e)}") from None
     allocation = find_allocation(
         nodes=args.nodes, nodefile_text=nodefile_text, nodefile_name=args.nodefile, env=env,
-        read_file=lambda p: Path(p).read_text(encoding="utf-8"), local_count=plan.nodes_needed)
+        read_file=lambda p: read_small_file(p, MAX_NODEFILE_BYTES), local_count=plan.nodes_needed)
     check_enough(allocation, plan.nodes_needed)
     return args, config, platform, plan, allocation
 
@@ -237,27 +239,84 @@ def _run_prepared(prepared) -> int:
             signal.signal(sig, handler)
 
 
+def _cannot_write(directory: Path) -> str | None:
+    """Why files cannot be created in `directory` (made later if missing), or None. Creates
+    nothing that stays: a refused launch leaves no half-made run directory behind."""
+    existing = directory
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as e:
+        return f"cannot look at {existing} ({e.strerror or e})"
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror or e})"
+    return None
+
+
+def _unwritable(run_dir: str, endpoints: Path, run_dir_flag: str) -> list[str]:
+    """Rank 0, before anything starts: the run directory and the endpoints file must be
+    writable (a launch that cannot report its endpoints is of no use)."""
+    problem = _cannot_write(Path(run_dir))
+    if problem:
+        return [f"{run_dir_flag} {run_dir}: {problem}"]
+    problem = _cannot_write(endpoints.parent)
+    if problem:
+        return [f"endpoints_file {endpoints}: {problem}"]
+    return [f"endpoints_file {endpoints}: {path} is a directory"
+            for path in (endpoints, endpoints.with_suffix(".txt")) if path.is_dir()]
+
+
 def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
     rank = coll.rank
     log = (lambda msg: _log(rank, msg))
     mine = plan.on_node(rank)
-
-    # Preflight that depends on this node: the command must exist here.
-    cmd0 = vllm_command_argv(config)[0]
-    problem = None
-    if mine and shutil.which(cmd0) is None:
-        problem = f"vllm_command: {cmd0!r} not found on node {allocation.nodes[rank]}"
-    problems = [p for p in coll.allgather(problem) if p]
-    if problems:
-        if rank == 0:
-            for p in sorted(set(problems)):
-                _error(p)
-        return EXIT_BAD_INPUT
-
     job = _job_id(os.environ)
     run_dir = coll.bcast(os.path.abspath(args.run_dir or os.path.join(config.run_dir, job))
                          if rank == 0 else None)
     endpoints_path = Path(run_dir) / config.endpoints_file  # an absolute path stays as it is
+
+    # Preflight, before anything is written, moved or started: each rank checks what depends
+    # on its node, rank 0 what is shared, and every rank reaches the same verdict.
+    bad_input: list[str] = []
+    cmd0 = vllm_command_argv(config)[0]
+    if mine and shutil.which(cmd0) is None:
+        bad_input.append(f"vllm_command: {cmd0!r} not found on node {allocation.nodes[rank]}")
+    if rank == 0:
+        bad_input += _unwritable(run_dir, endpoints_path,
+                                 "--run-dir" if args.run_dir else "run_dir")
+    my_nodes = {n for inst in mine for n in inst.nodes}
+    addresses = [_address(h) if i in my_nodes else h for i, h in enumerate(allocation.nodes)]
+    parts = [build_part(instance=inst, model=config.models[inst.model_index], config=config,
+                        platform=platform, node_index=rank, hosts=list(allocation.nodes),
+                        addresses=addresses, bind_host=args.bind_host, run_dir=run_dir)
+             for inst in mine]
+    # A port already taken: without allow_partial nothing is started anywhere (with it, the
+    # fleet reports those instances failed and starts the rest). An address that cannot be
+    # listened on at all is bad input either way.
+    taken = []
+    for part in parts:
+        problem = bind_problem(part.bind_host, part.port) if part.is_head else None
+        if problem and not problem.in_use:
+            bad_input.append(f"{problem.message} ({allocation.nodes[rank]})")
+        elif problem and not config.allow_partial:
+            taken.append(f"port {part.port} on {part.bind_host} ({allocation.nodes[rank]}) is "
+                         "already in use")
+    verdicts = coll.allgather((bad_input, taken))
+    bad_input = sorted({line for bad, _ in verdicts for line in bad})
+    taken = [line for _, per_rank in verdicts for line in per_rank]
+    if bad_input or taken:
+        if rank == 0:
+            for line in bad_input or taken:
+                _error(line)
+            if not bad_input:
+                _error("nothing started (allow_partial would start the other instances)")
+        return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+
     endpoints = None
     problem = None
     if rank == 0:
@@ -266,7 +325,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
             endpoints_path.parent.mkdir(parents=True, exist_ok=True)
             endpoints = EndpointsFile(endpoints_path, run_dir=run_dir, job=job, ranks=coll.size)
             endpoints.update(_planned_states(plan, allocation, run_dir), state="staging")
-        except OSError as e:
+        except OSError as e:  # what the preflight could not foresee (a race, a full disk)
             problem = f"cannot write {e.filename or endpoints_path}: {e.strerror or e}"
     problem = coll.bcast(problem)
     if problem:
@@ -279,8 +338,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
             f"{allocation.source}; run directory {run_dir}; endpoints {endpoints_path}")
     code = EXIT_FAILED
     try:
-        code = _stage_and_serve(args, config, platform, plan, allocation, coll, stop, api_key,
-                                run_dir, endpoints, log)
+        code = _stage_and_serve(args, config, coll, stop, api_key, parts, endpoints, log)
         return code
     finally:
         if endpoints is not None:  # rank 0, also on an internal error: nothing is served now
@@ -299,10 +357,8 @@ def _planned_states(plan, allocation, run_dir) -> list[InstanceState]:
         for inst in plan.instances]
 
 
-def _stage_and_serve(args, config, platform, plan, allocation, coll, stop, api_key, run_dir,
-                     endpoints, log) -> int:
+def _stage_and_serve(args, config, coll, stop, api_key, parts, endpoints, log) -> int:
     rank = coll.rank
-    mine = plan.on_node(rank)
     coll.barrier()
     # Per node, once: stage each model source into the node-local cache (collective).
     for model in config.models:
@@ -322,25 +378,6 @@ def _stage_and_serve(args, config, platform, plan, allocation, coll, stop, api_k
                        f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s")
                 log(f"staged {model.model_source} -> {dest} ({how})")
 
-    my_nodes = {n for inst in mine for n in inst.nodes}
-    addresses = [_address(h) if i in my_nodes else h for i, h in enumerate(allocation.nodes)]
-    models = config.models
-    parts = [build_part(instance=inst, model=models[inst.model_index], config=config,
-                        platform=platform, node_index=rank, hosts=list(allocation.nodes),
-                        addresses=addresses, bind_host=args.bind_host, run_dir=run_dir)
-             for inst in mine]
-    # Ports already taken fail fast: without allow_partial nothing is started anywhere
-    # (with it, the fleet reports those instances failed and starts the rest).
-    if not config.allow_partial:  # the same on every rank, so the collective matches
-        taken = [f"port {p.port} on {p.bind_host} ({allocation.nodes[rank]}) is already in use"
-                 for p in parts if p.is_head and port_in_use(p.bind_host, p.port)]
-        taken = [t for per_rank in coll.allgather(taken) for t in per_rank]
-        if taken:
-            if rank == 0:
-                for t in taken:
-                    _error(t)
-                _error("nothing started (allow_partial would start the other instances)")
-            return EXIT_FAILED
     fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
                        max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
                        liveness_interval=args.liveness_interval, probe_timeout=args.probe_timeout,

@@ -10,7 +10,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ..config import why_unreadable
+from ..plan import MAX_NODES
+
 LOCAL_HOST = "127.0.0.1"
+# A node file of MAX_NODES hosts, each repeated per rank slot, fits easily.
+MAX_NODEFILE_BYTES = 64 << 20
+_HOST = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
 
 
 class AllocationError(ValueError):
@@ -33,13 +39,23 @@ def unique_in_order(names) -> list[str]:
     return out
 
 
-def parse_nodefile(text: str) -> list[str]:
+def _checked_hosts(hosts: list[str], source: str) -> list[str]:
+    for host in hosts:
+        if not _HOST.fullmatch(host):
+            raise AllocationError(f"{source}: {host[:60]!r} is not a host name")
+    if len(hosts) > MAX_NODES:
+        raise AllocationError(f"{source}: {len(hosts)} nodes; at most {MAX_NODES} are supported")
+    return hosts
+
+
+def parse_nodefile(text: str, source: str = "node file") -> list[str]:
     """PBS_NODEFILE repeats a host once per rank slot; keep each host once, in order."""
-    return unique_in_order(line.split()[0] for line in text.splitlines() if line.strip()
-                           and not line.lstrip().startswith("#"))
+    return _checked_hosts(unique_in_order(line.split()[0] for line in text.splitlines()
+                                          if line.strip() and not line.lstrip().startswith("#")),
+                          source)
 
 
-def _split_top_level(text: str) -> list[str]:
+def _split_top_level(text: str, source: str) -> list[str]:
     """Split on commas that are not inside [...]: 'a[1-2],b' -> ['a[1-2]', 'b']."""
     parts, depth, start = [], 0, 0
     for i, ch in enumerate(text):
@@ -48,56 +64,63 @@ def _split_top_level(text: str) -> list[str]:
         elif ch == "]":
             depth -= 1
             if depth < 0:
-                raise AllocationError(f"SLURM_JOB_NODELIST: unbalanced ']' in {text!r}")
+                raise AllocationError(f"{source}: unbalanced ']' in {text[:60]!r}")
         elif ch == "," and depth == 0:
             parts.append(text[start:i])
             start = i + 1
     if depth != 0:
-        raise AllocationError(f"SLURM_JOB_NODELIST: unbalanced '[' in {text!r}")
+        raise AllocationError(f"{source}: unbalanced '[' in {text[:60]!r}")
     parts.append(text[start:])
     return parts
 
 
-def _expand_range_list(spec: str, whole: str) -> list[str]:
-    """'1-3,05,7' -> ['1','2','3','05','7'], keeping zero padding of the range's start."""
+def _ranges(spec: str, whole: str, source: str) -> list[tuple[int, int, int]]:
+    """'1-3,05,7' -> [(1, 3, 1), (5, 5, 2), (7, 7, 1)]: (first, last, zero-padded width)."""
     out = []
     for item in spec.split(","):
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        m = re.fullmatch(r"(\d{1,18})(?:-(\d{1,18}))?", item.strip())
         if not m:
-            raise AllocationError(f"SLURM_JOB_NODELIST: bad range {item!r} in {whole!r}")
-        lo, hi = m.group(1), m.group(2)
-        if hi is None:
-            out.append(lo)
-            continue
+            raise AllocationError(f"{source}: bad range {item[:60]!r} in {whole!r}")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
         if int(hi) < int(lo):
-            raise AllocationError(f"SLURM_JOB_NODELIST: descending range {item!r} in {whole!r}")
-        width = len(lo)
-        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+            raise AllocationError(f"{source}: descending range {item!r} in {whole!r}")
+        out.append((int(lo), int(hi), len(lo)))
     return out
 
 
-def _expand_one(pattern: str, whole: str) -> list[str]:
-    """Expand every [...] group in one host pattern (cartesian product, left to right)."""
-    m = re.search(r"\[([^\]]*)\]", pattern)
-    if not m:
-        return [pattern]
-    head, tail = pattern[: m.start()], pattern[m.end():]
-    return [head + num + rest for num in _expand_range_list(m.group(1), whole)
-            for rest in _expand_one(tail, whole)]
+def _expand_one(pattern: str, whole: str, source: str) -> list[str]:
+    """Expand every [...] group in one host pattern (cartesian product, left to right).
+    The count is computed first, so 'n[1-100000000]' is refused without building it."""
+    pieces = re.split(r"\[([^\]]*)\]", pattern)  # text, ranges, text, ranges, ..., text
+    groups = [_ranges(spec, whole, source) for spec in pieces[1::2]]
+    count = 1
+    for ranges in groups:
+        count *= sum(hi - lo + 1 for lo, hi, _ in ranges)
+        if count > MAX_NODES:
+            raise AllocationError(f"{source}: {pattern[:60]!r} names more than "
+                                  f"{MAX_NODES} nodes; at most {MAX_NODES} are supported")
+    hosts = [pieces[0]]
+    for ranges, text in zip(groups, pieces[2::2]):
+        hosts = [host + str(n).zfill(width) + text for host in hosts
+                 for lo, hi, width in ranges for n in range(lo, hi + 1)]
+    return hosts
 
 
-def expand_slurm_nodelist(nodelist: str) -> list[str]:
+def expand_slurm_nodelist(nodelist: str, source: str = "SLURM_JOB_NODELIST") -> list[str]:
     """Slurm's compact host list -> host names: 'node[1-3,5],gpu-[01-02]' -> node1..node5, gpu-01, gpu-02."""
     text = nodelist.strip()
     if not text:
-        raise AllocationError("SLURM_JOB_NODELIST is empty")
-    hosts = []
-    for part in _split_top_level(text):
+        raise AllocationError(f"{source} is empty")
+    hosts: list[str] = []
+    for part in _split_top_level(text, source):
         part = part.strip()
         if not part:
-            raise AllocationError(f"SLURM_JOB_NODELIST: empty entry in {nodelist!r}")
-        hosts.extend(_expand_one(part, nodelist))
-    return unique_in_order(hosts)
+            raise AllocationError(f"{source}: empty entry in {nodelist[:60]!r}")
+        hosts.extend(_expand_one(part, nodelist[:60], source))
+        if len(hosts) > MAX_NODES:
+            raise AllocationError(f"{source}: more than {MAX_NODES} nodes; at most "
+                                  f"{MAX_NODES} are supported")
+    return _checked_hosts(unique_in_order(hosts), source)
 
 
 def find_allocation(*, nodes: str | None, nodefile_text: str | None, nodefile_name: str | None,
@@ -105,18 +128,20 @@ def find_allocation(*, nodes: str | None, nodefile_text: str | None, nodefile_na
     """Pick the node list. `read_file(path) -> str` is injected so this stays testable."""
     if nodes:
         # --nodes a,b,c; Slurm compact forms work too (--nodes node[1-4])
-        return Allocation(tuple(expand_slurm_nodelist(nodes)), "--nodes")
+        return Allocation(tuple(expand_slurm_nodelist(nodes, "--nodes")), "--nodes")
     if nodefile_text is not None:
-        hosts = parse_nodefile(nodefile_text)
+        hosts = parse_nodefile(nodefile_text, f"--nodefile {nodefile_name}")
         if not hosts:
             raise AllocationError(f"--nodefile {nodefile_name}: no host names in it")
         return Allocation(tuple(hosts), f"--nodefile {nodefile_name}")
     if env.get("PBS_NODEFILE"):
         path = env["PBS_NODEFILE"]
         try:
-            hosts = parse_nodefile(read_file(path))
-        except OSError as e:
-            raise AllocationError(f"PBS_NODEFILE {path}: cannot read it ({e.strerror})") from None
+            text = read_file(path)
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or too large
+            raise AllocationError(f"PBS_NODEFILE {path}: cannot read it ({why_unreadable(e)})"
+                                  ) from None
+        hosts = parse_nodefile(text, f"PBS_NODEFILE {path}")
         if not hosts:
             raise AllocationError(f"PBS_NODEFILE {path}: no host names in it")
         return Allocation(tuple(hosts), "PBS_NODEFILE")

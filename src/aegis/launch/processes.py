@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import subprocess
 import time
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 from .instances import Part, render_script
 
@@ -26,16 +28,28 @@ def _die_with_launcher() -> None:
         pass
 
 
-def port_in_use(host: str, port: int) -> bool:
-    """True when something listens on host:port. SO_REUSEADDR as servers set it, so
-    TIME_WAIT leftovers of a previous run do not count."""
+class BindProblem(NamedTuple):
+    in_use: bool  # False: the address itself is wrong (not this node's, not an address)
+    message: str
+
+
+def bind_problem(host: str, port: int) -> BindProblem | None:
+    """Why a server could not listen on host:port, or None. SO_REUSEADDR as servers set it,
+    so TIME_WAIT leftovers of a previous run do not count."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return BindProblem(True, f"port {port} on {host} is already in use")
+            return BindProblem(False, f"cannot listen on {host} port {port}: "
+                                      f"{e.strerror or e}")
+    return None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    return bind_problem(host, port) is not None
 
 
 def write_script(part: Part) -> None:

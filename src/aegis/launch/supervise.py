@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .endpoints import InstanceState
 from .instances import Part
-from .processes import Running, port_in_use, stop_all, write_script
+from .processes import Running, bind_problem, stop_all, write_script
 from .readiness import Target, probe_round
 
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -69,8 +69,9 @@ class LocalFleet:
     def _start(self, slot: Slot, now: float) -> None:
         part = slot.part
         slot.next_start = None
-        if part.is_head and port_in_use(part.bind_host, part.port):
-            self._fail(slot, f"port {part.port} on {part.bind_host} is already in use")
+        problem = bind_problem(part.bind_host, part.port) if part.is_head else None
+        if problem:
+            self._fail(slot, problem.message)
             return
         slot.running = Running(part, attempt=slot.restarts)
         slot.exit_code = None
