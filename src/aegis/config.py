@@ -108,6 +108,16 @@ class Config:
     api_key_env: str | None = None
     # Extra environment for every instance (e.g. VLLM_CPU_KVCACHE_SPACE), as (name, value).
     instance_env: tuple[tuple[str, str], ...] = ()
+    # Node-local storage for the staged environment and the instances' caches. None: the
+    # platform's node_local_dir. $VARS expand on each node.
+    node_local_dir: str | None = None
+    # A packed Python environment (conda-pack / venv-pack tarball) or an Apptainer image on
+    # the shared file system: staged to node_local_dir once per node, instances run from it.
+    env_source: str | None = None
+    container: str | None = None
+    # Run once per node, under a lock, before the instances start (after the built-in
+    # tokenizer pre-warm), inside the instances' environment.
+    prewarm_command: str | None = None
     hf_token: str | None = field(default=None, repr=False)  # accepted, never rendered
     ignored_keys: tuple[str, ...] = ()  # legacy keys accepted with a warning
 
@@ -302,10 +312,25 @@ def _secret(value: Any) -> str:
 AFFINITY_ENV = tuple(sorted({p.affinity_var for p in [*PLATFORMS.values(), local_platform()]}
                             | {"CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                                "ROCR_VISIBLE_DEVICES"}))
+# Node-local cache variables (aegis.launch.caches): each instance gets its own directories.
+CACHE_ENV = ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+             "TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME", "HF_MODULES_CACHE", "HF_XET_CACHE",
+             "HF_ASSETS_CACHE", "TIKTOKEN_CACHE_DIR", "TIKTOKEN_RS_CACHE_DIR",
+             *sorted({name for p in PLATFORMS.values() for name in p.cache_vars}))
 # Set by the launcher for every instance; configure them through their own keys.
 MANAGED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "VLLM_HOST_IP", "VLLM_PORT", "MASTER_ADDR",
-               "MASTER_PORT", "VLLM_API_KEY", *AFFINITY_ENV,
+               "MASTER_PORT", "VLLM_API_KEY", *AFFINITY_ENV, *CACHE_ENV,
                *sorted({name for p in PLATFORMS.values() for name in p.instance_env}))
+
+_ENV_TARBALLS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar")
+
+
+def _env_tarball(value: Any) -> str:
+    text = _text(value, what="a conda-pack or venv-pack tarball path")
+    if not text.endswith(_ENV_TARBALLS):
+        raise _Invalid(f"{_shown(text)} is not a packed environment; expected a tarball from "
+                       f"conda-pack or venv-pack ({', '.join(_ENV_TARBALLS)})")
+    return text
 
 
 def _environment(value: Any) -> tuple[tuple[str, str], ...]:
@@ -445,6 +470,18 @@ GLOBAL_KEYS: tuple[Key, ...] = (
         "Name of the environment variable holding the API key vLLM requires (value never stored)."),
     Key("instance_env", _environment,
         "Extra environment for every instance: a mapping NAME: value (flag: 'NAME=VALUE ...')."),
+    Key("node_local_dir", _optional(lambda v: _text(v, what="a directory path")),
+        "Node-local storage for the staged environment and per-instance caches; $VARS expand "
+        "on each node. Default: the platform's."),
+    Key("env_source", _optional(_env_tarball),
+        "Packed Python environment (conda-pack / venv-pack tarball) on the shared file system: "
+        "staged and unpacked once per node; instances start with it activated."),
+    Key("container", _optional(lambda v: _text(v, what="an Apptainer image (.sif) path")),
+        "Apptainer/Singularity image (.sif) on the shared file system: staged once per node; "
+        "instances run vllm_command in it (apptainer exec)."),
+    Key("prewarm_command", _optional(_command),
+        "Command run once per node, under a lock, before the instances start, in their "
+        "environment (e.g. to fill a compile or tokenizer cache)."),
 )
 
 KEYS: tuple[Key, ...] = MODEL_KEYS + GLOBAL_KEYS
@@ -604,8 +641,13 @@ def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
     config = Config(models=tuple(m for m in models if m is not None), ignored_keys=tuple(ignored),
                     **fields_)
     platform = get_platform(config.platform)
-    if "hf_home" not in fields_:  # default: under the platform's node-local storage
-        config = config.replace(hf_home=f"{platform.node_local_dir.rstrip('/')}/hf_home")
+    if config.env_source and config.container:
+        raise ConfigError("container: cannot be combined with env_source; the image holds "
+                          "the environment (set one of them)")
+    if config.node_local_dir is None:
+        config = config.replace(node_local_dir=platform.node_local_dir)
+    if "hf_home" not in fields_:  # default: under the node-local storage
+        config = config.replace(hf_home=f"{config.node_local_dir.rstrip('/')}/hf_home")
     check_placement(config, platform)
     return config
 

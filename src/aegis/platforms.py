@@ -32,6 +32,15 @@ class Platform:
     affinity_separator: str = ","
     # HPC sites charge jobs to a project: `aegis submit` refuses to submit without `account`.
     requires_account: bool = True
+    # How a node's serving address (bind address, VLLM_HOST_IP, the endpoints file) is formed
+    # from its name in the node list; see aegis.launch.addresses. "{host}": the name as
+    # listed, "{short}": its first label, "interface:NAME": that interface's IPv4 address.
+    address: str = "{host}"
+    # `apptainer exec` flags that give a container this platform's devices.
+    container_flags: tuple[str, ...] = ()
+    # Per-instance cache variables this platform's stack needs beyond aegis's own (see
+    # aegis.launch.caches), e.g. MIOpen's user database on ROCm.
+    cache_vars: tuple[str, ...] = ()
 
     def launcher_argv(self, nodes: int) -> list[str]:
         return [part.replace("{nodes}", str(nodes)) for part in self.rank_launcher]
@@ -50,6 +59,12 @@ PLATFORMS: dict[str, Platform] = {
             setup_lines=("module load frameworks",),
             directives=("-l place=scatter",),  # one select chunk per node
             instance_env={"ZE_FLAT_DEVICE_HIERARCHY": "FLAT"},
+            # Serve on the Slingshot high-speed network: PBS_NODEFILE lists the management
+            # names (x4000c0s0b0n0.hostmgmt2000.cm...), which are on the slow network.
+            address="{short}.hsn.cm.aurora.alcf.anl.gov",
+            # Intel GPUs are /dev/dri/*, which Apptainer binds by default (no --nv/--rocm).
+            container_flags=(),
+            cache_vars=("NEO_CACHE_DIR", "SYCL_CACHE_DIR"),
         ),
         Platform(
             name="polaris",
@@ -60,6 +75,7 @@ PLATFORMS: dict[str, Platform] = {
             node_local_dir="/local/scratch",
             setup_lines=("module use /soft/modulefiles", "module load conda"),
             directives=("-l place=scatter",),
+            container_flags=("--nv",),
         ),
         Platform(
             name="frontier",
@@ -73,6 +89,11 @@ PLATFORMS: dict[str, Platform] = {
             node_local_dir="/mnt/bb/$USER",
             setup_lines=("module load PrgEnv-gnu rocm",),
             directives=("-C nvme",),
+            # Node names resolve to the Slingshot (hsn0) addresses on Frontier.
+            container_flags=("--rocm",),
+            # MIOpen's user database defaults to ~/.config/miopen on the shared home, which
+            # concurrent processes corrupt (OLCF recommends a node-local path per process).
+            cache_vars=("MIOPEN_USER_DB_PATH", "MIOPEN_CUSTOM_CACHE_DIR"),
         ),
     )
 }

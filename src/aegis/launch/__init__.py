@@ -15,7 +15,6 @@ import dataclasses
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -25,11 +24,16 @@ from ..config import (Config, ConfigError, FileTooLarge, check_seconds, load_con
                       read_small_file, why_unreadable)
 from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
+from .addresses import host_ip, interface_ipv4, serving_address
 from .allocation import (MAX_NODEFILE_BYTES, Allocation, AllocationError, check_enough,
                          find_allocation)
+from .caches import instance_cache_dir, job_cache_root
+from .environment import Runtime
 from .endpoints import (EndpointsFile, InstanceState, failure_report, merge_parts, none_serving,
                         summary_table)
-from .instances import build_part, part_name, staged_model_dir, vllm_command_argv
+from .instances import build_part, model_arg, part_name, staged_model_dir
+from .node import prepare_runtime, prewarm, runtime_problem
+from .pernode import remove_job_caches
 from .processes import bind_problem
 from .supervise import LocalFleet
 
@@ -187,13 +191,6 @@ def _job_id(env) -> str:
             or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
-def _address(name: str) -> str:
-    try:
-        return socket.gethostbyname(name)
-    except OSError:
-        return name
-
-
 def run_rank(argv: list[str]) -> int:
     """One launcher rank. Every check that can fail on bad input runs before anything starts,
     and each rank reaches the same verdict without talking to the others."""
@@ -204,7 +201,8 @@ def run_rank(argv: list[str]) -> int:
 def _run_prepared(prepared) -> int:
     args, config, platform, plan, allocation = prepared
     # hf_home is node-local storage: $VARS in it ($TMPDIR, /mnt/bb/$USER) expand on each node.
-    config = dataclasses.replace(config, hf_home=os.path.expandvars(config.hf_home))
+    config = dataclasses.replace(config, hf_home=os.path.expandvars(config.hf_home),
+                                 node_local_dir=os.path.expandvars(config.node_local_dir))
     api_key = None
     if config.api_key_env:
         api_key = os.environ.get(config.api_key_env)
@@ -275,7 +273,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
     rank = coll.rank
     log = (lambda msg: _log(rank, msg))
     mine = plan.on_node(rank)
-    job = _job_id(os.environ)
+    job = coll.bcast(_job_id(os.environ) if rank == 0 else None)  # a local id has rank 0's pid
     run_dir = coll.bcast(os.path.abspath(args.run_dir or os.path.join(config.run_dir, job))
                          if rank == 0 else None)
     endpoints_path = Path(run_dir) / config.endpoints_file  # an absolute path stays as it is
@@ -283,18 +281,24 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
     # Preflight, before anything is written, moved or started: each rank checks what depends
     # on its node, rank 0 what is shared, and every rank reaches the same verdict.
     bad_input: list[str] = []
-    cmd0 = vllm_command_argv(config)[0]
-    if mine and shutil.which(cmd0) is None:
-        bad_input.append(f"vllm_command: {cmd0!r} not found on node {allocation.nodes[rank]}")
+    node = allocation.nodes[rank] if rank < len(allocation.nodes) else f"rank {rank}"
+    if mine and not (config.env_source or config.container):  # else checked once in place
+        bad_input += [p for p in [runtime_problem(config, Runtime(), node)] if p]
     if rank == 0:
         bad_input += _unwritable(run_dir, endpoints_path,
                                  "--run-dir" if args.run_dir else "run_dir")
-    my_nodes = {n for inst in mine for n in inst.nodes}
-    addresses = [_address(h) if i in my_nodes else h for i, h in enumerate(allocation.nodes)]
-    parts = [build_part(instance=inst, model=config.models[inst.model_index], config=config,
-                        platform=platform, node_index=rank, hosts=list(allocation.nodes),
-                        addresses=addresses, bind_host=args.bind_host, run_dir=run_dir)
-             for inst in mine]
+    addresses, host_ips, problem = _serving_addresses(coll, platform, allocation)
+    bad_input += [problem] if problem else []
+    cache_root = job_cache_root(config.node_local_dir, job)
+
+    def make_parts(runtime: Runtime) -> list:
+        return [build_part(instance=inst, model=config.models[inst.model_index], config=config,
+                           platform=platform, node_index=rank, hosts=list(allocation.nodes),
+                           addresses=addresses, host_ips=host_ips, bind_host=args.bind_host,
+                           run_dir=run_dir, cache_root=cache_root, runtime=runtime)
+                for inst in mine]
+
+    parts = make_parts(Runtime())
     # A port already taken: without allow_partial nothing is started anywhere (with it, the
     # fleet reports those instances failed and starts the rest). An address that cannot be
     # listened on at all is bad input either way.
@@ -338,7 +342,8 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
             f"{allocation.source}; run directory {run_dir}; endpoints {endpoints_path}")
     code = EXIT_FAILED
     try:
-        code = _stage_and_serve(args, config, coll, stop, api_key, parts, endpoints, log)
+        code = _stage_and_serve(args, config, platform, coll, stop, api_key, make_parts,
+                                cache_root, node, run_dir, endpoints, log)
         return code
     finally:
         if endpoints is not None:  # rank 0, also on an internal error: nothing is served now
@@ -357,7 +362,35 @@ def _planned_states(plan, allocation, run_dir) -> list[InstanceState]:
         for inst in plan.instances]
 
 
-def _stage_and_serve(args, config, coll, stop, api_key, parts, endpoints, log) -> int:
+def _serving_addresses(coll, platform, allocation) -> tuple[list[str], list[str], str | None]:
+    """Collective: each rank forms its own node's serving address (an interface's address can
+    only be read on the node) and resolves it; everyone learns all of them (a multi-node
+    instance needs its head's). -> (addresses, their IPs, this rank's problem or None)."""
+    rank, nodes = coll.rank, allocation.nodes
+    mine = problem = None
+    if rank < len(nodes):
+        try:
+            address = serving_address(platform.address, nodes[rank], interface_ipv4)
+            mine = (address, host_ip(address))
+        except OSError as e:
+            problem = f"serving address of {nodes[rank]} ({platform.address}): {e}"
+    known = dict(enumerate(coll.allgather(mine)))
+    addresses = [known[i][0] if known.get(i) else h for i, h in enumerate(nodes)]
+    host_ips = [known[i][1] if known.get(i) else h for i, h in enumerate(nodes)]
+    return addresses, host_ips, problem
+
+
+def _agreed(coll, problem: str | None) -> bool:
+    """Collective: True when no rank has a problem; else rank 0 prints each once."""
+    problems = sorted({p for p in coll.allgather(problem) if p})
+    if problems and coll.rank == 0:
+        for p in problems:
+            _error(p)
+    return not problems
+
+
+def _stage_and_serve(args, config, platform, coll, stop, api_key, make_parts, cache_root, node,
+                     run_dir, endpoints, log) -> int:
     rank = coll.rank
     coll.barrier()
     # Per node, once: stage each model source into the node-local cache (collective).
@@ -378,14 +411,32 @@ def _stage_and_serve(args, config, coll, stop, api_key, parts, endpoints, log) -
                        f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s")
                 log(f"staged {model.model_source} -> {dest} ({how})")
 
-    fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
-                       max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
-                       liveness_interval=args.liveness_interval, probe_timeout=args.probe_timeout,
-                       api_key=api_key, log=log)
+    # The environment or image, once per node; then the pre-warm, once per node.
+    runtime, problem, bad_input = prepare_runtime(config, platform, coll, cache_root, node,
+                                                  timeout=config.startup_timeout, stop=stop,
+                                                  log=log if rank == 0 else None)
+    if not _agreed(coll, problem):
+        return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+    parts = make_parts(runtime)
+    by_name = {m.name: m for m in config.models}
     try:
-        return _serve(args, config, coll, fleet, stop, endpoints, log)
+        problem = None
+        if parts and not stop.signum:
+            problem = prewarm(config, platform, cache_root, runtime, node, rank, run_dir,
+                              [model_arg(config, by_name[p.model]) for p in parts],
+                              stop=stop, log=log)
+        if not _agreed(coll, problem):
+            return EXIT_FAILED
+        fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
+                           max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
+                           liveness_interval=args.liveness_interval,
+                           probe_timeout=args.probe_timeout, api_key=api_key, log=log)
+        try:
+            return _serve(args, config, coll, fleet, stop, endpoints, log)
+        finally:
+            fleet.stop(args.stop_grace)
     finally:
-        fleet.stop(args.stop_grace)
+        remove_job_caches(cache_root, [instance_cache_dir(cache_root, p.name) for p in parts])
 
 
 def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:

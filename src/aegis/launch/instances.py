@@ -15,6 +15,8 @@ from ..config import Config, ConfigError, ModelConfig
 from ..plan import Instance
 from ..platforms import Platform
 from ..render import render_template
+from .caches import WARM_TOKENIZERS, instance_cache_env, writable_dirs
+from .environment import Runtime
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -27,7 +29,7 @@ class Part:
     served_name: str
     model: str  # HF id
     node_index: int
-    node_host: str  # name in the node list; goes into the endpoints file
+    node_host: str  # name in the node list (logs, scripts); the endpoints file lists `address`
     node_rank: int  # 0 = head
     nnodes: int
     argv: tuple[str, ...]
@@ -36,8 +38,10 @@ class Part:
     script_path: str
     log_path: str
     bind_host: str
-    address: str  # this node's address (what a wildcard bind_host is reached at)
+    address: str  # this node's serving address (platform form); the endpoints file lists it
     port: int
+    env_dir: str | None = None  # a node-local packed environment the script activates
+    cache_dirs: tuple[str, ...] = ()  # created by the script; this process's alone
 
     @property
     def is_head(self) -> bool:
@@ -63,27 +67,38 @@ def staged_model_dir(hf_home: str, model_name: str) -> str:
     return str(Path(hf_home) / "aegis-models" / sanitise(model_name))
 
 
+def model_arg(config: Config, model: ModelConfig) -> str:
+    """What vLLM is given to load: the staged copy, or the model id."""
+    return staged_model_dir(config.hf_home, model.name) if model.model_source else model.name
+
+
 def vllm_command_argv(config: Config) -> list[str]:
     return shlex.split(config.vllm_command)  # validated by aegis.config
 
 
 def build_part(*, instance: Instance, model: ModelConfig, config: Config, platform: Platform,
                node_index: int, hosts: list[str], addresses: list[str], bind_host: str | None,
-               run_dir: str) -> Part:
-    """The process of `instance` on node `node_index` (which must be one of instance.nodes)."""
+               run_dir: str, host_ips: list[str] | None = None,
+               cache_root: Path | None = None, runtime: Runtime = Runtime()) -> Part:
+    """The process of `instance` on node `node_index` (which must be one of instance.nodes).
+
+    `addresses`: each node's serving address (aegis.launch.addresses); `host_ips`: the same
+    resolved to IPs, for VLLM_HOST_IP and the torch rendezvous (default: the addresses).
+    `cache_root`: this job's node-local cache directory (aegis.launch.caches); `runtime`: the
+    environment or container the process runs in (aegis.launch.environment)."""
     node_rank = instance.nodes.index(node_index)
     nnodes = len(instance.nodes)
-    head_address = addresses[instance.nodes[0]]
+    host_ips = addresses if host_ips is None else host_ips
+    head_ip = host_ips[instance.nodes[0]]
     address = addresses[node_index]
-    model_arg = staged_model_dir(config.hf_home, model.name) if model.model_source else model.name
-    argv = [*vllm_command_argv(config), model_arg,
+    argv = [*runtime.wrap(vllm_command_argv(config)), model_arg(config, model),
             "--host", bind_host or address,
             "--port", str(instance.port),
             "--tensor-parallel-size", str(model.tensor_parallel_size),
             "--served-model-name", instance.served_name]
     if nnodes > 1:
         argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank),
-                 "--master-addr", head_address, "--master-port", str(instance.master_port)]
+                 "--master-addr", head_ip, "--master-port", str(instance.master_port)]
         if node_rank > 0:
             argv.append("--headless")
     argv += list(model.extra_vllm_args)
@@ -92,17 +107,20 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
            *config.instance_env,
            ("HF_HOME", config.hf_home),
            ("HF_HUB_OFFLINE", "1"),
-           ("VLLM_HOST_IP", address),
+           ("VLLM_HOST_IP", host_ips[node_index]),
            ("VLLM_PORT", str(instance.vllm_port)),
-           ("MASTER_ADDR", head_address),
+           ("MASTER_ADDR", head_ip),
            ("MASTER_PORT", str(instance.master_port))]
     name = part_name(instance.id, node_rank, nnodes)
+    caches = instance_cache_env(cache_root, name, platform.cache_vars) if cache_root else []
+    env += caches
     return Part(instance_id=instance.id, served_name=instance.served_name, model=model.name,
                 node_index=node_index, node_host=hosts[node_index], node_rank=node_rank,
                 nnodes=nnodes, argv=tuple(argv), env=tuple(env), api_key_env=config.api_key_env,
                 script_path=str(Path(run_dir) / "instances" / f"{name}.sh"),
                 log_path=str(Path(run_dir) / "logs" / f"{name}.log"),
-                bind_host=bind_host or address, address=address, port=instance.port)
+                bind_host=bind_host or address, address=address, port=instance.port,
+                env_dir=runtime.env_dir, cache_dirs=tuple(writable_dirs(caches)))
 
 
 def render_script(part: Part) -> str:
@@ -110,3 +128,17 @@ def render_script(part: Part) -> str:
         if not _ENV_NAME.fullmatch(name):
             raise ConfigError(f"instance environment: {name!r} is not a variable name")
     return render_template("instance.sh.j2", part=part)
+
+
+def render_prewarm(*, models: list[str], config: Config, platform: Platform, node_host: str,
+                   cache_root: Path, runtime: Runtime, script_path: str) -> str:
+    """The node's pre-warm script: the instances' environment (not their devices or ports),
+    the tokenizers of the models served here, then prewarm_command."""
+    caches = instance_cache_env(cache_root, "prewarm", platform.cache_vars)
+    env = [*sorted(platform.instance_env.items()), *config.instance_env,
+           ("HF_HOME", config.hf_home), ("HF_HUB_OFFLINE", "1"), *caches]
+    prewarm = shlex.split(config.prewarm_command) if config.prewarm_command else []
+    return render_template("prewarm.sh.j2", node_host=node_host, script_path=script_path,
+                           env=env, cache_dirs=writable_dirs(caches), env_dir=runtime.env_dir,
+                           runner=list(runtime.container_argv), warm_tokenizers=WARM_TOKENIZERS,
+                           models=list(dict.fromkeys(models)), prewarm_argv=prewarm)

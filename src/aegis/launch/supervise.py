@@ -176,7 +176,7 @@ class LocalFleet:
             state = "stopped" if stopped and s.state != "failed" else s.state
             out.append(InstanceState(
                 id=p.instance_id, model=p.model, served_name=p.served_name, node=p.node_index,
-                host=p.node_host, port=p.port, state=state, log=p.log_path, restarts=s.restarts,
+                host=p.address, port=p.port, state=state, log=p.log_path, restarts=s.restarts,
                 exit_code=s.exit_code, error=s.error, log_tail=tuple(s.log_tail),
                 node_rank=p.node_rank))
         return out
