@@ -142,7 +142,8 @@ async def amain(args):
         ports = [args.port]
     servers = [await asyncio.start_server(server.handle, args.host, p, backlog=64) for p in ports]
     print(f"standin: serving {server.name!r} on {args.host}:{ports[0]}"
-          f"{'-' + str(ports[-1]) if len(ports) > 1 else ''}", file=sys.stderr, flush=True)
+          f"{'-' + str(ports[-1]) if len(ports) > 1 else ''} (python {sys.executable})",
+          file=sys.stderr, flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
