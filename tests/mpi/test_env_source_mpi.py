@@ -44,7 +44,10 @@ def test_packed_environment_is_staged_unpacked_once_and_serves(comm, shared_tmp,
     staged = node_local / "aegis-env" / "staged" / "standin-env" / "standin-env.tar.gz"
     assert staged.read_bytes() == Path(tarball).read_bytes()
     doc = json.loads((shared_tmp / "run1" / "endpoints.json").read_text())
-    assert doc["ready"] == instances and {i["node"] for i in doc["instances"]} == set(range(comm.size))
+    assert [i["state"] for i in doc["instances"]] == ["stopped"] * instances  # verified, then --once
+    assert {i["node"] for i in doc["instances"]} == set(range(comm.size))
+    if comm.rank == 0:
+        assert f"{instances}/{instances} instances ready" in first
     for k in range(instances):
         log = (shared_tmp / "run1" / "logs" / f"instance-{k:04d}.log").read_text()
         # the server ran the unpacked environment's own interpreter, on node-local storage

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,8 +134,16 @@ def test_prewarm_timeout_kills_its_process_group(tmp_path):
     with pytest.raises(NodeStepError, match="did not finish within 1s"):
         prewarm_node(script, root, timeout=1, log_path=tmp_path / "log")
     pid = int(pidfile.read_text())
-    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}").exists() else "gone"
-    assert state in ("gone", "Z")
+
+    def state():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return "gone"
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+    while state() not in ("gone", "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state() in ("gone", "Z")
 
 
 def test_node_lock_times_out_with_one_line(tmp_path):

@@ -29,4 +29,6 @@ def test_prewarm_runs_once_per_node_before_the_instances(tmp_path):
     assert len(roots) == 4 and all(r.startswith(str(node_local / "aegis-cache")) for r in roots)
     assert not (node_local / "aegis-cache").exists() or not any(
         (node_local / "aegis-cache").iterdir())  # removed when the run stopped
-    assert json.loads((run.run_dir / "endpoints.json").read_text())["ready"] == 4
+    assert "4/4 instances ready" in res.stderr
+    assert [i["state"] for i in json.loads((run.run_dir / "endpoints.json").read_text())
+            ["instances"]] == ["stopped"] * 4  # --once stopped them after verifying
