@@ -32,6 +32,10 @@ def test_packed_environment_is_staged_unpacked_once_and_serves(comm, shared_tmp,
                         "instances": instances}]}))
     comm.Barrier()
 
+    def unpacked():
+        return sorted(d for d in (node_local / "aegis-env").iterdir()
+                      if d.name.startswith("standin-env-"))
+
     def launch(run):
         return run_rank(["--config", str(config), "--run-dir", str(shared_tmp / run), "--once",
                          "--poll-interval", "0.2", "--stop-grace", "3"])
@@ -39,29 +43,40 @@ def test_packed_environment_is_staged_unpacked_once_and_serves(comm, shared_tmp,
     codes = comm.allgather(launch("run1"))
     first = capsys.readouterr().err
     assert codes == [0] * comm.size, first
-    env_dirs = [d for d in (node_local / "aegis-env").iterdir() if d.name.startswith("standin-env-")]
-    assert len(env_dirs) == 1 and (env_dirs[0] / ".aegis-unpacked.json").is_file()
-    staged = node_local / "aegis-env" / "staged" / "standin-env" / "standin-env.tar.gz"
-    assert staged.read_bytes() == Path(tarball).read_bytes()
-    doc = json.loads((shared_tmp / "run1" / "endpoints.json").read_text())
-    assert [i["state"] for i in doc["instances"]] == ["stopped"] * instances  # verified, then --once
-    assert {i["node"] for i in doc["instances"]} == set(range(comm.size))
-    if comm.rank == 0:
-        assert f"{instances}/{instances} instances ready" in first
-    for k in range(instances):
-        log = (shared_tmp / "run1" / "logs" / f"instance-{k:04d}.log").read_text()
-        # the server ran the unpacked environment's own interpreter, on node-local storage
-        assert f"(python {env_dirs[0]}/bin/python)" in log, log
-        assert sys.executable not in log
-    # every rank plays a node on this one machine: one unpack, one pre-warm
-    assert len(count.read_text().split()) == 1
-    if comm.rank == 0:
-        assert "environment unpacked in" in first and "MB in" in first
+
+    def check_run1():
+        env_dirs = unpacked()
+        assert len(env_dirs) == 1 and (env_dirs[0] / ".aegis-unpacked.json").is_file()
+        staged = node_local / "aegis-env" / "staged" / "standin-env" / "standin-env.tar.gz"
+        assert staged.read_bytes() == Path(tarball).read_bytes()
+        doc = json.loads((shared_tmp / "run1" / "endpoints.json").read_text())
+        assert [i["state"] for i in doc["instances"]] == ["stopped"] * instances  # verified, then --once
+        assert {i["node"] for i in doc["instances"]} == set(range(comm.size))
+        if comm.rank == 0:
+            assert f"{instances}/{instances} instances ready" in first
+        for k in range(instances):
+            log = (shared_tmp / "run1" / "logs" / f"instance-{k:04d}.log").read_text()
+            # the server ran the unpacked environment's own interpreter, on node-local storage
+            assert f"(python {env_dirs[0]}/bin/python)" in log, log
+            assert sys.executable not in log
+        # every rank plays a node on this one machine: one unpack, one pre-warm
+        assert len(count.read_text().split()) == 1
+        if comm.rank == 0:
+            assert "environment unpacked in" in first and "MB in" in first
+
+    # every rank checks, then all agree: one rank's failure must not leave the others hanging
+    failed = None
+    try:
+        check_run1()
+    except AssertionError as e:
+        failed = f"rank {comm.rank}: {e}"
+    failures = [f for f in comm.allgather(failed) if f]
+    assert not failures, failures
+    env_dirs = unpacked()
 
     codes = comm.allgather(launch("run2"))  # same tarball: nothing moved, nothing unpacked
     second = capsys.readouterr().err
     assert codes == [0] * comm.size, second
     if comm.rank == 0:
         assert "(unchanged, not moved)" in second and "environment already unpacked" in second
-    assert [d for d in (node_local / "aegis-env").iterdir()
-            if d.name.startswith("standin-env-")] == env_dirs
+    assert unpacked() == env_dirs
