@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,48 @@ class NoSilentSkips:
             print(f"\n{self.variable}=1 but {len(self.skipped)} {self.what} test(s) were "
                   f"skipped: {', '.join(self.skipped)}", file=sys.stderr)
             session.exitstatus = 1
+
+
+# Set in the launcher's environment; every process it starts inherits it, so the process
+# table shows what a run left behind, whatever the process calls itself (vLLM renames its
+# children, e.g. "VLLM::EngineCore"; keepers and MPI proxies carry no model name).
+RUN_MARKER = "AEGIS_TEST_RUN"
+
+
+def marked_processes(token: str) -> dict[int, str]:
+    """pid -> command line of every live process whose environment holds RUN_MARKER=token."""
+    needle = f"{RUN_MARKER}={token}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            stat = (entry / "stat").read_text()
+            if stat[stat.rindex(")") + 2] == "Z":
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        found[int(entry.name)] = cmd.strip()
+    return found
+
+
+def wait_gone(token: str, timeout: float) -> dict[int, str]:
+    """Wait until no marked process is left; returns what is still there at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = marked_processes(token)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.1)
+
+
+def kill_marked(token: str) -> None:
+    """Last-resort cleanup so a failing test or benchmark leaves nothing running."""
+    for pid in marked_processes(token):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -16,6 +16,10 @@ Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
   --start-delay S             sleep S seconds before listening (model "loading")
   --spawn-child               start a child process (like vLLM's engine core) that outlives
                               this one unless its process group is stopped
+  --spawn-grandchild          start a child that starts a child of its own (two levels down)
+  --spawn-daemon              start a process in its own session whose parent has exited
+                              (setsid + double fork: outside the instance's group and session)
+  --ignore-term               ignore SIGTERM, also in every process it spawns (only KILL stops it)
   --port-range A-B            serve every port A..B in one process (benchmarks)
 If VLLM_API_KEY is set, /v1/* requires "Authorization: Bearer <key>" (as vLLM does).
 """
@@ -26,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 
@@ -42,6 +47,9 @@ def parse(argv):
     p.add_argument("--start-delay", type=float, default=float(os.environ.get("STANDIN_START_DELAY", "0")))
     p.add_argument("--port-range", default=None)
     p.add_argument("--spawn-child", action="store_true")
+    p.add_argument("--spawn-grandchild", action="store_true")
+    p.add_argument("--spawn-daemon", action="store_true")
+    p.add_argument("--ignore-term", action="store_true")
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -147,6 +155,24 @@ async def amain(args):
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
+# What each spawned process runs; the model name in its argv makes it findable.
+_SLEEP = "import time; time.sleep(600)"
+_SPAWNED = {
+    "child": _SLEEP,
+    "grandchild": ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                   f"{_SLEEP!r}, 'standin-grandchild', sys.argv[2]]); time.sleep(600)"),
+    "daemon": f"import os; os.setsid(); os.fork() and os._exit(0); {_SLEEP}",
+}
+
+
+def spawn(kind, model):
+    import subprocess
+
+    subprocess.Popen([sys.executable, "-c", _SPAWNED[kind], f"standin-{kind}", model],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
+
+
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     print(f"standin: argv={sys.argv[1:]} devices={os.environ.get('VLLM_CPU_OMP_THREADS_BIND')}",
@@ -154,12 +180,11 @@ def main(argv=None):
     if args.fault == "exit-at-start":
         print("standin: RuntimeError: simulated failure at start", file=sys.stderr, flush=True)
         return 3
-    if args.spawn_child:  # same process group; the model name in its argv makes it findable
-        import subprocess
-
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "standin-child",
-                          args.model], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    if args.ignore_term:  # SIG_IGN survives exec: the spawned processes ignore it too
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for kind in ("child", "grandchild", "daemon"):
+        if getattr(args, f"spawn_{kind}"):
+            spawn(kind, args.model)
     if args.start_delay:
         time.sleep(args.start_delay)
     try:

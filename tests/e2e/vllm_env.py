@@ -4,10 +4,11 @@ the environment a CPU instance needs, the tiny model, and the process table."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import time
 from pathlib import Path
+
+# RUN_MARKER=token in the launcher's environment marks every process it starts.
+from harness import RUN_MARKER, kill_marked, marked_processes, wait_gone  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_VENV = Path(os.environ.get("AEGIS_VLLM_VENV")
@@ -25,9 +26,6 @@ VLLM_CPU_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
 }
-# Set in the launcher's environment; every process it starts inherits it, so the process
-# table shows what a run left behind (vLLM renames its children, e.g. "VLLM::EngineCore").
-RUN_MARKER = "AEGIS_E2E_RUN"
 
 
 def venv_problem(venv: Path) -> str | None:
@@ -44,46 +42,3 @@ def make_tiny_model(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(VLLM_VENV / "bin" / "python"),
                            str(REPO / "scripts" / "make-tiny-model"), str(out)],
                           capture_output=True, text=True, timeout=300)
-
-
-def marked_processes(token: str) -> dict[int, str]:
-    """pid -> command line of every live process whose environment holds RUN_MARKER=token."""
-    needle = f"{RUN_MARKER}={token}".encode()
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if needle not in (entry / "environ").read_bytes().split(b"\0"):
-                continue
-            if _is_zombie(entry):
-                continue
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        found[int(entry.name)] = cmd.strip()
-    return found
-
-
-def _is_zombie(entry: Path) -> bool:
-    stat = (entry / "stat").read_text()
-    return stat[stat.rindex(")") + 2] == "Z"
-
-
-def wait_gone(token: str, timeout: float) -> dict[int, str]:
-    """Wait until no marked process is left; returns what is still there at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = marked_processes(token)
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.2)
-
-
-def kill_marked(token: str) -> None:
-    """Last-resort cleanup so a failing test or benchmark leaves nothing running."""
-    for pid in marked_processes(token):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import RUN_MARKER, kill_marked, marked_processes, wait_gone
 from ports import free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,16 +66,21 @@ class Run:
         return ["--config", str(self.config), "--run-dir", str(self.run_dir),
                 "--poll-interval", "0.2", "--stop-grace", "3", "--restart-backoff", "0.2", *extra]
 
+    def env(self, env=None):
+        """The launcher's environment, marked: everything it starts inherits the token."""
+        return {**(env or ENV), RUN_MARKER: self.token}
+
     def launch(self, *extra, timeout=60, env=None):
         """`aegis launch` (main): starts mpiexec itself when the plan needs several nodes."""
         code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
-        return subprocess.run([sys.executable, "-c", code, *self.argv(*extra)], env=env or ENV,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([sys.executable, "-c", code, *self.argv(*extra)],
+                              env=self.env(env), capture_output=True, text=True, timeout=timeout)
 
-    def start(self, *extra, env=None):
+    def start(self, *extra, env=None, quiet=False):
         code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
-        return subprocess.Popen([sys.executable, "-c", code, *self.argv(*extra)], env=env or ENV,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        out = subprocess.DEVNULL if quiet else subprocess.PIPE
+        return subprocess.Popen([sys.executable, "-c", code, *self.argv(*extra)],
+                                env=self.env(env), stdout=out, stderr=out, text=True,
                                 start_new_session=True)
 
     def endpoints(self):
@@ -92,17 +98,12 @@ class Run:
             time.sleep(0.1)
         raise AssertionError(f"endpoints never matched; last: {self.endpoints()}")
 
-    def leftovers(self):
-        """Processes of this run still alive after 5 s (killed, so a failure leaves none)."""
-        deadline = time.monotonic() + 5
-        while (found := processes_with(self.token)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for line in found:
-            try:
-                os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return found
+    def leftovers(self, timeout=5):
+        """Processes of this run (launcher, keepers, instances, their children) still alive
+        after `timeout` s; killed, so a failure leaves none."""
+        found = wait_gone(self.token, timeout)
+        kill_marked(self.token)
+        return sorted(found.values())
 
 
 @pytest.fixture(autouse=True)
@@ -426,19 +427,115 @@ def test_missing_config_and_unknown_option(tmp_path):
     assert res.stderr.strip() == "aegis launch: error: unrecognized arguments: --bogus"
 
 
-def test_instances_die_with_a_launcher_killed_outright(tmp_path):
-    run = Run(tmp_path, [{"name": "m", "instances": 2}])
-    proc = subprocess.Popen([sys.executable, "-m", "aegis.launch", *run.argv()], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+# --- nothing survives the launcher, even killed outright (attacks; each a regression test) ---
+
+# Every instance spawns what vLLM's engine does and worse: a child, a grandchild, and a
+# process in its own session whose parent has exited (re-parented away from the group).
+FAMILY = ["--spawn-child", "--spawn-grandchild", "--spawn-daemon"]
+
+
+def _wait_family(run, instances: int, timeout=30):
+    """Until every instance's server and its 4 spawned processes run."""
+    deadline = time.monotonic() + timeout
+    while len(found := processes_with(run.token)) < 5 * instances:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.1)
+    assert sum("standin-daemon" in p for p in found) == instances, found
+
+
+def _sigkill_leaves_nothing(run, pid, within=10.0):
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    left = run.leftovers(timeout=within)
+    assert left == [], f"left {time.monotonic() - t0:.1f}s after SIGKILL: {left}"
+
+
+@pytest.mark.parametrize("when", ["ready", "startup"])
+def test_sigkilled_launcher_leaves_no_process_of_any_instance(tmp_path, when):
+    # one instance ignores SIGTERM (and so do its children): only KILL ends it; at startup
+    # they listen only after 30 s, so the launcher is killed while it probes them
+    late = ["--start-delay", "30"] if when == "startup" else []
+    run = Run(tmp_path, [{"name": "m", "instances": 2, "extra_vllm_args": [*FAMILY, *late]},
+                         {"name": "deaf", "extra_vllm_args": [*FAMILY, *late, "--ignore-term"]}],
+              startup_timeout=60)
+    proc = run.start("--stop-grace", "30", quiet=True)  # death must not wait for the grace
     try:
-        run.wait_endpoints(lambda d: d["ready"] == 2)
-        assert len(processes_with(f"serve m-{run.token}")) == 2
-        proc.kill()  # SIGKILL: no handler runs; the parent-death signal must stop the instances
-        proc.wait(timeout=10)
+        if when == "ready":
+            run.wait_endpoints(lambda d: d["ready"] == 3)
+        _wait_family(run, 3)
+        _sigkill_leaves_nothing(run, proc.pid)
     finally:
         if proc.poll() is None:
             proc.kill()
+        proc.wait(timeout=10)
+    doc = run.endpoints()  # the file cannot say "stopped", but its heartbeat stops
+    from aegis.launch.endpoints import launcher_alive
+
+    assert not launcher_alive(doc, doc["launcher"]["heartbeat_at"] + 16)
+
+
+def test_sigkilled_launcher_during_staging_leaves_nothing(tmp_path):
+    source = tmp_path / "src-model"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    with open(source / "model.safetensors", "wb") as f:  # sparse: big to stage, cheap to make
+        f.truncate(4 << 30)
+    run = Run(tmp_path, [{"name": "m", "model_source": str(source)}])
+    proc = run.start(quiet=True)
+    try:
+        run.wait_endpoints(lambda d: d["launcher"]["state"] == "staging")
+        time.sleep(0.5)
+        assert (run.endpoints()["launcher"]["state"] == "staging"
+                and proc.poll() is None), "staging ended too soon to be attacked"
+        _sigkill_leaves_nothing(run, proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+    assert processes_with(run.token) == []
+
+
+def test_stopped_instance_and_deaf_instance_are_killed_after_the_grace(tmp_path):
+    """SIGSTOP one instance, another ignores SIGTERM: a SIGTERM to the launcher still ends
+    everything, KILL after --stop-grace."""
+    run = Run(tmp_path, [{"name": "m", "extra_vllm_args": FAMILY},
+                         {"name": "deaf", "extra_vllm_args": [*FAMILY, "--ignore-term"]}])
+    proc = run.start("--stop-grace", "2", "--liveness-interval", "60")
+    try:
+        run.wait_endpoints(lambda d: d["ready"] == 2)
+        _wait_family(run, 2)
+        frozen = [int(p.split(":")[0]) for p in processes_with(f"serve m-{run.token}")]
+        assert len(frozen) == 1
+        os.kill(frozen[0], signal.SIGSTOP)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert run.leftovers(timeout=0) == [] and took < 2 + 5, took
+
+
+def test_sigstopped_instance_counts_as_hung_and_is_replaced(tmp_path):
+    run = Run(tmp_path, [{"name": "m", "extra_vllm_args": FAMILY}])
+    proc = run.start("--liveness-interval", "0.3", "--probe-timeout", "0.5", "--stop-grace", "1")
+    try:
+        run.wait_endpoints(lambda d: d["ready"] == 1)
+        _wait_family(run, 1)
+        first = [int(p.split(":")[0]) for p in processes_with(f"serve m-{run.token}")]
+        os.kill(first[0], signal.SIGSTOP)
+        run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
+                           and d["instances"][0]["state"] == "ready")
+        _wait_family(run, 1)  # the old family is gone, the new one complete
+        alive = processes_with(run.token)
+        assert len(alive) == 5 and str(first[0]) not in [p.split(":")[0] for p in alive], alive
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert run.leftovers() == []
 
 
@@ -451,3 +548,35 @@ def test_unwritable_run_directory_is_refused_before_anything_starts(tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"aegis launch: error: --run-dir {blocker / 'run'}: {blocker} is not a directory"]
     assert processes_with(run.token) == []
+
+
+def _rank_pids(run) -> dict[int, int]:
+    """MPI rank -> pid of the launcher ranks of this run."""
+    ranks = {}
+    for pid, cmd in marked_processes(run.token).items():
+        if "-m aegis.launch" in cmd or "from aegis.launch import main" in cmd:
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for var in env:
+                if var.startswith(b"PMI_RANK="):
+                    ranks[int(var.split(b"=")[1])] = pid
+    return ranks
+
+
+@pytest.mark.parametrize("victim", ["mpiexec", "rank 0", "rank 1"])
+def test_sigkill_of_mpiexec_or_one_rank_leaves_nothing_on_any_node(tmp_path, victim):
+    run = Run(tmp_path, [{"name": "m", "instances": 4, "extra_vllm_args": FAMILY}])  # 2 ranks
+    proc = run.start(quiet=True)
+    try:
+        run.wait_endpoints(lambda d: d["ready"] == 4)
+        _wait_family(run, 4)
+        ranks = _rank_pids(run)
+        assert sorted(ranks) == [0, 1], ranks
+        pid = proc.pid if victim == "mpiexec" else ranks[int(victim[-1])]
+        _sigkill_leaves_nothing(run, pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)

@@ -430,11 +430,12 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, make_parts, ca
         fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
                            max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
                            liveness_interval=args.liveness_interval,
-                           probe_timeout=args.probe_timeout, api_key=api_key, log=log)
+                           probe_timeout=args.probe_timeout, stop_grace=args.stop_grace,
+                           api_key=api_key, log=log)
         try:
             return _serve(args, config, coll, fleet, stop, endpoints, log)
         finally:
-            fleet.stop(args.stop_grace)
+            fleet.stop()
     finally:
         remove_job_caches(cache_root, [instance_cache_dir(cache_root, p.name) for p in parts])
 
@@ -489,7 +490,7 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
     def stopped(signum: int) -> int:
         log(f"stopping on signal {signum}")
         stopping()
-        fleet.stop(args.stop_grace)
+        fleet.stop()
         merged = publish(fleet.states(stopped=True))
         if rank == 0:
             report(merged)

@@ -200,9 +200,9 @@ class EndpointsFile:
         self.launcher["heartbeat_at"] = self.clock()
         doc = endpoints_doc(self.states, launcher=self.launcher, run_dir=self.run_dir,
                             job=self.job)
-        write_atomic(self.json_path, json.dumps(doc, indent=2) + "\n")
-        if txt:
+        if txt:  # first: once a reader sees the JSON of a change, the .txt has it too
             write_atomic(self.txt_path, endpoints_txt(self.states))
+        write_atomic(self.json_path, json.dumps(doc, indent=2) + "\n")
 
 
 def summary_table(states: list[InstanceState]) -> str:

@@ -1,31 +1,27 @@
-"""Starting and stopping instance processes. Each runs its rendered script in its own session
-(process group), so stopping it reaches vLLM's own children too."""
+"""Starting and stopping instance processes. Each runs its rendered script under a keeper
+(keeper.py: a child subreaper in its own session), which stops every descendant of the
+instance when asked, when the instance's leader exits, and when the launcher dies, even of
+SIGKILL."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections import deque
 from pathlib import Path
 from typing import NamedTuple
 
+from . import keeper
 from .instances import Part, render_script
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_launcher() -> None:
-    """Runs in the child before exec: if the launcher is killed outright (SIGKILL, OOM), the
-    kernel sends the instance SIGTERM, so it is not orphaned. Linux only; best effort."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+# `python -I -S keeper.py`: the keeper imports nothing of aegis nor of site-packages.
+KEEPER_ARGV = (sys.executable, "-I", "-S", keeper.__file__)
+KEEPER_MARGIN = 5.0  # seconds the launcher waits for a keeper beyond its grace before KILL
 
 
 class BindProblem(NamedTuple):
@@ -60,10 +56,12 @@ def write_script(part: Part) -> None:
 
 
 class Running:
-    """One started attempt of a part: the process and where its log for this attempt begins."""
+    """One started attempt of a part: its keeper process and where its log for this attempt
+    begins. Stopping it gives the instance `grace` seconds between TERM and KILL."""
 
-    def __init__(self, part: Part, attempt: int):
+    def __init__(self, part: Part, attempt: int, grace: float):
         self.part = part
+        self.grace = grace
         log = Path(part.log_path)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as f:
@@ -71,11 +69,13 @@ class Running:
                 f.write(f"\n--- aegis: restart {attempt} at {time.strftime('%H:%M:%S')} ---\n".encode())
             self.log_offset = f.tell()
             # The script file is run with bash (not exec'd) so a missing exec bit on a shared
-            # file system does not matter; `exec` inside it makes vLLM the group leader.
+            # file system does not matter; `exec` inside it makes vLLM the session leader.
+            # The keeper gets a session of its own too: a terminal's Ctrl-C reaches only the
+            # launcher, which stops everything in order.
             self.proc = subprocess.Popen(
-                ["bash", part.script_path], stdin=subprocess.DEVNULL, stdout=f,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_launcher,
-                close_fds=True)
+                [*KEEPER_ARGV, "--parent", str(os.getpid()), "--grace", f"{grace:g}", "--",
+                 "bash", part.script_path], stdin=subprocess.DEVNULL, stdout=f,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         self.started = time.monotonic()
         self.stopped = False
 
@@ -84,7 +84,16 @@ class Running:
         return self.proc.pid
 
     def exit_code(self) -> int | None:
+        """The keeper's status: the instance leader's (128+N for signal N), once all is gone."""
         return self.proc.poll()
+
+    def stop(self) -> None:
+        """Ask the keeper to stop the instance (TERM to every descendant, `grace`, KILL); does
+        not wait. Once only, so a later call signals no reused pid."""
+        if not self.stopped:
+            self.stopped = True
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
 
     def log_tail(self, lines: int = 20) -> list[str]:
         try:
@@ -97,27 +106,15 @@ class Running:
         return list(deque(data.decode(errors="replace").splitlines(), maxlen=lines))
 
 
-def stop_all(running: list[Running], grace: float) -> None:
-    """TERM every process group, wait up to `grace` seconds, then KILL what is left (including
-    group members that outlived their leader). Each group is stopped once: a later call does
-    not signal a process group id that may since have been reused."""
-    running = [r for r in running if not r.stopped]
+def stop_all(running: list[Running]) -> None:
+    """Stop every instance (see Running.stop) and wait for their keepers. A keeper that does
+    not finish in time is killed; its instance's leader then dies of its parent-death signal."""
     for r in running:
-        r.stopped = True
-        _signal_group(r.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(r.proc.poll() is None for r in running):
-        time.sleep(0.05)
+        r.stop()
+    deadline = time.monotonic() + max((r.grace for r in running), default=0) + KEEPER_MARGIN
     for r in running:
-        _signal_group(r.pid, signal.SIGKILL)
         try:
-            r.proc.wait(timeout=5)
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            pass
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+            r.proc.kill()
+            r.proc.wait()

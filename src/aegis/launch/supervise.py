@@ -47,7 +47,7 @@ class LocalFleet:
     def __init__(self, parts: list[Part], *, startup_timeout: float, max_restarts: int,
                  restart_backoff: float = 2.0, api_key: str | None = None,
                  probe_timeout: float = 5.0, liveness_interval: float = 30.0,
-                 log=lambda msg: None):
+                 stop_grace: float = 15.0, log=lambda msg: None):
         self.slots = [Slot(p) for p in parts]
         self.startup_timeout = startup_timeout
         self.max_restarts = max_restarts
@@ -55,6 +55,7 @@ class LocalFleet:
         self.api_key = api_key
         self.probe_timeout = probe_timeout
         self.liveness_interval = liveness_interval
+        self.stop_grace = stop_grace
         self.log = log
 
     # --- transitions ---
@@ -73,7 +74,7 @@ class LocalFleet:
         if problem:
             self._fail(slot, problem.message)
             return
-        slot.running = Running(part, attempt=slot.restarts)
+        slot.running = Running(part, attempt=slot.restarts, grace=self.stop_grace)
         slot.exit_code = None
         slot.deadline = now + self.startup_timeout
         # Workers have no HTTP endpoint: running is all they can show.
@@ -89,9 +90,9 @@ class LocalFleet:
         """The process ended (code), or was stopped because it hung (code None, why)."""
         slot.exit_code = code
         slot.log_tail = slot.running.log_tail()
-        # The leader is gone; its children (vLLM's engine processes) may not be. They would
-        # hold the devices and ports a restart needs.
-        stop_all([slot.running], grace=0)
+        # After an exit the keeper has already stopped what the leader left (vLLM's engine
+        # processes); a hung one is being stopped. A restart waits for that (step).
+        slot.running.stop()
         what = why or f"exited with code {code}"
         can_restart = slot.ever_ready and slot.part.nnodes == 1 and slot.restarts < self.max_restarts
         if can_restart:
@@ -114,7 +115,8 @@ class LocalFleet:
                 code = slot.running.exit_code()
                 if code is not None:
                     self._on_exit(slot, code, now)
-            if slot.state == "restarting" and now >= slot.next_start:
+            if slot.state == "restarting" and now >= slot.next_start and \
+                    slot.running.exit_code() is not None:  # the old one holds no port now
                 self._start(slot, now)
         due = [i for i, s in enumerate(self.slots) if s.part.is_head and (
             s.state == "starting" or (s.state == "ready" and now >= s.next_check))]
@@ -144,7 +146,7 @@ class LocalFleet:
                 if now >= slot.deadline:
                     slot.log_tail = slot.running.log_tail()
                     self._fail(slot, f"not ready within {self.startup_timeout:g}s; last check: {result.detail}")
-                    stop_all([slot.running], grace=5.0)
+                    slot.running.stop()
 
     def _liveness(self, slot: Slot, result, now: float) -> None:
         slot.next_check = now + self.liveness_interval
@@ -156,7 +158,6 @@ class LocalFleet:
             return
         slot.failed_checks += 1
         if slot.failed_checks >= LIVENESS_FAILURES:
-            stop_all([slot.running], grace=5.0)
             self._on_exit(slot, None, now, why=f"stopped answering ({result.detail})")
 
     # --- views ---
@@ -181,5 +182,5 @@ class LocalFleet:
                 node_rank=p.node_rank))
         return out
 
-    def stop(self, grace: float) -> None:
-        stop_all([s.running for s in self.slots if s.running is not None], grace)
+    def stop(self) -> None:
+        stop_all([s.running for s in self.slots if s.running is not None])

@@ -1,0 +1,105 @@
+"""The keeper on its own: it relays the instance's exit status, and leaves no descendant
+behind (children, grandchildren, a setsid'd daemon, a TERM-ignoring one) when the instance
+exits, when it is told to stop, and when its launcher dies."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from aegis.launch.processes import KEEPER_ARGV
+from harness import RUN_MARKER, kill_marked, marked_processes, wait_gone
+
+STANDIN = Path(__file__).resolve().parents[1] / "standin_vllm.py"
+FAMILY = ["--spawn-child", "--spawn-grandchild", "--spawn-daemon"]
+
+
+@pytest.fixture
+def token():
+    token = uuid.uuid4().hex
+    yield token
+    kill_marked(token)
+
+
+def _keeper(token, command, *, parent=None, grace=5.0, **kw):
+    return subprocess.Popen([*KEEPER_ARGV, "--parent", str(parent or os.getpid()), "--grace",
+                             str(grace), "--", *command],
+                            env={**os.environ, RUN_MARKER: token}, **kw)
+
+
+def _family(token, *extra):
+    return [sys.executable, str(STANDIN), "serve", f"m-{token}", "--port", "0", *FAMILY, *extra]
+
+
+def _wait_count(token, n, timeout=15):
+    deadline = time.monotonic() + timeout
+    while len(found := marked_processes(token)) < n:
+        assert time.monotonic() < deadline, found
+        time.sleep(0.05)
+    return found
+
+
+def test_exit_status_of_the_instance_is_relayed(token):
+    for code in (0, 3):
+        keeper = _keeper(token, [sys.executable, "-c", f"import sys; sys.exit({code})"])
+        assert keeper.wait(timeout=10) == code
+    keeper = _keeper(token, [sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    assert keeper.wait(timeout=10) == 128 + 9
+    keeper = _keeper(token, ["/nonexistent/vllm"], stderr=subprocess.PIPE)
+    assert keeper.wait(timeout=10) == 127
+    assert "cannot run /nonexistent/vllm" in keeper.stderr.read().decode()
+
+
+def test_leftovers_of_an_exited_instance_are_removed(token):
+    # the server dies after 1 request; its child, grandchild and daemon must not outlive it
+    script = (f"import subprocess, sys, time; subprocess.Popen({_family(token)!r}); "
+              "time.sleep(2); sys.exit(4)")
+    keeper = _keeper(token, [sys.executable, "-c", script])
+    _wait_count(token, 1 + 1 + 5)  # keeper, the script, server + 4 spawned
+    assert keeper.wait(timeout=15) == 4
+    assert wait_gone(token, 0.5) == {}
+
+
+@pytest.mark.parametrize("deaf", [False, True])
+def test_stop_reaches_every_descendant_and_kills_after_the_grace(token, deaf):
+    keeper = _keeper(token, _family(token, *(["--ignore-term"] if deaf else [])), grace=1)
+    _wait_count(token, 1 + 5)
+    t0 = time.monotonic()
+    keeper.send_signal(signal.SIGTERM)
+    code = keeper.wait(timeout=15)
+    took = time.monotonic() - t0
+    assert wait_gone(token, 0) == {}
+    # the deaf one needs the KILL after the 1 s grace; the others go at once on TERM
+    assert code == (137 if deaf else 143) and (took >= 1 if deaf else took < 1), (code, took)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "exit"])
+def test_launcher_death_stops_everything_within_the_death_grace(token, how):
+    # a stand-in "launcher" that starts the keeper and then dies
+    launcher = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, subprocess, sys, time; "
+         f"subprocess.Popen([*{list(KEEPER_ARGV)!r}, '--parent', str(os.getpid()), '--grace', "
+         f"'60', '--', *{_family(token, '--ignore-term')!r}]); "
+         + ("time.sleep(600)" if how == "SIGKILL" else "time.sleep(3)")],
+        env={**os.environ, RUN_MARKER: token})
+    _wait_count(token, 2 + 5)
+    if how == "SIGKILL":
+        launcher.kill()
+    launcher.wait(timeout=15)
+    t0 = time.monotonic()
+    left = wait_gone(token, 10)
+    assert left == {}, left
+    # TERM is ignored here: the grace is cut from 60 s to keeper.DEATH_GRACE (5 s)
+    assert 4 < time.monotonic() - t0 < 9
+
+
+def test_a_keeper_whose_launcher_is_already_gone_starts_nothing(token, tmp_path):
+    marker = tmp_path / "ran"
+    keeper = _keeper(token, ["touch", str(marker)], parent=1)
+    assert keeper.wait(timeout=10) == 143 and not marker.exists()
