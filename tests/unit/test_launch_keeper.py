@@ -103,3 +103,23 @@ def test_a_keeper_whose_launcher_is_already_gone_starts_nothing(token, tmp_path)
     marker = tmp_path / "ran"
     keeper = _keeper(token, ["touch", str(marker)], parent=1)
     assert keeper.wait(timeout=10) == 143 and not marker.exists()
+
+
+def test_launcher_dying_during_a_long_grace_cuts_it(token):
+    """Regression: a SIGKILLed multi-threaded launcher can deliver the parent-death signal
+    while getppid() still names it; the keeper then began a 30 s stop and kept to it."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, subprocess, sys, time; "
+         f"k = subprocess.Popen([*{list(KEEPER_ARGV)!r}, '--parent', str(os.getpid()), "
+         f"'--grace', '60', '--', *{_family(token, '--ignore-term')!r}]); "
+         "time.sleep(float(sys.stdin.readline())); k.terminate(); time.sleep(1); "
+         "os.kill(os.getpid(), 9)"],
+        env={**os.environ, RUN_MARKER: token}, stdin=subprocess.PIPE, text=True)
+    _wait_count(token, 2 + 5)
+    launcher.stdin.write("0\n")  # stop (grace 60 s), then die 1 s later
+    launcher.stdin.flush()
+    launcher.wait(timeout=15)
+    t0 = time.monotonic()
+    assert wait_gone(token, 10) == {}
+    assert time.monotonic() - t0 < 9

@@ -96,12 +96,18 @@ class Keeper:
 
     def sweep(self, grace: float) -> None:
         """TERM (and CONT, so a stopped process can act on it) to every descendant, wait up
-        to `grace`, then KILL until none is left."""
+        to `grace` (DEATH_GRACE at most once the launcher is gone), then KILL until none is
+        left."""
         procs = descendants(self.me)
         _signal(procs, signal.SIGTERM)
         _signal(procs, signal.SIGCONT)
-        deadline = time.monotonic() + grace
-        while procs and time.monotonic() < deadline:
+        start = time.monotonic()
+        while procs and time.monotonic() - start < grace:
+            # The launcher may die during a long grace. Its dying threads can also make the
+            # parent-death signal arrive while getppid() still names it (the child is first
+            # handed to a sibling thread), so look again here.
+            if self.launcher_gone():
+                grace = min(grace, DEATH_GRACE)
             time.sleep(0.05)
             self.reap()
             procs = descendants(self.me)
