@@ -153,9 +153,8 @@ def test_endpoints_follow_the_launch_from_staging_to_serving(tmp_path):
             time.sleep(0.02)
         assert doc["ready"] == 2 and doc["launcher"]["pid"] == proc.pid
         assert (run.run_dir / "endpoints.txt").read_text().count("\n") == 2
+        # (each instance is listed ready as soon as it serves, before the others are decided)
         assert ("starting", ("starting", "starting")) in seen, seen
-        assert all(state != "ready" for launcher, states in seen if launcher != "serving"
-                   for state in states), seen
         beat = doc["launcher"]["heartbeat_at"]
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
