@@ -181,3 +181,41 @@ def test_launch_reports_a_vllm_that_cannot_start(vllm_venv, tiny_model, tmp_path
         assert not vllm_env.wait_gone(token, timeout=10)
     finally:
         vllm_env.kill_marked(token)
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 300)
+def test_sigkilled_launcher_leaves_no_vllm_process(vllm_venv, tiny_model, tmp_path):
+    """The real proof of the keeper: vLLM's engine core is a grandchild of the launcher (the
+    API server's child, renamed VLLM::EngineCore). SIGKILL `aegis launch` once it serves:
+    within 10 s no process of the run may be left, and the endpoints file's heartbeat stops."""
+    from aegis.launch.endpoints import launcher_alive
+
+    token = uuid.uuid4().hex
+    config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=1,
+                           port_start=free_port_block(1), extra_args=vllm_env.VLLM_CPU_ARGS)
+    run_dir = tmp_path / "run"
+    launcher_log = tmp_path / "launcher.log"
+    with open(launcher_log, "wb") as log:
+        proc = subprocess.Popen([*aegis_argv(), "launch", "--config", str(config),
+                                 "--run-dir", str(run_dir)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=_launcher_env(tmp_path, token), start_new_session=True)
+    try:
+        _wait_endpoints(proc, run_dir / "endpoints.json", launcher_log, want=1)
+        family = vllm_env.marked_processes(token)
+        serving = [pid for pid, cmd in family.items() if " serve " in cmd and "keeper" not in cmd]
+        below = [pid for pid in family if pid not in serving and pid != proc.pid
+                 and "keeper" not in family[pid]]
+        assert serving and below, f"no vLLM process below the server: {family}"
+        proc.kill()
+        proc.wait(timeout=10)
+        left = vllm_env.wait_gone(token, timeout=10)
+        assert not left, f"processes left 10 s after SIGKILL of the launcher: {left}"
+        doc = json.loads((run_dir / "endpoints.json").read_text())
+        assert doc["launcher"]["state"] == "serving"  # written by a live launcher ...
+        assert not launcher_alive(doc, doc["launcher"]["heartbeat_at"] + 16)  # ... now stale
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        vllm_env.kill_marked(token)
