@@ -579,3 +579,20 @@ def test_sigkill_of_mpiexec_or_one_rank_leaves_nothing_on_any_node(tmp_path, vic
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+def test_sigkilled_launcher_during_the_node_prewarm_leaves_nothing(tmp_path):
+    """The pre-warm command (and what it starts) dies with the launcher too."""
+    run = Run(tmp_path, [{"name": "m"}], node_local_dir=str(tmp_path / "node-local"),
+              prewarm_command="bash -c 'sleep 300 & sleep 300; wait'")
+    proc = run.start(quiet=True)
+    try:
+        deadline = time.monotonic() + 30
+        while sum("sleep 300" in c for c in marked_processes(run.token).values()) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, marked_processes(run.token)
+            time.sleep(0.1)
+        _sigkill_leaves_nothing(run, proc.pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)

@@ -11,7 +11,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from .caches import NODE_CACHES, node_cache_dir
 from .environment import ENV_MARKER, unpack_key, unpacked_dir
+from .processes import kept
 
 PREWARM_MARKER = ".prewarmed"
 
@@ -63,10 +63,11 @@ def _remove(path: Path) -> None:
 
 def _run(argv: list[str], *, timeout: float, what: str, should_stop, log_path: Path | None = None,
          env=None, cwd=None) -> None:
-    """Run argv in its own process group; on timeout or stop the whole group is killed."""
+    """Run argv under a keeper (processes.kept): on timeout or stop, and when the launcher
+    dies, it and everything it started are killed."""
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+        proc = subprocess.Popen(kept(argv, grace=0), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT if log_path else subprocess.PIPE,
                                 start_new_session=True, env=env, cwd=cwd)
     except OSError as e:
@@ -77,8 +78,7 @@ def _run(argv: list[str], *, timeout: float, what: str, should_stop, log_path: P
     deadline = time.monotonic() + timeout
     while proc.poll() is None:
         if time.monotonic() >= deadline or should_stop():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            proc.terminate()  # the keeper KILLs every descendant (grace 0), then exits
             proc.wait()
             why = "stopped" if should_stop() else f"did not finish within {timeout:g}s"
             raise NodeStepError(f"{what}: {why}")

@@ -24,6 +24,12 @@ KEEPER_ARGV = (sys.executable, "-I", "-S", keeper.__file__)
 KEEPER_MARGIN = 5.0  # seconds the launcher waits for a keeper beyond its grace before KILL
 
 
+def kept(argv: list[str], grace: float) -> list[str]:
+    """argv run under a keeper: nothing it starts outlives the launcher. Stop it with SIGTERM
+    to the keeper (TERM, `grace` seconds, KILL to every descendant)."""
+    return [*KEEPER_ARGV, "--parent", str(os.getpid()), "--grace", f"{grace:g}", "--", *argv]
+
+
 class BindProblem(NamedTuple):
     in_use: bool  # False: the address itself is wrong (not this node's, not an address)
     message: str
@@ -73,8 +79,7 @@ class Running:
             # The keeper gets a session of its own too: a terminal's Ctrl-C reaches only the
             # launcher, which stops everything in order.
             self.proc = subprocess.Popen(
-                [*KEEPER_ARGV, "--parent", str(os.getpid()), "--grace", f"{grace:g}", "--",
-                 "bash", part.script_path], stdin=subprocess.DEVNULL, stdout=f,
+                kept(["bash", part.script_path], grace), stdin=subprocess.DEVNULL, stdout=f,
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         self.started = time.monotonic()
         self.stopped = False
