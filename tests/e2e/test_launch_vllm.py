@@ -68,6 +68,16 @@ def _tail(path: Path, lines: int = 40) -> str:
         return f"(no {path})"
 
 
+def _start_launcher(tmp_path: Path, config: Path, run_dir: Path, launcher_log: Path,
+                    token: str) -> subprocess.Popen:
+    """`aegis launch` in the background, its output in launcher_log."""
+    with open(launcher_log, "wb") as log:
+        return subprocess.Popen([*aegis_argv(), "launch", "--config", str(config),
+                                 "--run-dir", str(run_dir)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=_launcher_env(tmp_path, token), start_new_session=True)
+
+
 def _wait_endpoints(proc: subprocess.Popen, endpoints: Path, log: Path, want: int) -> dict:
     deadline = time.monotonic() + STARTUP_TIMEOUT + 60
     while time.monotonic() < deadline:
@@ -93,11 +103,7 @@ def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tmp_path)
                            port_start=port_start, extra_args=vllm_env.VLLM_CPU_ARGS)
     run_dir = tmp_path / "run"
     launcher_log = tmp_path / "launcher.log"
-    with open(launcher_log, "wb") as log:
-        proc = subprocess.Popen([*aegis_argv(), "launch", "--config", str(config),
-                                 "--run-dir", str(run_dir)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=_launcher_env(tmp_path, token), start_new_session=True)
+    proc = _start_launcher(tmp_path, config, run_dir, launcher_log, token)
     try:
         doc = _wait_endpoints(proc, run_dir / "endpoints.json", launcher_log, want=2)
 
@@ -195,11 +201,7 @@ def test_sigkilled_launcher_leaves_no_vllm_process(vllm_venv, tiny_model, tmp_pa
                            port_start=free_port_block(1), extra_args=vllm_env.VLLM_CPU_ARGS)
     run_dir = tmp_path / "run"
     launcher_log = tmp_path / "launcher.log"
-    with open(launcher_log, "wb") as log:
-        proc = subprocess.Popen([*aegis_argv(), "launch", "--config", str(config),
-                                 "--run-dir", str(run_dir)],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=_launcher_env(tmp_path, token), start_new_session=True)
+    proc = _start_launcher(tmp_path, config, run_dir, launcher_log, token)
     try:
         _wait_endpoints(proc, run_dir / "endpoints.json", launcher_log, want=1)
         family = vllm_env.marked_processes(token)
