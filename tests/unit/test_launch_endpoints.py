@@ -97,11 +97,12 @@ def test_heartbeat_thread_refreshes_only_the_heartbeat_until_finish(tmp_path):
     assert ep.json_path.read_text() == final  # no beat after the end
 
 
-def test_heartbeat_survives_a_failing_file_system(tmp_path, monkeypatch, capsys):
+def test_a_failing_file_system_does_not_stop_the_launch(tmp_path, monkeypatch, capsys):
     import aegis.launch.endpoints as endpoints
 
     ep = _file(tmp_path, clock=time.time, interval=0.02)
-    ep.update([_state(0)])
+    ep.update([_state(0)], state="serving")
+    assert ep.txt_path.read_text() == "n0:8000\n"
     real = endpoints.write_atomic
     full = [True]
 
@@ -112,16 +113,24 @@ def test_heartbeat_survives_a_failing_file_system(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(endpoints, "write_atomic", write)
     ep.start_heartbeat()
+    ep.update([_state(0, "restarting")])  # neither raises
+    with pytest.raises(OSError):
+        ep.update(must_write=True)  # the first write of a launch must succeed
     time.sleep(0.2)
     assert ep._thread.is_alive()
-    before = read_endpoints(ep.json_path)["launcher"]["heartbeat_at"]
+    stale = read_endpoints(ep.json_path)
+    assert stale["instances"][0]["state"] == "ready"  # the old content, whose heartbeat ages
     full[0] = False
     time.sleep(0.2)
-    assert read_endpoints(ep.json_path)["launcher"]["heartbeat_at"] > before
+    fresh = read_endpoints(ep.json_path)
+    assert fresh["launcher"]["heartbeat_at"] > stale["launcher"]["heartbeat_at"]
+    assert fresh["instances"][0]["state"] == "restarting"  # the change caught up
+    assert ep.txt_path.read_text() == ""  # ... in the .txt too
     ep.finish("stopped", 0)
     assert read_endpoints(ep.json_path)["launcher"]["state"] == "stopped"
     err = capsys.readouterr().err
-    assert err.count("heartbeat: cannot write") == 1 and "No space left on device" in err
+    assert err.count("cannot write") == 1 and "No space left on device" in err
+    assert err.count("written again") == 1
 
 
 @pytest.mark.parametrize("state, age, alive", [

@@ -328,7 +328,8 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             endpoints_path.parent.mkdir(parents=True, exist_ok=True)
             endpoints = EndpointsFile(endpoints_path, run_dir=run_dir, job=job, ranks=coll.size)
-            endpoints.update(_planned_states(plan, allocation, run_dir), state="staging")
+            endpoints.update(_planned_states(plan, allocation, run_dir), state="staging",
+                             must_write=True)
         except OSError as e:  # what the preflight could not foresee (a race, a full disk)
             problem = f"cannot write {e.filename or endpoints_path}: {e.strerror or e}"
     problem = coll.bcast(problem)
@@ -347,10 +348,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
         return code
     finally:
         if endpoints is not None:  # rank 0, also on an internal error: nothing is served now
-            try:
-                endpoints.finish("stopped" if code == EXIT_OK or code > 128 else "failed", code)
-            except OSError as e:
-                log(f"cannot write {endpoints_path}: {e.strerror or e}")
+            endpoints.finish("stopped" if code == EXIT_OK or code > 128 else "failed", code)
 
 
 def _planned_states(plan, allocation, run_dir) -> list[InstanceState]:

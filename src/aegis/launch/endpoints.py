@@ -156,11 +156,15 @@ class EndpointsFile:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failed_beats = 0
+        self._failed_writes = 0
+        self._txt_behind = False  # a change's .txt is not written yet (a failed write)
 
     def update(self, states: list[InstanceState] | None = None, *, state: str | None = None,
-               exit_code: int | None = None) -> None:
-        """A change: new instance states and/or launcher state. Written at once."""
+               exit_code: int | None = None, must_write: bool = False) -> None:
+        """A change: new instance states and/or launcher state, written at once. A failed
+        write (full or stalled file system) is reported once and does not stop the launch
+        (OSError only with must_write): readers then see the heartbeat go stale, which says
+        "do not trust this file", until a later write succeeds."""
         with self._lock:
             if states is not None:
                 self.states = list(states)
@@ -169,7 +173,7 @@ class EndpointsFile:
             if exit_code is not None:
                 self.launcher["exit_code"] = exit_code
             self.launcher["updated_at"] = self.clock()
-            self._write(txt=True)
+            self._try_write(txt=True, must_write=must_write)
 
     def finish(self, state: str, exit_code: int) -> None:
         """The launcher ends: nothing is served any more. Stops the heartbeat."""
@@ -187,14 +191,25 @@ class EndpointsFile:
             with self._lock:
                 if self._stop.is_set():
                     return
-                try:
-                    self._write(txt=False)
-                    self._failed_beats = 0
-                except OSError as e:  # a full or stalled file system: say so, keep trying
-                    self._failed_beats += 1
-                    if self._failed_beats == 1:
-                        print(f"aegis launch: heartbeat: cannot write {self.json_path}: "
-                              f"{e.strerror or e}", file=sys.stderr, flush=True)
+                self._try_write(txt=self._txt_behind)  # .txt only after a failed change
+
+    def _try_write(self, *, txt: bool, must_write: bool = False) -> None:
+        try:
+            self._write(txt=txt)
+        except OSError as e:
+            self._txt_behind = self._txt_behind or txt
+            if must_write:
+                raise
+            self._failed_writes += 1
+            if self._failed_writes == 1:
+                print(f"aegis launch: cannot write {self.json_path}: {e.strerror or e} "
+                      "(retrying; readers see a stale heartbeat meanwhile)",
+                      file=sys.stderr, flush=True)
+            return
+        if self._failed_writes:
+            print(f"aegis launch: {self.json_path} written again", file=sys.stderr, flush=True)
+        self._failed_writes = 0
+        self._txt_behind = self._txt_behind and not txt
 
     def _write(self, *, txt: bool) -> None:
         self.launcher["heartbeat_at"] = self.clock()
