@@ -1,15 +1,18 @@
-/* aegis staging core: root pipes `tar -c` into MPI broadcasts; writer ranks pipe into `tar -x`.
+/* aegis staging core: broadcast a source tree over MPI as a tar stream, written in place.
  *
- * Per chunk every rank joins one MPI_Allreduce(MAX) of a small header: the root contributes the
- * chunk length / end-of-stream / checksum, and any rank with a local failure contributes
- * (size - rank). A non-zero failure slot ends the transfer on all ranks at the same chunk; the
- * failing rank then broadcasts its host and cause. Writer failures (tar -x killed, disk full)
- * surface at the next chunk's header, so nobody waits on a dead peer.
- *
- * Pipelining (depth >= 2): a reader thread (root) fills a ring of `depth` buffers from tar -c,
- * the main thread broadcasts, a writer thread drains into tar -x. Only the main thread calls MPI
- * (MPI_THREAD_FUNNELED is enough). depth == 1 runs the same steps inline: the serial baseline.
- * No globals: all state lives in a per-call context.
+ * Every rank learns the sorted file index from the root first. The stream's layout (each
+ * entry's header and data offsets, GNU tar format) is a pure function of that index, so:
+ *   - reader ranks (opts->readers, chunk k from readers[k % n]) fill any chunk with pread and
+ *     generated headers, in pieces, from a pool of threads;
+ *   - each chunk goes out with one MPI_Ibcast from its reader, preceded by a tiny
+ *     MPI_Iallreduce carrying the reader's CRC32C and every rank's failure flag;
+ *   - writer threads place each received piece with pwrite at the offset the index gives
+ *     (files created and preallocated up front; modes, mtimes, symlinks at the end).
+ * Only the main thread calls MPI (MPI_THREAD_FUNNELED suffices) and it never spins: it tests
+ * its requests and sleeps on a condition variable with a growing timeout; helpers block on
+ * condition variables. A failure anywhere ends the stage on all ranks at the same chunk; a
+ * helper stuck on one piece longer than the stall timeout is such a failure. No globals,
+ * no child processes, no MPI_Abort.
  */
 #define _GNU_SOURCE
 #include "bcast.h"
@@ -20,18 +23,14 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
-#include <signal.h>
-#include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-extern char **environ;
 
 /* ---------------------------------------------------------------- CRC32C */
 
@@ -121,6 +120,38 @@ uint32_t aegis_crc32c(uint32_t crc, const void *buf, size_t n, int software_only
     return crc_update(&ct, crc, buf, n);
 }
 
+
+
+/* ---------------------------------------------------------------- CRC32C combination */
+
+/* a * b modulo the (reflected) Castagnoli polynomial */
+static uint32_t multmodp(uint32_t a, uint32_t b)
+{
+    uint32_t m = 1u << 31, p = 0;
+    for (;;) {
+        if (a & m) {
+            p ^= b;
+            if ((a & (m - 1)) == 0)
+                break;
+        }
+        m >>= 1;
+        b = b & 1 ? (b >> 1) ^ CRC32C_POLY : b >> 1;
+    }
+    return p;
+}
+
+uint32_t aegis_crc32c_combine(uint32_t crc_a, uint32_t crc_b, int64_t len_b)
+{
+    uint32_t sq = 1u << 30; /* x^1 */
+    for (int i = 0; i < 3; i++)
+        sq = multmodp(sq, sq); /* x^8: one byte */
+    uint32_t p = 1u << 31;    /* x^0 */
+    for (uint64_t n = (uint64_t)len_b; n; n >>= 1, sq = multmodp(sq, sq))
+        if (n & 1)
+            p = multmodp(sq, p);
+    return multmodp(p, crc_a) ^ crc_b;
+}
+
 int aegis_build_mpi_version(char *out, int outlen)
 {
 #if defined(MPICH_VERSION)
@@ -136,50 +167,104 @@ int aegis_build_mpi_version(char *out, int outlen)
     return n < 0 ? -1 : 0;
 }
 
-/* ---------------------------------------------------------------- context */
+
+#define BLOCK 512
+#define RECORD 10240            /* GNU tar's default record: the stream is padded to it */
+#define NAME_FIELD 100
+#define MAX_PATH_BYTES 4095
+#define MAX_FILE_SIZE (1LL << 56)
+#define MAX_STREAM (1LL << 60)
+#define MAX_PIECE (4LL << 20)   /* one helper's unit of work */
+#define MAX_CALLS_PER_CHUNK 65536
+#define HDR_MAX (3 * BLOCK + 2 * 4608) /* K + L + ustar headers with their long names */
+#define INDEX_MAGIC "AEGIDX01"
+#define INDEX_HEAD 16
+#define INDEX_FIXED 40
 
 typedef struct local_error {
     int code; /* AEGIS_OK when nothing failed */
     char cause[400];
 } local_error;
 
-typedef struct child {
-    pid_t pid;    /* 0 once reaped */
-    int fd;       /* our end of the pipe, -1 when closed */
-    FILE *errlog; /* the child's stderr (an unlinked temp file) */
-    int status;   /* waitpid status once reaped */
-} child;
+typedef struct entry {
+    const char *path; /* relative to the source/dest directory, NUL-terminated */
+    const char *link; /* symlink target ("" for others) */
+    int64_t size, mtime;
+    int64_t hdr_off;  /* stream offset of this entry's first header block */
+    int64_t data_off; /* stream offset of its data (the header region ends here) */
+    uint32_t mode, uid, gid, path_len, link_len;
+    char kind;        /* '0' regular file, '5' directory, '2' symlink */
+} entry;
+
+/* a ring slot: its buffer and the helpers' work on it (guarded by mu) */
+enum { S_FREE, S_FILL, S_READY, S_POSTED, S_DRAIN };
+typedef struct slot {
+    char *buf;
+    int phase;
+    int64_t chunk, start, len;
+    int64_t cursor; /* next piece (offset in the chunk) a helper may claim */
+    int64_t busy;   /* pieces claimed and not finished */
+    uint32_t *part_crc;
+    uint32_t crc;   /* the reader's CRC32C of this chunk */
+    int checked;
+} slot;
+
+/* the MPI side of chunk k, in inflight[k % depth] (main thread only) */
+typedef struct inflight {
+    int64_t hdr[2]; /* Iallreduce(MAX): failure flag (size - rank), reader's CRC32C */
+    MPI_Request *req;
+    int n_req;
+} inflight;
+
+struct ctx;
+typedef struct worker {
+    struct ctx *x;
+    pthread_t thread;
+    int started;
+    int64_t busy_since_ms; /* 0 when idle */
+    int64_t busy_at;       /* stream offset of the piece in hand */
+    int filling;
+} worker;
 
 typedef struct ctx {
     MPI_Comm comm;
-    int rank, size, root, is_root, is_writer, verify, threaded;
-    int depth;
-    int64_t chunk, max_count;
     const aegis_stage_opts *opts;
     aegis_stage_result *res;
+    int rank, size, is_writer, is_reader, verify, depth, dir_source;
+    char host[128];
+    int64_t chunk, piece, n_chunks, end_off, total, mpi_stall_ms;
+    uint32_t stream_crc;
 
-    char **buf;
-    int64_t *len;
-    int *eof;
+    char *index;
+    entry *ents;
+    int64_t n_ents;
+    char *arena;
 
-    /* ring counters: chunks read (root), broadcast, written; guarded by mu */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int64_t n_read, n_sent, n_written;
-    int stop;         /* main asks helpers to quit */
-    int writer_done;  /* writer finished tar -x and verification */
-    local_error rerr; /* reader-side failure (root) */
-    local_error werr; /* writer-side failure */
-    pthread_t reader_thread, writer_thread;
-    int reader_started, writer_started;
-
-    child src, dst;
+    int src_fd, dst_fd, cap_fd;
     crc_tables crc;
-    uint32_t crc_src, crc_dst, crc_expected;
-    int64_t bytes_read, bytes_written, bytes_expected;
-    int fault_fired_reader, fault_fired_writer;
+    slot *slots;
+    inflight *flight;
+    worker *workers;
+    int n_workers;
+
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv, main_cv;
+    int stop;
+    int64_t events;   /* helper events so far: main waits only while this is unchanged */
+    local_error err;  /* this rank's first failure (guarded by mu) */
+    int fault_fired;
+    int abandoned;    /* MPI requests or a helper left behind: keep the memory */
 } ctx;
 
+static int64_t now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+static void set_error(local_error *e, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static void set_error(local_error *e, int code, const char *fmt, ...)
 {
     if (e->code != AEGIS_OK)
@@ -191,269 +276,506 @@ static void set_error(local_error *e, int code, const char *fmt, ...)
     e->code = code;
 }
 
-/* ---------------------------------------------------------------- children */
-
-static int spawn_tar(child *c, char *const argv[], int child_fd /* 0 or 1 */, local_error *err)
+/* Records a helper's failure (caller holds mu) and wakes everyone. */
+static void record_error(ctx *x, const local_error *e)
 {
-    int p[2];
-    c->pid = 0;
-    c->fd = -1;
-    c->errlog = tmpfile();
-    if (!c->errlog) {
-        set_error(err, AEGIS_E_SPAWN, "cannot create a temp file for tar's stderr: %s",
-                  strerror(errno));
-        return -1;
-    }
-    if (pipe2(p, O_CLOEXEC) != 0) {
-        set_error(err, AEGIS_E_SPAWN, "pipe: %s", strerror(errno));
-        return -1;
-    }
-    /* fewer wakeups per chunk; the default 64 KiB pipe is best effort to enlarge */
-    (void)fcntl(p[0], F_SETPIPE_SZ, 1 << 20);
+    if (x->err.code == AEGIS_OK && e->code != AEGIS_OK)
+        x->err = *e;
+    x->events++;
+    pthread_cond_broadcast(&x->main_cv);
+    pthread_cond_broadcast(&x->work_cv);
+}
 
-    posix_spawn_file_actions_t fa;
-    posix_spawnattr_t attr;
-    sigset_t none, dflt;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawnattr_init(&attr);
-    sigemptyset(&none);
-    sigemptyset(&dflt);
-    sigaddset(&dflt, SIGPIPE);
-    posix_spawnattr_setsigmask(&attr, &none);
-    posix_spawnattr_setsigdefault(&attr, &dflt);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-    int theirs = child_fd == 0 ? p[0] : p[1];
-    int ours = child_fd == 0 ? p[1] : p[0];
-    posix_spawn_file_actions_adddup2(&fa, theirs, child_fd);
-    posix_spawn_file_actions_adddup2(&fa, fileno(c->errlog), 2);
-    int rc = posix_spawnp(&c->pid, argv[0], &fa, &attr, argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    posix_spawnattr_destroy(&attr);
-    close(theirs);
-    if (rc != 0) {
-        c->pid = 0;
-        close(ours);
-        set_error(err, AEGIS_E_SPAWN, "cannot run %s: %s", argv[0], strerror(rc));
+static void fail(ctx *x, const local_error *e)
+{
+    pthread_mutex_lock(&x->mu);
+    record_error(x, e);
+    pthread_mutex_unlock(&x->mu);
+}
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t pad512(int64_t n) { return (n + BLOCK - 1) & ~(int64_t)(BLOCK - 1); }
+
+/* ---------------------------------------------------------------- the file index */
+
+static uint32_t rd32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static uint64_t rd64(const unsigned char *p) { return rd32(p) | (uint64_t)rd32(p + 4) << 32; }
+
+/* relative, no empty, "." or ".." component */
+static int safe_relative(const char *p)
+{
+    if (*p == '/' || *p == 0)
+        return 0;
+    for (const char *c = p;;) {
+        const char *end = strchr(c, '/');
+        size_t n = end ? (size_t)(end - c) : strlen(c);
+        if (n == 0 || (n == 1 && c[0] == '.') || (n == 2 && c[0] == '.' && c[1] == '.'))
+            return 0;
+        if (!end)
+            return 1;
+        c = end + 1;
+    }
+}
+
+/* Parses and checks the index (never trusting a length in it); see docs/staging.md. */
+static int parse_index(ctx *x, int64_t n, local_error *e)
+{
+    const unsigned char *p = (const unsigned char *)x->index;
+    if (n < INDEX_HEAD || memcmp(p, INDEX_MAGIC, 8) != 0) {
+        set_error(e, AEGIS_E_INDEX, "file index: bad header");
         return -1;
     }
-    c->fd = ours;
+    uint64_t count = rd64(p + 8);
+    if (count == 0 || count > (uint64_t)(n - INDEX_HEAD) / INDEX_FIXED) {
+        set_error(e, AEGIS_E_INDEX, "file index: %llu entries cannot fit in %lld bytes",
+                  (unsigned long long)count, (long long)n);
+        return -1;
+    }
+    x->ents = calloc((size_t)count, sizeof *x->ents);
+    x->arena = malloc((size_t)n + 2 * (size_t)count);
+    if (!x->ents || !x->arena) {
+        set_error(e, AEGIS_E_NOMEM, "cannot allocate the file index (%llu entries)",
+                  (unsigned long long)count);
+        return -1;
+    }
+    x->n_ents = (int64_t)count;
+    char *out = x->arena;
+    int64_t off = INDEX_HEAD;
+    for (int64_t i = 0; i < x->n_ents; i++) {
+        entry *en = &x->ents[i];
+        if (n - off < INDEX_FIXED)
+            goto truncated;
+        const unsigned char *f = p + off;
+        en->kind = (char)f[0];
+        en->mode = rd32(f + 4) & 07777;
+        en->mtime = (int64_t)rd64(f + 8);
+        en->size = (int64_t)rd64(f + 16);
+        en->uid = rd32(f + 24);
+        en->gid = rd32(f + 28);
+        en->path_len = rd32(f + 32);
+        en->link_len = rd32(f + 36);
+        off += INDEX_FIXED;
+        if (en->path_len == 0 || en->path_len > MAX_PATH_BYTES || en->link_len > MAX_PATH_BYTES ||
+            (int64_t)en->path_len + en->link_len > n - off)
+            goto truncated;
+        if (memchr(p + off, 0, en->path_len) || memchr(p + off + en->path_len, 0, en->link_len)) {
+            set_error(e, AEGIS_E_INDEX, "file index: entry %lld has a NUL in its name",
+                      (long long)i);
+            return -1;
+        }
+        memcpy(out, p + off, en->path_len);
+        out[en->path_len] = 0;
+        en->path = out;
+        out += en->path_len + 1;
+        memcpy(out, p + off + en->path_len, en->link_len);
+        out[en->link_len] = 0;
+        en->link = out;
+        out += en->link_len + 1;
+        off += en->path_len + en->link_len;
+
+        int top = i == 0 && strcmp(en->path, ".") == 0;
+        if (i == 0)
+            x->dir_source = top;
+        const char *bad = NULL;
+        if (en->kind != '0' && en->kind != '5' && en->kind != '2')
+            bad = "an unknown type";
+        else if (en->kind == '0' ? (en->size < 0 || en->size > MAX_FILE_SIZE) : en->size != 0)
+            bad = "a bad size";
+        else if ((en->kind == '2') != (en->link_len > 0))
+            bad = "a bad link target";
+        else if (top ? en->kind != '5' : !safe_relative(en->path))
+            bad = "an unsafe path";
+        else if (!x->dir_source && (x->n_ents != 1 || en->kind != '0' || strchr(en->path, '/')))
+            bad = "a file-source index that is not one plain file";
+        else if (i > 1 && strcmp(x->ents[i - 1].path, en->path) >= 0)
+            bad = "a path out of order or repeated";
+        if (bad) {
+            set_error(e, AEGIS_E_INDEX, "file index: entry %lld has %s", (long long)i, bad);
+            return -1;
+        }
+    }
+    if (off != n)
+        goto truncated;
+    return 0;
+truncated:
+    set_error(e, AEGIS_E_INDEX, "file index: truncated or with trailing bytes at %lld",
+              (long long)off);
+    return -1;
+}
+
+/* ---------------------------------------------------------------- tar layout and headers */
+
+/* The entry's member name: "./rel" (+ "/" for a directory) for a directory source, as
+ * `tar -c -C SRC .` names them; the bare name for a file source. out holds 4100 bytes. */
+static size_t tar_name(const ctx *x, const entry *en, char *out)
+{
+    if (!x->dir_source)
+        return (size_t)snprintf(out, MAX_PATH_BYTES + 5, "%s", en->path);
+    if (strcmp(en->path, ".") == 0)
+        return (size_t)snprintf(out, MAX_PATH_BYTES + 5, "./");
+    return (size_t)snprintf(out, MAX_PATH_BYTES + 5, "./%s%s", en->path,
+                            en->kind == '5' ? "/" : "");
+}
+
+static int64_t header_bytes(const ctx *x, const entry *en)
+{
+    char name[MAX_PATH_BYTES + 5];
+    size_t nl = tar_name(x, en, name);
+    int64_t n = BLOCK;
+    if (nl >= NAME_FIELD)
+        n += BLOCK + pad512((int64_t)nl + 1);
+    if (en->link_len >= NAME_FIELD)
+        n += BLOCK + pad512((int64_t)en->link_len + 1);
+    return n;
+}
+
+static int layout(ctx *x, local_error *e)
+{
+    int64_t off = 0;
+    for (int64_t i = 0; i < x->n_ents; i++) {
+        entry *en = &x->ents[i];
+        en->hdr_off = off;
+        en->data_off = off + header_bytes(x, en);
+        off = en->data_off + (en->kind == '0' ? pad512(en->size) : 0);
+        if (off > MAX_STREAM) {
+            set_error(e, AEGIS_E_INDEX, "file index: the stream would exceed 2^60 bytes");
+            return -1;
+        }
+    }
+    x->end_off = off;
+    x->total = (off + 2 * BLOCK + RECORD - 1) / RECORD * RECORD;
+    x->n_chunks = (x->total + x->chunk - 1) / x->chunk;
     return 0;
 }
 
-/* Closes our pipe end and waits for the child. The pid is cleared under `mu` only after the
- * child is known to have exited (WNOWAIT), so cleanup() can kill it under `mu` without racing
- * a recycled pid. */
-static void reap(child *c, pthread_mutex_t *mu, int kill_first)
+static void octal(unsigned char *field, int width, uint64_t v)
 {
-    if (c->fd >= 0) {
-        close(c->fd);
-        c->fd = -1;
-    }
-    if (c->pid > 0) {
-        siginfo_t si;
-        if (kill_first)
-            kill(c->pid, SIGKILL);
-        while (waitid(P_PID, (id_t)c->pid, &si, WEXITED | WNOWAIT) < 0 && errno == EINTR)
-            ;
-        pthread_mutex_lock(mu);
-        while (waitpid(c->pid, &c->status, 0) < 0 && errno == EINTR)
-            ;
-        c->pid = 0;
-        pthread_mutex_unlock(mu);
-    }
+    for (int i = width - 2; i >= 0; i--, v >>= 3)
+        field[i] = (unsigned char)('0' + (v & 7));
+    field[width - 1] = 0;
 }
 
-/* One line describing how a reaped child ended, with the start of its stderr. */
-static void describe_exit(child *c, const char *what, local_error *err, int code)
+static void header_block(unsigned char *h, const char *name, size_t name_len, const entry *en,
+                         char type, int64_t size, const char *link, size_t link_len)
 {
-    char msg[300] = "";
-    if (c->errlog) {
-        rewind(c->errlog);
-        size_t n = fread(msg, 1, sizeof msg - 1, c->errlog);
-        msg[n] = 0;
-        for (char *q = msg; *q; q++)
-            if (*q == '\n' || *q == '\r')
-                *q = (q[1] ? ' ' : 0);
+    memset(h, 0, BLOCK);
+    memcpy(h, name, name_len < NAME_FIELD ? name_len : NAME_FIELD);
+    octal(h + 100, 8, en ? en->mode : 0);
+    octal(h + 108, 8, en && en->uid <= 07777777 ? en->uid : 0);
+    octal(h + 116, 8, en && en->gid <= 07777777 ? en->gid : 0);
+    if ((uint64_t)size <= 077777777777ULL) {
+        octal(h + 124, 12, (uint64_t)size);
+    } else { /* GNU base-256 for sizes of 8 GiB and more */
+        h[124] = 0x80;
+        for (int i = 0; i < 8; i++)
+            h[135 - i] = (unsigned char)((uint64_t)size >> (8 * i));
     }
-    if (WIFSIGNALED(c->status))
-        set_error(err, code, "%s was killed by signal %d%s%s", what, WTERMSIG(c->status),
-                  *msg ? ": " : "", msg);
-    else
-        set_error(err, code, "%s exited with status %d%s%s", what, WEXITSTATUS(c->status),
-                  *msg ? ": " : "", msg);
+    int64_t mtime = en ? en->mtime : 0;
+    octal(h + 136, 12, mtime < 0 ? 0 : (uint64_t)min64(mtime, 077777777777LL));
+    memset(h + 148, ' ', 8);
+    h[156] = (unsigned char)type;
+    memcpy(h + 157, link, link_len < NAME_FIELD ? link_len : NAME_FIELD);
+    memcpy(h + 257, "ustar  ", 8); /* GNU magic and version: "ustar  \0" */
+    unsigned sum = 0;
+    for (int i = 0; i < BLOCK; i++)
+        sum += h[i];
+    octal(h + 148, 7, sum);
+    h[155] = ' ';
 }
 
-static int exited_ok(const child *c)
+/* A GNU long-name ('L') or long-link ('K') record: a header, then the name and a NUL. */
+static unsigned char *long_record(unsigned char *o, char type, const char *s, size_t n)
 {
-    return WIFEXITED(c->status) && WEXITSTATUS(c->status) == 0;
+    header_block(o, "././@LongLink", 13, NULL, type, (int64_t)n + 1, "", 0);
+    o += BLOCK;
+    int64_t padded = pad512((int64_t)n + 1);
+    memset(o, 0, (size_t)padded);
+    memcpy(o, s, n);
+    return o + padded;
 }
 
-/* ---------------------------------------------------------------- read / write one chunk */
-
-/* Root: fill slot with up to chunk bytes from tar -c. Returns 0, or -1 with *err set. */
-static int read_chunk(ctx *x, int64_t k, local_error *err)
+/* The entry's whole header region [hdr_off, data_off) into out (HDR_MAX bytes). */
+static void build_headers(const ctx *x, const entry *en, unsigned char *out)
 {
-    int s = (int)(k % x->depth);
-    char *b = x->buf[s];
+    char name[MAX_PATH_BYTES + 5];
+    size_t nl = tar_name(x, en, name);
+    unsigned char *o = out;
+    if (en->link_len >= NAME_FIELD)
+        o = long_record(o, 'K', en->link, en->link_len);
+    if (nl >= NAME_FIELD)
+        o = long_record(o, 'L', name, nl);
+    header_block(o, name, nl, en, en->kind, en->kind == '0' ? en->size : 0, en->link,
+                 en->link_len);
+}
+
+/* index of the entry whose region holds stream offset pos (n_ents past the last one) */
+static int64_t entry_at(const ctx *x, int64_t pos)
+{
+    if (pos >= x->end_off)
+        return x->n_ents;
+    int64_t lo = 0, hi = x->n_ents - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo + 1) / 2;
+        if (x->ents[mid].hdr_off <= pos)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+static int64_t region_end(const ctx *x, int64_t i)
+{
+    return i + 1 < x->n_ents ? x->ents[i + 1].hdr_off : x->end_off;
+}
+
+/* ---------------------------------------------------------------- helpers: fill and drain */
+
+static int fault_here(ctx *x, int kind, int64_t at)
+{
+    const aegis_stage_opts *o = x->opts;
+    return o->fault_kind == kind && o->fault_rank == x->rank && at >= o->fault_after &&
+           !__atomic_exchange_n(&x->fault_fired, 1, __ATOMIC_SEQ_CST);
+}
+
+/* Test hook for a hung file system: block until the stage is being torn down. */
+static void hang(ctx *x, local_error *e)
+{
+    pthread_mutex_lock(&x->mu);
+    while (!x->stop)
+        pthread_cond_wait(&x->work_cv, &x->mu);
+    pthread_mutex_unlock(&x->mu);
+    set_error(e, AEGIS_E_STALL, "helper hung (injected fault)");
+}
+
+static int read_data(ctx *x, const entry *en, int64_t at, char *dst, int64_t n, local_error *e)
+{
+    int fd = openat(x->src_fd, en->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        set_error(e, AEGIS_E_SOURCE, "cannot open %s: %s", en->path, strerror(errno));
+        return -1;
+    }
     int64_t got = 0;
-    while (got < x->chunk) {
-        size_t want = (size_t)(x->chunk - got);
-        if (want > (1u << 30))
-            want = 1u << 30;
-        ssize_t r = read(x->src.fd, b + got, want);
+    while (got < n) {
+        ssize_t r = pread(fd, dst + got, (size_t)min64(n - got, 1LL << 30), at + got);
         if (r < 0 && errno == EINTR)
             continue;
-        if (r < 0) {
-            set_error(err, AEGIS_E_SOURCE, "reading from tar -c: %s", strerror(errno));
-            return -1;
-        }
-        if (r == 0)
-            break;
-        got += r;
-        if (x->opts->fault_kind == AEGIS_FAULT_KILL_READER && x->opts->fault_rank == x->rank &&
-            !x->fault_fired_reader && x->bytes_read + got >= x->opts->fault_after) {
-            x->fault_fired_reader = 1;
-            kill(x->src.pid, SIGKILL);
-        }
-    }
-    int eof = got < x->chunk;
-    if (x->verify)
-        x->crc_src = crc_update(&x->crc, x->crc_src, b, (size_t)got);
-    x->bytes_read += got;
-    if (eof) {
-        reap(&x->src, &x->mu, 0);
-        if (!exited_ok(&x->src)) {
-            describe_exit(&x->src, "tar -c", err, AEGIS_E_SOURCE);
-            return -1;
-        }
-    }
-    x->len[s] = got;
-    x->eof[s] = eof;
-    return 0;
-}
-
-static int finish_writer(ctx *x, local_error *err);
-
-/* Writer: push slot into tar -x. Returns 0, or -1 with *err set. */
-static int write_chunk(ctx *x, int64_t k, local_error *err)
-{
-    int s = (int)(k % x->depth);
-    const char *b = x->buf[s];
-    int64_t n = x->len[s], off = 0;
-    if (x->opts->fault_kind == AEGIS_FAULT_KILL_WRITER && x->opts->fault_rank == x->rank &&
-        !x->fault_fired_writer && x->bytes_written >= x->opts->fault_after) {
-        x->fault_fired_writer = 1;
-        kill(x->dst.pid, SIGKILL);
-    }
-    while (off < n) {
-        size_t want = (size_t)(n - off);
-        if (want > (1u << 30))
-            want = 1u << 30;
-        ssize_t w = write(x->dst.fd, b + off, want);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0) {
-            int e = errno;
-            reap(&x->dst, &x->mu, 1);
-            if (e == EPIPE)
-                describe_exit(&x->dst, "tar -x", err, AEGIS_E_WRITE);
+        if (r <= 0) {
+            if (r < 0)
+                set_error(e, AEGIS_E_SOURCE, "reading %s: %s", en->path, strerror(errno));
             else
-                set_error(err, AEGIS_E_WRITE, "writing to tar -x: %s", strerror(e));
+                set_error(e, AEGIS_E_SOURCE, "%s shrank while staging (%lld bytes expected)",
+                          en->path, (long long)en->size);
+            close(fd);
             return -1;
         }
-        off += w;
+        got += r;
     }
-    if (x->verify)
-        x->crc_dst = crc_update(&x->crc, x->crc_dst, b, (size_t)n);
-    x->bytes_written += n;
-    if (x->eof[s])
-        return finish_writer(x, err);
+    close(fd);
     return 0;
 }
 
-/* End of stream on a writer: close tar's stdin, wait for it, then check size and checksum. */
-static int finish_writer(ctx *x, local_error *err)
+/* Reader: stream bytes [a, b) into dst: generated headers, file data, zero padding. */
+static int fill_piece(ctx *x, char *dst, int64_t a, int64_t b, local_error *e)
 {
-    reap(&x->dst, &x->mu, 0);
-    if (!exited_ok(&x->dst)) {
-        describe_exit(&x->dst, "tar -x", err, AEGIS_E_WRITE);
+    if (fault_here(x, AEGIS_FAULT_READ_ERROR, a)) {
+        set_error(e, AEGIS_E_SOURCE, "reading the source: Input/output error (injected fault)");
         return -1;
     }
-    if (x->bytes_written != x->bytes_expected) {
-        set_error(err, AEGIS_E_SIZE, "received %lld bytes, root sent %lld",
-                  (long long)x->bytes_written, (long long)x->bytes_expected);
+    if (fault_here(x, AEGIS_FAULT_STALL_READER, a)) {
+        hang(x, e);
         return -1;
     }
-    uint32_t mine = x->crc_dst;
-    if (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM && x->opts->fault_rank == x->rank)
-        mine ^= 1u;
-    if (x->verify && mine != x->crc_expected) {
-        set_error(err, AEGIS_E_CHECKSUM, "CRC32C mismatch: wrote %08x, root sent %08x",
-                  mine, x->crc_expected);
-        return -1;
+    unsigned char hdr[HDR_MAX];
+    int64_t built = -1, pos = a;
+    for (int64_t i = entry_at(x, a); pos < b; i++) {
+        if (i >= x->n_ents) { /* end-of-archive blocks and record padding */
+            memset(dst + (pos - a), 0, (size_t)(b - pos));
+            break;
+        }
+        const entry *en = &x->ents[i];
+        if (pos < en->data_off) {
+            if (built != i)
+                build_headers(x, en, hdr);
+            built = i;
+            int64_t n = min64(b, en->data_off) - pos;
+            memcpy(dst + (pos - a), hdr + (pos - en->hdr_off), (size_t)n);
+            pos += n;
+        }
+        int64_t data_end = en->data_off + (en->kind == '0' ? en->size : 0);
+        if (pos < b && pos < data_end) {
+            int64_t n = min64(b, data_end) - pos;
+            if (read_data(x, en, pos - en->data_off, dst + (pos - a), n, e) != 0)
+                return -1;
+            pos += n;
+        }
+        if (pos < b) {
+            int64_t n = min64(b, region_end(x, i)) - pos;
+            memset(dst + (pos - a), 0, (size_t)n);
+            pos += n;
+        }
     }
     return 0;
 }
 
-/* ---------------------------------------------------------------- helper threads */
-
-static void *reader_main(void *arg)
+/* Writer: place the file data among stream bytes [a, b) (src) with pwrite. */
+static int drain_piece(ctx *x, const char *src, int64_t a, int64_t b, local_error *e)
 {
-    ctx *x = arg;
-    for (int64_t k = 0;; k++) {
-        pthread_mutex_lock(&x->mu);
-        while (!x->stop && k >= x->n_written + x->depth)
-            pthread_cond_wait(&x->cv, &x->mu);
-        int stop = x->stop;
+    if (fault_here(x, AEGIS_FAULT_WRITE_ERROR, a)) {
+        set_error(e, AEGIS_E_WRITE, "writing the destination: Input/output error "
+                  "(injected fault)");
+        return -1;
+    }
+    if (fault_here(x, AEGIS_FAULT_STALL_WRITER, a)) {
+        hang(x, e);
+        return -1;
+    }
+    if (x->cap_fd >= 0 && pwrite(x->cap_fd, src, (size_t)(b - a), a) != b - a) {
+        set_error(e, AEGIS_E_WRITE, "writing the stream capture: %s", strerror(errno));
+        return -1;
+    }
+    for (int64_t i = entry_at(x, a); i < x->n_ents && x->ents[i].hdr_off < b; i++) {
+        const entry *en = &x->ents[i];
+        if (en->kind != '0')
+            continue;
+        int64_t lo = en->data_off > a ? en->data_off : a;
+        int64_t hi = min64(b, en->data_off + en->size);
+        if (lo >= hi)
+            continue;
+        int fd = openat(x->dst_fd, en->path, O_WRONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) {
+            set_error(e, AEGIS_E_WRITE, "cannot open %s: %s", en->path, strerror(errno));
+            return -1;
+        }
+        for (int64_t done = 0; done < hi - lo;) {
+            ssize_t w = pwrite(fd, src + (lo - a) + done, (size_t)min64(hi - lo - done, 1LL << 30),
+                               lo - en->data_off + done);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0) {
+                set_error(e, AEGIS_E_WRITE, "writing %s: %s", en->path,
+                          w < 0 ? strerror(errno) : "no progress");
+                close(fd);
+                return -1;
+            }
+            done += w;
+        }
+        if (close(fd) != 0) {
+            set_error(e, AEGIS_E_WRITE, "writing %s: %s", en->path, strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The last piece of a slot is done (caller holds mu): combine the pieces' CRCs. */
+static void finish_slot(ctx *x, slot *s)
+{
+    uint32_t crc = 0;
+    if (x->verify) {
+        int64_t parts = (s->len + x->piece - 1) / x->piece;
+        crc = s->part_crc[0];
+        for (int64_t j = 1; j < parts; j++)
+            crc = aegis_crc32c_combine(crc, s->part_crc[j], min64(x->piece, s->len - j * x->piece));
+    }
+    if (s->phase == S_FILL) {
+        s->crc = crc;
+        s->phase = S_READY;
+    } else {
+        if (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM && x->opts->fault_rank == x->rank)
+            crc ^= 1u;
+        if (x->verify && x->err.code == AEGIS_OK && crc != s->crc) {
+            local_error e = {0};
+            set_error(&e, AEGIS_E_CHECKSUM, "CRC32C mismatch in chunk %lld: wrote %08x, "
+                      "reader sent %08x", (long long)s->chunk, crc, s->crc);
+            record_error(x, &e);
+        }
+        s->phase = S_FREE;
+    }
+    x->events++;
+    pthread_cond_broadcast(&x->main_cv);
+}
+
+/* the lowest chunk with a piece to claim (caller holds mu) */
+static slot *claimable(ctx *x)
+{
+    slot *best = NULL;
+    for (int i = 0; i < x->depth; i++) {
+        slot *s = &x->slots[i];
+        if ((s->phase == S_FILL || s->phase == S_DRAIN) && s->cursor < s->len &&
+            (!best || s->chunk < best->chunk))
+            best = s;
+    }
+    return best;
+}
+
+static void *worker_main(void *arg)
+{
+    worker *w = arg;
+    ctx *x = w->x;
+    pthread_mutex_lock(&x->mu);
+    for (;;) {
+        slot *s;
+        while (!x->stop && !(s = claimable(x)))
+            pthread_cond_wait(&x->work_cv, &x->mu);
+        if (x->stop)
+            break;
+        int64_t rel = s->cursor, n = min64(x->piece, s->len - rel);
+        s->cursor += n;
+        s->busy++;
+        int filling = s->phase == S_FILL, skip = x->err.code != AEGIS_OK;
+        char *buf = s->buf + rel;
+        int64_t a = s->start + rel;
+        w->busy_since_ms = now_ms();
+        w->busy_at = a;
+        w->filling = filling;
         pthread_mutex_unlock(&x->mu);
-        if (stop)
-            return NULL;
+
         local_error e = {0};
-        int rc = read_chunk(x, k, &e); /* touches only slot k and reader-owned fields */
-        int last = rc != 0 || x->eof[k % x->depth]; /* read before main may own the slot */
+        uint32_t crc = 0;
+        if (!skip) { /* after a failure pieces are only counted off, so the ring drains */
+            int rc = filling ? fill_piece(x, buf, a, a + n, &e) : drain_piece(x, buf, a, a + n, &e);
+            if (rc == 0 && x->verify)
+                crc = crc_update(&x->crc, 0, buf, (size_t)n);
+        }
+
         pthread_mutex_lock(&x->mu);
-        if (rc == 0)
-            x->n_read = k + 1;
-        else
-            x->rerr = e;
-        pthread_cond_broadcast(&x->cv);
-        pthread_mutex_unlock(&x->mu);
-        if (last)
-            return NULL;
+        w->busy_since_ms = 0;
+        if (e.code)
+            record_error(x, &e);
+        s->part_crc[rel / x->piece] = crc;
+        if (--s->busy == 0 && s->cursor >= s->len)
+            finish_slot(x, s);
+    }
+    pthread_mutex_unlock(&x->mu);
+    return NULL;
+}
+
+/* A helper stuck on one piece past the stall timeout is this rank's failure (holds mu). */
+static void check_stalled(ctx *x)
+{
+    int64_t now = now_ms();
+    for (int i = 0; i < x->n_workers; i++) {
+        worker *w = &x->workers[i];
+        if (w->busy_since_ms && now - w->busy_since_ms > x->opts->stall_ms) {
+            int64_t at = w->busy_at;
+            int64_t k = entry_at(x, at);
+            local_error e = {0};
+            set_error(&e, AEGIS_E_STALL, "%s made no progress for %.0f s at stream offset %lld "
+                      "(%s)", w->filling ? "reading the source" : "writing the destination",
+                      (double)(now - w->busy_since_ms) / 1000.0, (long long)at,
+                      k < x->n_ents ? x->ents[k].path : "end of stream");
+            record_error(x, &e);
+            return;
+        }
     }
 }
 
-static void *writer_main(void *arg)
-{
-    ctx *x = arg;
-    for (int64_t k = 0;; k++) {
-        pthread_mutex_lock(&x->mu);
-        while (!x->stop && k >= x->n_sent)
-            pthread_cond_wait(&x->cv, &x->mu);
-        int stop = x->stop;
-        pthread_mutex_unlock(&x->mu);
-        if (stop)
-            return NULL;
-        int last = x->eof[k % x->depth];
-        local_error e = {0};
-        int rc = write_chunk(x, k, &e);
-        pthread_mutex_lock(&x->mu);
-        if (rc == 0)
-            x->n_written = k + 1;
-        else
-            x->werr = e;
-        if (rc != 0 || last)
-            x->writer_done = 1;
-        pthread_cond_broadcast(&x->cv);
-        pthread_mutex_unlock(&x->mu);
-        if (rc != 0 || last)
-            return NULL;
-    }
-}
-
-/* ---------------------------------------------------------------- collective steps */
-
-enum { H_FAIL, H_LEN, H_EOF, H_CRC, H_TOTAL, H_N };
+/* ---------------------------------------------------------------- MPI steps (main thread) */
 
 typedef struct wire_error {
     int32_t code;
@@ -461,308 +783,627 @@ typedef struct wire_error {
     char cause[400];
 } wire_error;
 
-/* The local failure this rank should report now (reader's first, then writer's). */
-static const local_error *pending_error(ctx *x)
+/* Sleeps until a helper event after `seen` or for `us` microseconds. */
+static void wait_event(ctx *x, int64_t seen, int64_t us)
 {
-    if (x->rerr.code)
-        return &x->rerr;
-    if (x->werr.code)
-        return &x->werr;
-    return NULL;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_sec += us / 1000000;
+    t.tv_nsec += (us % 1000000) * 1000;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&x->mu);
+    while (x->events == seen && !x->err.code &&
+           pthread_cond_timedwait(&x->main_cv, &x->mu, &t) == 0)
+        ;
+    pthread_mutex_unlock(&x->mu);
 }
 
-/* All ranks learn the lowest failing rank's error. `fail` is the reduced H_FAIL slot. */
-static int share_error(ctx *x, int64_t fail, const local_error *mine)
+/* While MPI has work in flight: a few bare polls, then sleeps of 10 us doubling to 1 ms
+ * (a helper event ends a sleep early). */
+static void backoff(ctx *x, int64_t seen, int idle)
+{
+    if (idle >= 8)
+        wait_event(x, seen, min64(10LL << min64(idle - 8, 7), 1000));
+}
+
+/* Completes n requests; AEGIS_E_STALL when the other ranks do not answer in time. */
+static int mpi_wait(ctx *x, MPI_Request *req, int n)
+{
+    int64_t since = now_ms();
+    for (int idle = 0;; idle++) {
+        int done = 0;
+        if (MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
+            return AEGIS_E_MPI;
+        if (done)
+            return AEGIS_OK;
+        if (now_ms() - since > x->mpi_stall_ms)
+            return AEGIS_E_STALL;
+        pthread_mutex_lock(&x->mu);
+        int64_t seen = x->events;
+        pthread_mutex_unlock(&x->mu);
+        backoff(x, seen, idle);
+    }
+}
+
+/* A collective that did not complete: the other ranks are gone or stuck; nothing can be
+ * agreed any more, so this rank reports it alone and keeps the buffers MPI may still use. */
+static int give_up(ctx *x, int code)
+{
+    x->abandoned = 1;
+    x->res->failing_rank = x->rank;
+    snprintf(x->res->host, sizeof x->res->host, "%s", x->host);
+    if (code == AEGIS_E_STALL)
+        snprintf(x->res->cause, sizeof x->res->cause, "no answer from the other ranks for %.0f "
+                 "s (a rank was stopped or killed, or its file system hung)",
+                 (double)x->mpi_stall_ms / 1000.0);
+    else
+        snprintf(x->res->cause, sizeof x->res->cause, "an MPI call failed on rank %d", x->rank);
+    return code;
+}
+
+/* Every rank learns the lowest failing rank's error; fail is the reduced (size - rank). */
+static int share_error(ctx *x, int64_t fail)
 {
     int who = x->size - (int)fail;
     wire_error w;
     memset(&w, 0, sizeof w);
-    if (who == x->rank && mine) {
-        w.code = mine->code;
-        gethostname(w.host, sizeof w.host - 1);
-        snprintf(w.cause, sizeof w.cause, "%s", mine->cause);
+    if (who == x->rank) {
+        pthread_mutex_lock(&x->mu);
+        w.code = x->err.code;
+        snprintf(w.cause, sizeof w.cause, "%s", x->err.cause);
+        pthread_mutex_unlock(&x->mu);
+        snprintf(w.host, sizeof w.host, "%s", x->host);
     }
-    if (MPI_Bcast(&w, (int)sizeof w, MPI_BYTE, who, x->comm) != MPI_SUCCESS)
-        return AEGIS_E_MPI;
+    MPI_Request req;
+    if (MPI_Ibcast(&w, (int)sizeof w, MPI_BYTE, who, x->comm, &req) != MPI_SUCCESS)
+        return give_up(x, AEGIS_E_MPI);
+    int rc = mpi_wait(x, &req, 1);
+    if (rc != AEGIS_OK)
+        return give_up(x, rc);
+    w.host[sizeof w.host - 1] = 0;
+    w.cause[sizeof w.cause - 1] = 0;
     x->res->failing_rank = who;
     snprintf(x->res->host, sizeof x->res->host, "%s", w.host);
     snprintf(x->res->cause, sizeof x->res->cause, "%s", w.cause);
-    return w.code;
+    return w.code > 0 && w.code <= AEGIS_E_PREPARE ? w.code : AEGIS_E_MPI;
 }
 
-/* Completes req. MPICH spins inside blocking calls; on a node where the ranks share cores
- * with tar and the helper threads, a poll-then-sleep loop leaves them the CPU. A few polls
- * come first so short waits keep their latency. */
-static int wait_request(ctx *x, MPI_Request *req)
+/* Collective "is every rank fine?"; *value (if given) returns the MAX of what ranks put. */
+static int agree_value(ctx *x, int64_t *value)
 {
-    if (x->opts->poll_sleep_us <= 0)
-        return MPI_Wait(req, MPI_STATUS_IGNORE);
-    struct timespec nap = {0, (long)x->opts->poll_sleep_us * 1000L};
-    for (int polls = 0;; polls++) {
-        int done = 0;
-        int rc = MPI_Test(req, &done, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS || done)
-            return rc;
-        if (polls >= 16)
-            nanosleep(&nap, NULL);
-    }
-}
-
-static int allreduce_header(ctx *x, int64_t *h)
-{
+    int64_t h[2] = {0, value ? *value : 0};
+    pthread_mutex_lock(&x->mu);
+    if (x->err.code)
+        h[0] = x->size - x->rank;
+    pthread_mutex_unlock(&x->mu);
     MPI_Request req;
-    if (MPI_Iallreduce(MPI_IN_PLACE, h, H_N, MPI_INT64_T, MPI_MAX, x->comm, &req) !=
-        MPI_SUCCESS)
-        return -1;
-    return wait_request(x, &req) == MPI_SUCCESS ? 0 : -1;
+    if (MPI_Iallreduce(MPI_IN_PLACE, h, 2, MPI_INT64_T, MPI_MAX, x->comm, &req) != MPI_SUCCESS)
+        return give_up(x, AEGIS_E_MPI);
+    int rc = mpi_wait(x, &req, 1);
+    if (rc != AEGIS_OK)
+        return give_up(x, rc);
+    if (h[0])
+        return share_error(x, h[0]);
+    if (value)
+        *value = h[1];
+    return AEGIS_OK;
 }
 
-/* One chunk in pieces of at most max_count elements: chunks may exceed INT_MAX bytes. */
-static int bcast_split(ctx *x, char *b, int64_t n)
+static int agree(ctx *x) { return agree_value(x, NULL); }
+
+static int owner_of(const ctx *x, int64_t k) { return x->opts->readers[k % x->opts->n_readers]; }
+
+static int64_t chunk_len(const ctx *x, int64_t k) { return min64(x->chunk, x->total - k * x->chunk); }
+
+/* Posts chunk k: the failure/CRC reduction, then the data from its reader. */
+static int post(ctx *x, int64_t k, int64_t fail, uint32_t crc)
 {
-    for (int64_t off = 0; off < n; off += x->max_count) {
-        int64_t c = n - off < x->max_count ? n - off : x->max_count;
-        MPI_Request req;
-        if (MPI_Ibcast(b + off, (int)c, MPI_BYTE, x->root, x->comm, &req) != MPI_SUCCESS ||
-            wait_request(x, &req) != MPI_SUCCESS)
+    inflight *f = &x->flight[k % x->depth];
+    char *buf = x->slots[k % x->depth].buf;
+    int owner = owner_of(x, k);
+    f->hdr[0] = fail;
+    f->hdr[1] = owner == x->rank ? (int64_t)crc : 0;
+    f->n_req = 0;
+    if (MPI_Iallreduce(MPI_IN_PLACE, f->hdr, 2, MPI_INT64_T, MPI_MAX, x->comm,
+                       &f->req[f->n_req++]) != MPI_SUCCESS)
+        return -1;
+    int64_t len = chunk_len(x, k);
+    for (int64_t off = 0; off < len; off += x->opts->max_count) {
+        int count = (int)min64(len - off, x->opts->max_count);
+        if (MPI_Ibcast(buf + off, count, MPI_BYTE, owner, x->comm, &f->req[f->n_req++]) !=
+            MPI_SUCCESS)
             return -1;
     }
     return 0;
 }
 
-/* Waits (threaded) until the root's reader has chunk k or failed. */
-static void await_readable(ctx *x, int64_t k)
+static void assign(ctx *x, int64_t k)
 {
-    pthread_mutex_lock(&x->mu);
-    while (k >= x->n_read && !x->rerr.code && !x->werr.code)
-        pthread_cond_wait(&x->cv, &x->mu);
-    pthread_mutex_unlock(&x->mu);
+    slot *s = &x->slots[k % x->depth];
+    s->chunk = k;
+    s->start = k * x->chunk;
+    s->len = chunk_len(x, k);
+    s->cursor = s->busy = 0;
+    s->crc = 0;
+    if (owner_of(x, k) == x->rank) {
+        s->phase = S_FILL;
+        pthread_cond_broadcast(&x->work_cv);
+    } else {
+        s->phase = S_READY;
+    }
 }
 
-/* Waits (threaded) until slot k is free, i.e. the writer drained chunk k - depth, or failed. */
-static void await_free(ctx *x, int64_t k)
+static int all_free(const ctx *x)
 {
-    pthread_mutex_lock(&x->mu);
-    while (k >= x->n_written + x->depth && !x->werr.code)
-        pthread_cond_wait(&x->cv, &x->mu);
-    pthread_mutex_unlock(&x->mu);
+    for (int i = 0; i < x->depth; i++)
+        if (x->slots[i].phase != S_FREE && x->slots[i].phase != S_READY)
+            return 0;
+    return 1;
 }
 
-static void mark_sent(ctx *x, int64_t k)
+/* After chunk j reported a failure: every rank may have posted up to j + depth - 1, so all
+ * post (garbage, nobody writes it) and complete exactly that far before sharing the error. */
+static int drain_after_failure(ctx *x, int64_t j, int64_t posted)
 {
-    pthread_mutex_lock(&x->mu);
-    x->n_sent = k + 1;
-    if (!x->is_writer)
-        x->n_written = k + 1;
-    pthread_cond_broadcast(&x->cv);
-    pthread_mutex_unlock(&x->mu);
+    int64_t last = min64(j + x->depth - 1, x->n_chunks - 1);
+    for (; posted <= last; posted++)
+        if (post(x, posted, 0, 0) != 0)
+            return give_up(x, AEGIS_E_MPI);
+    for (int64_t k = j + 1; k <= last; k++) {
+        inflight *f = &x->flight[k % x->depth];
+        int rc = mpi_wait(x, f->req, f->n_req);
+        if (rc != AEGIS_OK)
+            return give_up(x, rc);
+    }
+    return AEGIS_OK;
 }
 
-/* Collective "is every rank fine?", with the first failure shared. The helper threads may
- * be running, so the local error is read under the lock. */
-static int agree(ctx *x)
+static int transfer(ctx *x)
 {
-    int64_t h[H_N] = {0};
-    pthread_mutex_lock(&x->mu);
-    const local_error *mine = pending_error(x);
-    pthread_mutex_unlock(&x->mu);
-    if (mine)
-        h[H_FAIL] = x->size - x->rank;
-    if (allreduce_header(x, h) != 0)
-        return AEGIS_E_MPI;
-    return h[H_FAIL] ? share_error(x, h[H_FAIL], mine) : AEGIS_OK;
-}
-
-static int run_transfer(ctx *x)
-{
-    int64_t k;
-    for (k = 0;; k++) {
-        int s = (int)(k % x->depth);
-        if (x->is_root) {
-            if (x->threaded)
-                await_readable(x, k);
-            else if (!pending_error(x))
-                read_chunk(x, k, &x->rerr);
-        } else if (x->threaded) {
-            await_free(x, k);
-        }
-
-        int64_t h[H_N] = {0};
+    int64_t assigned = 0, posted = 0, done = 0, mpi_since = now_ms();
+    int idle = 0;
+    while (done < x->n_chunks) {
         pthread_mutex_lock(&x->mu);
-        const local_error *mine = pending_error(x);
+        check_stalled(x);
+        int64_t seen = x->events;
+        int failing = x->err.code != AEGIS_OK;
+        if (!failing)
+            while (assigned < x->n_chunks && assigned < done + x->depth &&
+                   x->slots[assigned % x->depth].phase == S_FREE)
+                assign(x, assigned++);
+        /* once failing, the next chunk goes out at once (its buffer is garbage) to carry the
+         * failure flag to every rank */
+        slot *next = &x->slots[posted % x->depth];
+        int can_post = posted < x->n_chunks && posted < done + x->depth &&
+                       (failing || (posted < assigned && next->phase == S_READY));
+        if (can_post && !failing)
+            next->phase = S_POSTED;
+        uint32_t crc = next->crc;
         pthread_mutex_unlock(&x->mu);
-        if (mine)
-            h[H_FAIL] = x->size - x->rank;
-        else if (x->is_root) {
-            h[H_LEN] = x->len[s];
-            h[H_EOF] = x->eof[s];
-            if (x->eof[s]) { /* the reader has stopped: its totals are final */
-                h[H_CRC] = x->crc_src;
-                h[H_TOTAL] = x->bytes_read;
+
+        if (can_post) {
+            if (post(x, posted, failing ? x->size - x->rank : 0, crc) != 0)
+                return give_up(x, AEGIS_E_MPI);
+            posted++;
+            idle = 0;
+            mpi_since = now_ms();
+            continue;
+        }
+        if (done < posted) {
+            inflight *f = &x->flight[done % x->depth];
+            int complete = 0;
+            if (MPI_Testall(f->n_req, f->req, &complete, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
+                return give_up(x, AEGIS_E_MPI);
+            if (complete) {
+                if (f->hdr[0]) {
+                    int rc = drain_after_failure(x, done, posted);
+                    return rc != AEGIS_OK ? rc : share_error(x, f->hdr[0]);
+                }
+                int64_t len = chunk_len(x, done);
+                x->stream_crc = aegis_crc32c_combine(x->stream_crc, (uint32_t)f->hdr[1], len);
+                __atomic_store_n(&x->res->bytes_done, done * x->chunk + len, __ATOMIC_RELAXED);
+                pthread_mutex_lock(&x->mu);
+                slot *s = &x->slots[done % x->depth];
+                if (s->phase == S_POSTED) {
+                    if (x->is_writer && x->err.code == AEGIS_OK) {
+                        s->phase = S_DRAIN;
+                        s->crc = (uint32_t)f->hdr[1];
+                        s->cursor = s->busy = 0;
+                        pthread_cond_broadcast(&x->work_cv);
+                    } else {
+                        s->phase = S_FREE;
+                    }
+                }
+                pthread_mutex_unlock(&x->mu);
+                done++;
+                idle = 0;
+                mpi_since = now_ms();
+                continue;
             }
+            if (now_ms() - mpi_since > x->mpi_stall_ms)
+                return give_up(x, AEGIS_E_STALL);
+            backoff(x, seen, idle++);
+            continue;
         }
-        if (allreduce_header(x, h) != 0)
-            return AEGIS_E_MPI;
-        if (h[H_FAIL])
-            return share_error(x, h[H_FAIL], mine);
+        wait_event(x, seen, 200000); /* only this rank's helpers can move things now */
+    }
+    /* the writers place the last chunks */
+    pthread_mutex_lock(&x->mu);
+    while (!all_free(x) && x->err.code == AEGIS_OK) {
+        check_stalled(x);
+        struct timespec t;
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        t.tv_sec += 1;
+        pthread_cond_timedwait(&x->main_cv, &x->mu, &t);
+    }
+    pthread_mutex_unlock(&x->mu);
+    return AEGIS_OK;
+}
 
-        x->len[s] = h[H_LEN];
-        x->eof[s] = (int)h[H_EOF];
-        if (h[H_EOF]) {
-            x->crc_expected = (uint32_t)h[H_CRC];
-            x->bytes_expected = h[H_TOTAL];
+/* ---------------------------------------------------------------- writer setup and finish */
+
+/* Directories and empty, preallocated files before any data arrives (index order: parents
+ * first). Symlinks come last (finish_tree), so no path is resolved through one meanwhile. */
+static int create_tree(ctx *x, local_error *e)
+{
+    for (int64_t i = 0; i < x->n_ents; i++) {
+        const entry *en = &x->ents[i];
+        if (en->kind == '5' && strcmp(en->path, ".") != 0) {
+            if (mkdirat(x->dst_fd, en->path, 0700) != 0) {
+                set_error(e, AEGIS_E_WRITE, "cannot create directory %s: %s", en->path,
+                          strerror(errno));
+                return -1;
+            }
+        } else if (en->kind == '0') {
+            int fd = openat(x->dst_fd, en->path,
+                            O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+            if (fd < 0) {
+                set_error(e, AEGIS_E_WRITE, "cannot create %s: %s", en->path, strerror(errno));
+                return -1;
+            }
+            int rc = 0;
+            if (en->size > 0) {
+                rc = fallocate(fd, 0, 0, en->size);
+                if (rc != 0 && (errno == EOPNOTSUPP || errno == ENOSYS))
+                    rc = ftruncate(fd, en->size); /* no preallocation on this file system */
+            }
+            if (rc != 0) {
+                set_error(e, AEGIS_E_WRITE, "cannot allocate %lld bytes for %s: %s",
+                          (long long)en->size, en->path, strerror(errno));
+                close(fd);
+                return -1;
+            }
+            close(fd);
         }
-        if (bcast_split(x, x->buf[s], h[H_LEN]) != 0)
-            return AEGIS_E_MPI;
-        __atomic_store_n(&x->res->bytes_done, x->res->bytes_done + h[H_LEN], __ATOMIC_RELAXED);
+    }
+    return 0;
+}
 
-        if (x->threaded)
-            mark_sent(x, k);
-        else if (x->is_writer && !pending_error(x))
-            write_chunk(x, k, &x->werr);
-        if (h[H_EOF])
+/* Symlinks, then modes and mtimes, children before their directories. Directories keep
+ * their mode plus u+rwx so the owner can always write and remove the staged tree. */
+static int finish_tree(ctx *x, local_error *e)
+{
+    for (int64_t i = x->n_ents - 1; i >= 0; i--) {
+        const entry *en = &x->ents[i];
+        struct timespec times[2] = {{en->mtime, 0}, {en->mtime, 0}};
+        if (en->kind == '2') {
+            if (symlinkat(en->link, x->dst_fd, en->path) != 0 ||
+                utimensat(x->dst_fd, en->path, times, AT_SYMLINK_NOFOLLOW) != 0) {
+                set_error(e, AEGIS_E_WRITE, "symlink %s: %s", en->path, strerror(errno));
+                return -1;
+            }
+            continue;
+        }
+        int flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | (en->kind == '5' ? O_DIRECTORY : 0);
+        int fd = openat(x->dst_fd, en->path, flags);
+        if (fd < 0 || fchmod(fd, en->kind == '5' ? (en->mode | 0700) : en->mode) != 0 ||
+            futimens(fd, times) != 0) {
+            set_error(e, AEGIS_E_WRITE, "setting mode and time of %s: %s", en->path,
+                      strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return -1;
+        }
+        close(fd);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- setup */
+
+/* Ranks must pass the same options: compare every shared field's MIN and MAX. */
+static int check_same_options(ctx *x)
+{
+    const aegis_stage_opts *o = x->opts;
+    enum { N_FIXED = 11, N = N_FIXED + AEGIS_MAX_READERS };
+    static const char *names[N_FIXED] = {"chunk_size", "max_count", "max_index_bytes",
+                                         "stall_timeout", "depth", "root", "readers",
+                                         "verify", "fault_rank", "fault_kind", "fault_after"};
+    int64_t mine[N], hi[N], lo[N];
+    int64_t fixed[N_FIXED] = {o->chunk_size, o->max_count, o->max_index_bytes, o->stall_ms,
+                              o->depth, o->root, o->n_readers, o->verify != 0, o->fault_rank,
+                              o->fault_kind, o->fault_after};
+    memcpy(mine, fixed, sizeof fixed);
+    for (int i = 0; i < AEGIS_MAX_READERS; i++)
+        mine[N_FIXED + i] = i < o->n_readers ? o->readers[i] : -1;
+    MPI_Request req[2];
+    if (MPI_Iallreduce(mine, hi, N, MPI_INT64_T, MPI_MAX, x->comm, &req[0]) != MPI_SUCCESS ||
+        MPI_Iallreduce(mine, lo, N, MPI_INT64_T, MPI_MIN, x->comm, &req[1]) != MPI_SUCCESS)
+        return give_up(x, AEGIS_E_MPI);
+    int rc = mpi_wait(x, req, 2);
+    if (rc != AEGIS_OK)
+        return give_up(x, rc);
+    for (int i = 0; i < N; i++)
+        if (hi[i] != lo[i]) {
+            local_error e = {0};
+            set_error(&e, AEGIS_E_ARGS, "ranks passed different %s (%lld on this rank, %lld "
+                      "to %lld across ranks); every rank must pass the same options",
+                      i < N_FIXED ? names[i] : "reader ranks", (long long)mine[i],
+                      (long long)lo[i], (long long)hi[i]);
+            if (mine[i] != hi[i] || x->rank == 0) /* the odd ones report */
+                fail(x, &e);
             break;
-    }
+        }
+    return agree(x);
+}
 
-    /* end of stream: writers report tar -x exit status and checksum */
-    if (x->threaded && x->is_writer) {
-        pthread_mutex_lock(&x->mu);
-        while (!x->writer_done)
-            pthread_cond_wait(&x->cv, &x->mu);
-        pthread_mutex_unlock(&x->mu);
+static void check_options(ctx *x, local_error *e)
+{
+    const aegis_stage_opts *o = x->opts;
+    int readers_ok = o->n_readers >= 1 && o->n_readers <= AEGIS_MAX_READERS &&
+                     o->n_readers <= x->size;
+    for (int i = 0; readers_ok && i < o->n_readers; i++) {
+        readers_ok = o->readers[i] >= 0 && o->readers[i] < x->size;
+        for (int j = 0; j < i; j++)
+            readers_ok = readers_ok && o->readers[j] != o->readers[i];
     }
-    int code = agree(x);
-    if (code == AEGIS_OK) {
-        x->res->total_bytes = x->bytes_expected;
-        x->res->checksum = x->crc_expected;
+    if (o->chunk_size < 1 || o->chunk_size > (1LL << 40) || o->max_count < 1 ||
+        o->max_count > INT_MAX || o->depth < 1 || o->depth > 1024 || o->root < 0 ||
+        o->root >= x->size || !readers_ok || o->stall_ms < 1 ||
+        o->max_index_bytes < INDEX_HEAD || o->io_threads < 1 || o->io_threads > 256 ||
+        (o->chunk_size + o->max_count - 1) / o->max_count > MAX_CALLS_PER_CHUNK - 1)
+        set_error(e, AEGIS_E_ARGS, "invalid options: chunk_size=%lld max_count=%lld depth=%d "
+                  "root=%d readers=%d stall_ms=%lld io_threads=%d (of %d ranks)",
+                  (long long)o->chunk_size, (long long)o->max_count, o->depth, o->root,
+                  o->n_readers, (long long)o->stall_ms, o->io_threads, x->size);
+}
+
+/* The root's index reaches every rank, its length bounded before any allocation. */
+static int receive_index(ctx *x, const void *index, int64_t index_len)
+{
+    local_error e = {0};
+    int64_t len = 0;
+    if (x->rank == x->opts->root) {
+        if (!index || index_len < INDEX_HEAD || index_len > x->opts->max_index_bytes)
+            set_error(&e, AEGIS_E_INDEX, "the file index is %lld bytes (limit %lld)",
+                      (long long)index_len, (long long)x->opts->max_index_bytes);
+        else
+            len = index_len;
+        fail(x, &e);
     }
-    return code;
+    int rc = agree_value(x, &len);
+    if (rc != AEGIS_OK)
+        return rc;
+    if (len < INDEX_HEAD || len > x->opts->max_index_bytes)
+        set_error(&e, AEGIS_E_INDEX, "received a file index length of %lld bytes (limit %lld)",
+                  (long long)len, (long long)x->opts->max_index_bytes);
+    else if (!(x->index = malloc((size_t)len)))
+        set_error(&e, AEGIS_E_NOMEM, "cannot allocate %lld bytes for the file index",
+                  (long long)len);
+    fail(x, &e);
+    if ((rc = agree(x)) != AEGIS_OK)
+        return rc;
+    if (x->rank == x->opts->root)
+        memcpy(x->index, index, (size_t)len);
+    for (int64_t off = 0; off < len; off += x->opts->max_count) {
+        MPI_Request req;
+        int count = (int)min64(len - off, x->opts->max_count);
+        if (MPI_Ibcast(x->index + off, count, MPI_BYTE, x->opts->root, x->comm, &req) !=
+            MPI_SUCCESS)
+            return give_up(x, AEGIS_E_MPI);
+        if ((rc = mpi_wait(x, &req, 1)) != AEGIS_OK)
+            return give_up(x, rc);
+    }
+    if (parse_index(x, len, &e) == 0)
+        layout(x, &e);
+    fail(x, &e);
+    return agree(x);
+}
+
+static int open_ends(ctx *x, const char *src_dir, const char *dest_dir, local_error *e)
+{
+    if (x->is_reader) {
+        if (!src_dir || (x->src_fd = open(src_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+            set_error(e, AEGIS_E_SOURCE, "cannot open the source directory %s: %s",
+                      src_dir ? src_dir : "(none given)", strerror(errno));
+            return -1;
+        }
+    }
+    if (x->is_writer) {
+        if (!dest_dir || (x->dst_fd = open(dest_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
+            set_error(e, AEGIS_E_WRITE, "cannot open %s: %s", dest_dir ? dest_dir : "(none)",
+                      strerror(errno));
+            return -1;
+        }
+        if (x->opts->capture_path &&
+            (x->cap_fd = open(x->opts->capture_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC,
+                              0600)) < 0) {
+            set_error(e, AEGIS_E_WRITE, "cannot open %s: %s", x->opts->capture_path,
+                      strerror(errno));
+            return -1;
+        }
+        return create_tree(x, e);
+    }
+    return 0;
+}
+
+static int allocate_ring(ctx *x, local_error *e)
+{
+    int64_t parts = (x->chunk + x->piece - 1) / x->piece;
+    int calls = (int)((x->chunk + x->opts->max_count - 1) / x->opts->max_count) + 1;
+    x->slots = calloc((size_t)x->depth, sizeof *x->slots);
+    x->flight = calloc((size_t)x->depth, sizeof *x->flight);
+    int ok = x->slots && x->flight;
+    for (int i = 0; ok && i < x->depth; i++) {
+        x->slots[i].buf = malloc((size_t)x->chunk);
+        x->slots[i].part_crc = calloc((size_t)parts, sizeof(uint32_t));
+        x->flight[i].req = calloc((size_t)calls, sizeof(MPI_Request));
+        ok = x->slots[i].buf && x->slots[i].part_crc && x->flight[i].req;
+    }
+    if (!ok)
+        set_error(e, AEGIS_E_NOMEM, "cannot allocate %d buffers of %lld bytes", x->depth,
+                  (long long)x->chunk);
+    return ok ? 0 : -1;
+}
+
+static int start_workers(ctx *x, local_error *e)
+{
+    if (!x->is_reader && !x->is_writer)
+        return 0;
+    x->workers = calloc((size_t)x->opts->io_threads, sizeof *x->workers);
+    if (!x->workers) {
+        set_error(e, AEGIS_E_NOMEM, "cannot allocate the helper threads");
+        return -1;
+    }
+    for (int i = 0; i < x->opts->io_threads; i++) {
+        x->workers[i].x = x;
+        if (pthread_create(&x->workers[i].thread, NULL, worker_main, &x->workers[i]) != 0) {
+            set_error(e, AEGIS_E_THREAD, "cannot start helper thread %d: %s", i,
+                      strerror(errno));
+            return -1;
+        }
+        x->workers[i].started = 1;
+        x->n_workers = i + 1;
+    }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- entry point */
 
 static void cleanup(ctx *x)
 {
-    /* a helper may sit in read()/write() on a pipe: killing its tar ends that call */
     pthread_mutex_lock(&x->mu);
     x->stop = 1;
-    if (x->src.pid > 0)
-        kill(x->src.pid, SIGKILL);
-    if (x->dst.pid > 0)
-        kill(x->dst.pid, SIGKILL);
-    pthread_cond_broadcast(&x->cv);
+    pthread_cond_broadcast(&x->work_cv);
     pthread_mutex_unlock(&x->mu);
-    if (x->reader_started)
-        pthread_join(x->reader_thread, NULL);
-    if (x->writer_started)
-        pthread_join(x->writer_thread, NULL);
-    reap(&x->src, &x->mu, 1);
-    reap(&x->dst, &x->mu, 1);
-    if (x->src.errlog)
-        fclose(x->src.errlog);
-    if (x->dst.errlog)
-        fclose(x->dst.errlog);
-    if (x->buf) {
-        for (int i = 0; i < x->depth; i++)
-            free(x->buf[i]);
-        free(x->buf);
+    for (int i = 0; i < x->n_workers; i++) {
+        /* a helper inside a hung system call cannot be joined: leave it its memory */
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        t.tv_sec += 5;
+        if (pthread_timedjoin_np(x->workers[i].thread, NULL, &t) != 0)
+            x->abandoned = 1;
     }
-    free(x->len);
-    free(x->eof);
-    pthread_cond_destroy(&x->cv);
+    if (x->abandoned)
+        return;
+    if (x->src_fd >= 0)
+        close(x->src_fd);
+    if (x->dst_fd >= 0)
+        close(x->dst_fd);
+    if (x->cap_fd >= 0)
+        close(x->cap_fd);
+    for (int i = 0; x->slots && i < x->depth; i++) {
+        free(x->slots[i].buf);
+        free(x->slots[i].part_crc);
+    }
+    for (int i = 0; x->flight && i < x->depth; i++)
+        free(x->flight[i].req);
+    free(x->slots);
+    free(x->flight);
+    free(x->workers);
+    free(x->ents);
+    free(x->arena);
+    free(x->index);
+    pthread_cond_destroy(&x->work_cv);
+    pthread_cond_destroy(&x->main_cv);
     pthread_mutex_destroy(&x->mu);
     if (x->comm != MPI_COMM_NULL)
         MPI_Comm_free(&x->comm);
 }
 
-int aegis_stage(void *comm_ptr, const char *src_dir, const char *src_member,
+static int run(ctx *x, const char *src_dir, const void *index, int64_t index_len,
+               const char *dest_dir)
+{
+    local_error e = {0};
+    int rc = check_same_options(x);
+    if (rc != AEGIS_OK)
+        return rc;
+    check_options(x, &e);
+    fail(x, &e);
+    if ((rc = agree(x)) != AEGIS_OK || (rc = receive_index(x, index, index_len)) != AEGIS_OK)
+        return rc;
+    if (allocate_ring(x, &e) == 0 && open_ends(x, src_dir, dest_dir, &e) == 0)
+        start_workers(x, &e);
+    fail(x, &e);
+    if ((rc = agree(x)) != AEGIS_OK || (rc = transfer(x)) != AEGIS_OK)
+        return rc;
+    pthread_mutex_lock(&x->mu);
+    int ok = x->err.code == AEGIS_OK;
+    pthread_mutex_unlock(&x->mu);
+    if (ok && x->is_writer && finish_tree(x, &e) != 0)
+        fail(x, &e);
+    return agree(x);
+}
+
+int aegis_stage(void *comm_ptr, const char *src_dir, const void *index, int64_t index_len,
                 const char *dest_dir, const aegis_stage_opts *opts, aegis_stage_result *res)
 {
     memset(res, 0, sizeof *res);
     res->failing_rank = -1;
-
-    ctx x;
-    memset(&x, 0, sizeof x);
-    x.comm = MPI_COMM_NULL;
-    x.src.fd = x.dst.fd = -1;
-    x.opts = opts;
-    x.res = res;
-    pthread_mutex_init(&x.mu, NULL);
-    pthread_cond_init(&x.cv, NULL);
-
-    /* a private communicator: our traffic cannot match the caller's, and errors return */
-    if (MPI_Comm_dup(*(MPI_Comm *)comm_ptr, &x.comm) != MPI_SUCCESS) {
-        x.comm = MPI_COMM_NULL;
-        cleanup(&x);
-        res->code = AEGIS_E_MPI;
-        snprintf(res->cause, sizeof res->cause, "MPI_Comm_dup failed");
+    ctx *x = calloc(1, sizeof *x); /* on the heap: kept alive if a helper cannot be joined */
+    if (!x) {
+        res->code = AEGIS_E_NOMEM;
+        snprintf(res->cause, sizeof res->cause, "cannot allocate the staging context");
         return res->code;
     }
-    MPI_Comm_set_errhandler(x.comm, MPI_ERRORS_RETURN);
-    MPI_Comm_rank(x.comm, &x.rank);
-    MPI_Comm_size(x.comm, &x.size);
-    x.root = opts->root;
-    x.is_root = x.rank == x.root;
-    x.is_writer = opts->is_writer != 0;
-    x.verify = opts->verify != 0;
-    x.depth = opts->depth;
-    x.chunk = opts->chunk_size;
-    x.max_count = opts->max_count;
-    x.threaded = x.depth > 1;
+    x->comm = MPI_COMM_NULL;
+    x->src_fd = x->dst_fd = x->cap_fd = -1;
+    x->opts = opts;
+    x->res = res;
+    x->chunk = opts->chunk_size;
+    x->piece = min64(opts->chunk_size, MAX_PIECE);
+    x->depth = opts->depth;
+    x->verify = opts->verify != 0;
+    x->is_writer = opts->is_writer != 0;
+    /* a rank waiting on the others allows them their own stall timeout to report first */
+    x->mpi_stall_ms = 2 * opts->stall_ms + 5000;
+    gethostname(x->host, sizeof x->host - 1);
+    crc_init(&x->crc, 0);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_cond_init(&x->work_cv, &ca);
+    pthread_cond_init(&x->main_cv, &ca);
+    pthread_condattr_destroy(&ca);
 
-    /* SIGPIPE would kill the process when a writer's tar dies; EPIPE is handled instead */
-    struct sigaction ign, old_pipe;
-    memset(&ign, 0, sizeof ign);
-    ign.sa_handler = SIG_IGN;
-    sigemptyset(&ign.sa_mask);
-    sigaction(SIGPIPE, &ign, &old_pipe);
-
-    if (x.depth < 1 || x.chunk < 1 || x.max_count < 1 || x.max_count > INT_MAX ||
-        x.root < 0 || x.root >= x.size)
-        set_error(&x.werr, AEGIS_E_ARGS,
-                  "invalid options: depth=%d chunk_size=%lld max_count=%lld root=%d", x.depth,
-                  (long long)x.chunk, (long long)x.max_count, x.root);
-    if (!pending_error(&x)) {
-        crc_init(&x.crc, 0);
-        x.buf = calloc((size_t)x.depth, sizeof *x.buf);
-        x.len = calloc((size_t)x.depth, sizeof *x.len);
-        x.eof = calloc((size_t)x.depth, sizeof *x.eof);
-        int ok = x.buf && x.len && x.eof;
-        for (int i = 0; ok && i < x.depth; i++)
-            ok = (x.buf[i] = malloc((size_t)x.chunk)) != NULL;
-        if (!ok)
-            set_error(&x.werr, AEGIS_E_NOMEM, "cannot allocate %d buffers of %lld bytes",
-                      x.depth, (long long)x.chunk);
+    int code;
+    MPI_Comm_rank(*(MPI_Comm *)comm_ptr, &x->rank); /* for the report, even if dup fails */
+    /* a private communicator: our traffic cannot match the caller's, and errors return */
+    if (MPI_Comm_dup(*(MPI_Comm *)comm_ptr, &x->comm) != MPI_SUCCESS) {
+        x->comm = MPI_COMM_NULL;
+        code = AEGIS_E_MPI;
+        snprintf(res->cause, sizeof res->cause, "MPI_Comm_dup failed");
+    } else {
+        MPI_Comm_set_errhandler(x->comm, MPI_ERRORS_RETURN);
+        MPI_Comm_size(x->comm, &x->size);
+        for (int i = 0; i < opts->n_readers && i < AEGIS_MAX_READERS; i++)
+            x->is_reader |= opts->readers[i] == x->rank;
+        code = run(x, src_dir, index, index_len, dest_dir);
     }
-    if (!pending_error(&x) && x.is_root) {
-        char *argv[] = {"tar", "-c", "-f", "-", "-C", (char *)src_dir, "--", (char *)src_member,
-                        NULL};
-        spawn_tar(&x.src, argv, 1, &x.rerr);
+    if (code == AEGIS_OK) {
+        res->total_bytes = x->total;
+        res->checksum = x->verify ? x->stream_crc : 0;
+    } else if (res->failing_rank < 0) { /* only this rank knows: name it */
+        res->failing_rank = x->rank;
+        snprintf(res->host, sizeof res->host, "%s", x->host);
     }
-    if (!pending_error(&x) && x.is_writer) {
-        char *argv[] = {"tar", "-x", "-p", "-f", "-", "-C", (char *)dest_dir, NULL};
-        spawn_tar(&x.dst, argv, 0, &x.werr);
-    }
-    if (!pending_error(&x) && x.threaded && x.is_root) {
-        if (pthread_create(&x.reader_thread, NULL, reader_main, &x) == 0)
-            x.reader_started = 1;
-        else
-            set_error(&x.rerr, AEGIS_E_THREAD, "cannot start the reader thread");
-    }
-    if (!pending_error(&x) && x.threaded && x.is_writer) {
-        if (pthread_create(&x.writer_thread, NULL, writer_main, &x) == 0)
-            x.writer_started = 1;
-        else
-            set_error(&x.werr, AEGIS_E_THREAD, "cannot start the writer thread");
-    }
-
-    int code = agree(&x); /* did every rank get through setup? */
-    if (code == AEGIS_OK)
-        code = run_transfer(&x);
-    if (code == AEGIS_E_MPI && !res->cause[0])
-        snprintf(res->cause, sizeof res->cause, "an MPI call failed on rank %d", x.rank);
     res->code = code;
-    cleanup(&x);
-    sigaction(SIGPIPE, &old_pipe, NULL);
+    cleanup(x);
+    if (!x->abandoned)
+        free(x);
     return code;
 }

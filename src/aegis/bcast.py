@@ -1,10 +1,11 @@
-"""Stage a model directory (or file) from a shared file system to node-local storage over MPI.
+"""Stage a model directory (or one file) from a shared file system to node-local storage over MPI.
 
-``stage()`` is collective: every rank of ``comm`` calls it with the same arguments (``dest``
-may differ per node). The root streams ``tar -c`` of ``source`` through MPI broadcasts; one
-writer rank per node (``writers="node"``) or every rank (``writers="all"``) extracts it. The
-transfer itself is the C extension ``aegis._bcast`` (csrc/bcast.c); this module adds the
-cache check, the atomic swap into place, the manifest and progress logging.
+``stage()`` is collective: every rank of ``comm`` calls it with the same options (``dest`` may
+differ per node). The root scans ``source`` into a sorted file index; the C extension
+``aegis._bcast`` (csrc/bcast.c) broadcasts the index, then the tree as a GNU tar stream whose
+layout follows from the index: reader ranks fill chunks with ``pread``, writer ranks (one per
+node, or every rank) place the data with ``pwrite``. This module adds the scan, the option and
+error agreement, the cache check, the atomic swap into place, the manifest and progress logging.
 
 The extension is loaded lazily, after ``mpi4py.MPI``: it links libmpi by soname with no
 rpath, so it binds to the libmpi that mpi4py loaded. Importing this module does not
@@ -19,37 +20,39 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 MANIFEST_NAME = ".aegis-manifest.json"
 DEFAULT_CHUNK_SIZE = 16 << 20
 DEFAULT_DEPTH = 4
+DEFAULT_STALL_TIMEOUT = 300.0  # seconds a helper may sit on one piece of I/O
 MAX_MPI_COUNT = 2**31 - 1
+MAX_READERS = 256
+MAX_INDEX_BYTES = 1 << 30  # the largest file index a rank accepts from the wire
 PROGRESS_INTERVAL_S = 5.0
-# On an oversubscribed node, waiting ranks poll MPI then sleep this long instead of spinning
-# in MPICH's progress loop, which would take a core from tar and the helper threads. With
-# cores to spare they block in MPI (0): multi-hop broadcasts need every rank's progress calls.
-OVERSUBSCRIBED_POLL_SLEEP_US = 50
-# busy entities per writer rank: its MPI thread, the writer thread and tar -x
-_ACTIVE_PER_RANK = 3
 
 # numeric codes shared with csrc/bcast.h (checked against the extension at load time)
 _CODE_NAMES = {
-    1: "invalid arguments", 2: "out of memory", 3: "cannot run tar", 4: "source read failed",
-    5: "extraction failed", 6: "checksum mismatch", 7: "MPI error", 8: "thread start failed",
-    9: "size mismatch", 10: "preparation failed",
+    1: "invalid arguments", 2: "out of memory", 3: "malformed file index",
+    4: "source read failed", 5: "write failed", 6: "checksum mismatch", 7: "MPI error",
+    8: "thread start failed", 9: "stalled", 10: "preparation failed",
 }
-E_ARGS, E_WRITE, E_PREPARE = 1, 5, 10
+E_ARGS, E_SOURCE, E_WRITE, E_CHECKSUM, E_STALL, E_PREPARE = 1, 4, 5, 6, 9, 10
 
+_INDEX_MAGIC = b"AEGIDX01"
+_INDEX_ENTRY = struct.Struct("<B3xIqQIIII")  # kind, mode, mtime, size, uid, gid, path, link
+_KINDS = {stat.S_IFREG: b"0", stat.S_IFDIR: b"5", stat.S_IFLNK: b"2"}
 
 
 class StagingError(RuntimeError):
@@ -83,6 +86,7 @@ class StageResult:
     cached: bool
     checksum: str | None  # CRC32C of the tar stream, hex; None when verify=False
     writers: list[WriterInfo] = field(default_factory=list)
+    readers: list[int] = field(default_factory=list)  # ranks that read the source
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,7 +128,8 @@ def _extension():
             "for the MPI mpi4py uses: MPICC=/path/to/its/mpicc "
             "pip install --no-build-isolation --force-reinstall ."
         )
-    if (lib.AEGIS_E_ARGS, lib.AEGIS_E_WRITE, lib.AEGIS_E_PREPARE) != (E_ARGS, E_WRITE, E_PREPARE):
+    if (lib.AEGIS_E_ARGS, lib.AEGIS_E_WRITE, lib.AEGIS_E_STALL, lib.AEGIS_E_PREPARE,
+            lib.AEGIS_MAX_READERS) != (E_ARGS, E_WRITE, E_STALL, E_PREPARE, MAX_READERS):
         raise ImportError("aegis._bcast does not match aegis/bcast.py; reinstall aegis")
     return MPI, ffi, lib
 
@@ -135,35 +140,67 @@ def crc32c(data: bytes, crc: int = 0, *, software: bool = False) -> int:
     return lib.aegis_crc32c(crc, data, len(data), 1 if software else 0)
 
 
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC32C of A followed by B from the two CRCs and B's length."""
+    _, _, lib = _extension()
+    return lib.aegis_crc32c_combine(crc_a, crc_b, len_b)
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 
-def fingerprint(source: Path) -> dict[str, Any]:
-    """Metadata identity of a source tree (O(entries), no file contents read).
+@dataclass
+class SourceScan:
+    """The root's view of the source: the file index for the C core and its identity."""
+    src_dir: str  # directory the index paths are relative to
+    index: bytes
+    info: dict[str, Any]  # size, mtime_ns, entries, fingerprint (what the manifest records)
 
-    Covers every entry's relative path, type, mode, size and mtime; symlinks by target."""
-    digest = hashlib.sha256()
-    total = 0
-    newest = 0
-    top = source.stat()
-    entries: list[tuple[str, os.stat_result, Path]] = []
+
+def scan(source: Path) -> SourceScan:
+    """lstat-walk ``source`` (a directory, or one regular file), sorted by path bytes.
+
+    Raises OSError (unreadable) or ValueError (a socket, FIFO or device inside)."""
+    real = Path(os.path.realpath(source))
+    top = os.stat(real)
     if stat.S_ISDIR(top.st_mode):
-        for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
-            dirnames.sort()
-            for name in sorted(dirnames + filenames):
-                path = Path(dirpath, name)
-                entries.append((str(path.relative_to(source)), path.lstat(), path))
+        src_dir, entries = real, [(b".", top)]
+
+        def fail(exc: OSError):
+            raise exc
+
+        for dirpath, dirnames, filenames in os.walk(real, onerror=fail):
+            rel_dir = os.fsencode(os.path.relpath(dirpath, real))
+            for name in dirnames + filenames:
+                rel = os.fsencode(name) if rel_dir == b"." else rel_dir + b"/" + os.fsencode(name)
+                entries.append((rel, os.lstat(os.path.join(dirpath, name))))
+    elif stat.S_ISREG(top.st_mode):
+        src_dir, entries = real.parent, [(os.fsencode(real.name), top)]
     else:
-        entries.append((source.name, top, source))
-    for rel, st, path in sorted(entries, key=lambda e: e[0]):
-        extra = os.readlink(path) if stat.S_ISLNK(st.st_mode) else ""
-        digest.update(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0{extra}\n"
-                      .encode("utf-8", "surrogateescape"))
-        if stat.S_ISREG(st.st_mode):
-            total += st.st_size
-        newest = max(newest, st.st_mtime_ns)
-    return {"size": total, "mtime_ns": newest, "entries": len(entries),
-            "fingerprint": digest.hexdigest()}
+        raise ValueError(f"{source} is neither a directory nor a regular file")
+    entries.sort(key=lambda e: (e[0] != b".", e[0]))
+
+    digest, total, newest = hashlib.sha256(), 0, 0
+    parts = [_INDEX_MAGIC, struct.pack("<Q", len(entries))]
+    for rel, st in entries:
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+        path = src_dir / os.fsdecode(rel)
+        if kind is None:
+            raise ValueError(f"{path}: a socket, FIFO or device cannot be staged")
+        link = os.fsencode(os.readlink(path)) if kind == b"2" else b""
+        size = st.st_size if kind == b"0" else 0
+        parts += [_INDEX_ENTRY.pack(kind[0], stat.S_IMODE(st.st_mode),
+                                    st.st_mtime_ns // 1_000_000_000, size,
+                                    st.st_uid & 0xFFFFFFFF, st.st_gid & 0xFFFFFFFF,
+                                    len(rel), len(link)), rel, link]
+        if rel != b"." or kind != b"5":
+            digest.update(rel + b"\0" + f"{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0"
+                          .encode() + link + b"\n")
+            total += size
+            newest = max(newest, st.st_mtime_ns)
+    return SourceScan(str(src_dir), b"".join(parts),
+                      {"size": total, "mtime_ns": newest, "entries": len(entries) - 1
+                       if entries[0][0] == b"." else 1, "fingerprint": digest.hexdigest()})
 
 
 def read_manifest(dest: Path) -> dict[str, Any] | None:
@@ -175,26 +212,83 @@ def read_manifest(dest: Path) -> dict[str, Any] | None:
         return None
 
 
-def _validate(source, dest, root, size, chunk_size, depth, writers, max_count,
-              poll_sleep_us) -> str | None:
+def _validate(source, dest, root, size, chunk_size, depth, writers, readers, max_count,
+              stall_timeout, io_threads) -> str | None:
     if writers not in ("node", "all"):
         return f"writers must be 'node' or 'all', got {writers!r}"
     for name, value, low, high in (("chunk_size", chunk_size, 1, 1 << 40),
                                    ("depth", depth, 1, 1024),
                                    ("max_count", max_count, 1, MAX_MPI_COUNT),
-                                   ("poll_sleep_us", poll_sleep_us, 0, 1_000_000)):
-        if name == "poll_sleep_us" and value is None:
+                                   ("readers", readers, 1, min(size, MAX_READERS)),
+                                   ("io_threads", io_threads, 1, 256)):
+        if name == "io_threads" and value is None:
             continue  # automatic
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             return f"{name} must be an integer in [{low}, {high}], got {value!r}"
-    if not isinstance(root, int) or not 0 <= root < size:
+    if -(-chunk_size // max_count) >= 65536:
+        return f"chunk_size / max_count must stay below 65536 MPI calls per chunk"
+    if (not isinstance(stall_timeout, (int, float)) or isinstance(stall_timeout, bool)
+            or not math.isfinite(stall_timeout) or not 0.001 <= stall_timeout <= 1e6):
+        return f"stall_timeout must be a number of seconds in [0.001, 1e6], got {stall_timeout!r}"
+    if not isinstance(root, int) or isinstance(root, bool) or not 0 <= root < size:
         return f"root must be a rank in [0, {size - 1}], got {root!r}"
     if not str(source) or not str(dest):
         return "source and dest must be non-empty paths"
     return None
 
 
+def pick_readers(hosts: list[str], root: int, count: int) -> list[int]:
+    """``count`` reader ranks: the root, then one rank per other host, then the rest."""
+    first_per_host = {}
+    for rank, host in enumerate(hosts):
+        first_per_host.setdefault(host, rank)
+    order = [root] + [r for r in first_per_host.values() if hosts[r] != hosts[root]]
+    order += [r for r in range(len(hosts)) if r not in order]
+    return order[:count]
+
+
+def _describe(exc: BaseException, context: str = "") -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        named = exc.filename is not None and os.fsdecode(exc.filename) not in context
+        return exc.strerror + (f": {os.fsdecode(exc.filename)}" if named else "")
+    if isinstance(exc, (ValueError, OSError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 # --------------------------------------------------------------------------- side effects
+
+
+def _attempt(code: int, what: str, fn: Callable, *args) -> tuple[Any, tuple[int, str] | None]:
+    """Run one rank's local step: (value, None), or (None, (code, cause)) for _agree, so any
+    exception on one rank (even a RecursionError) becomes a StagingError on every rank."""
+    try:
+        return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - reported collectively, never swallowed
+        return None, (code, f"{what}: {_describe(exc, what)}")
+
+
+def _agree(comm, error: tuple[int, str] | None) -> None:
+    """Collective: raise the lowest failing rank's error on every rank, or return."""
+    errors = comm.allgather(None if error is None else (error[0], socket.gethostname(), error[1]))
+    for rank, err in enumerate(errors):
+        if err is not None:
+            raise StagingError(err[0], rank, err[1], err[2])
+
+
+def _check_same_options(comm, options: dict[str, Any], problem: str | None) -> None:
+    """Collective: every rank's options must be valid and equal to rank 0's."""
+    views = comm.allgather((problem, options, socket.gethostname()))
+    for rank, (bad, _, host) in enumerate(views):
+        if bad:
+            raise StagingError(E_ARGS, rank, host, bad)
+    for rank, (_, theirs, host) in enumerate(views):
+        for name, value in theirs.items():
+            if value != views[0][1][name]:
+                raise StagingError(E_ARGS, rank, host,
+                                   f"ranks passed different {name}: {views[0][1][name]!r} on "
+                                   f"rank 0, {value!r} on rank {rank}; every rank must pass "
+                                   "the same options")
 
 
 def _rmtree(path: Path) -> None:
@@ -212,14 +306,6 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
-def _agree(comm, error: tuple[int, str] | None) -> None:
-    """Collective: raise the lowest failing rank's error on every rank, or return."""
-    errors = comm.allgather(None if error is None else (error[0], socket.gethostname(), error[1]))
-    for rank, err in enumerate(errors):
-        if err is not None:
-            raise StagingError(err[0], rank, err[1], err[2])
-
-
 def _sibling(dest: Path, kind: str, pid: int | None = None) -> Path:
     """Hidden sibling of dest for a temporary ("tmp") or a replaced tree ("old")."""
     return dest.parent / f".{dest.name}.aegis-{kind}-{socket.gethostname()}-{pid or os.getpid()}"
@@ -227,6 +313,8 @@ def _sibling(dest: Path, kind: str, pid: int | None = None) -> Path:
 
 def _remove_stale_siblings(dest: Path) -> None:
     """Siblings left by a stage on this host whose process no longer exists (killed mid-way)."""
+    if not dest.parent.is_dir():
+        return
     for kind in ("tmp", "old"):
         prefix = _sibling(dest, kind, 1).name[:-1]
         for path in dest.parent.glob(glob.escape(prefix) + "*"):
@@ -256,7 +344,6 @@ def _prepare_dest(dest: Path, tmp: Path, force: bool) -> None:
             raise ValueError(f"dest {dest} exists, is not empty and was not staged by aegis "
                              f"(no {MANIFEST_NAME}); remove it or pass force=True")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(dest)
     _rmtree(tmp)
     tmp.mkdir(mode=0o700)
 
@@ -302,25 +389,39 @@ class _Progress:
             rate = done / elapsed if elapsed > 0 else 0.0
             left = max(self._expected - done, 0)
             eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-            pct = f" ({100 * done / self._expected:.0f}%)" if self._expected else ""
+            pct = f" ({100 * min(done, self._expected) / self._expected:.0f}%)" \
+                if self._expected else ""
             print(f"aegis stage: {done / 2**30:.2f} GiB{pct}, {rate / 1e9:.2f} GB/s, ETA {eta}",
                   file=sys.stderr, flush=True)
 
 
+def default_io_threads(ranks_here: int) -> int:
+    """Reader/writer threads per rank: this node's cores shared by its ranks, 2 to 8."""
+    return max(2, min(8, len(os.sched_getaffinity(0)) // max(ranks_here, 1)))
+
+
 def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-          depth: int = DEFAULT_DEPTH, writers: str = "node", verify: bool = True,
-          force: bool = False, progress: bool = True, max_count: int = MAX_MPI_COUNT,
-          poll_sleep_us: int | None = None, _fault: tuple | None = None
-          ) -> StageResult:
-    """Copy ``source`` (a directory, or one file) to ``dest`` on every node. Collective.
+          depth: int = DEFAULT_DEPTH, writers: str = "node", readers: int = 1,
+          verify: bool = True, force: bool = False, progress: bool = True,
+          max_count: int = MAX_MPI_COUNT, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+          io_threads: int | None = None, _fault: tuple | None = None,
+          _capture: str | None = None) -> StageResult:
+    """Copy ``source`` (a directory, or one regular file) to ``dest`` on every node. Collective.
 
     - ``dest`` is a directory: a directory source's contents land in it; a file source lands
-      as ``dest/<name>``. Only ``root`` reads ``source``; writers ignore it.
-    - Atomic per writer: extraction goes to a hidden sibling ``.<dest>.aegis-tmp-<host>-<pid>``
-      (leftovers of killed runs on this host are removed by the next stage),
-      is verified (tar exit status, byte count, CRC32C unless ``verify=False``), gets the
-      manifest ``dest/.aegis-manifest.json`` written last, then is renamed onto ``dest``. On
+      as ``dest/<name>``. The root scans ``source``; reader ranks read it; writers ignore it.
+    - Every rank must pass the same ``root``, ``chunk_size``, ``depth``, ``writers``,
+      ``readers``, ``verify``, ``max_count`` and ``stall_timeout``; otherwise every rank raises
+      StagingError (code 1) before anything moves.
+    - ``readers=k``: k ranks (the root first, then one per other node) each read a disjoint
+      share of the stream (every k-th chunk) and broadcast it.
+    - Atomic per writer: the tree is written into a hidden sibling
+      ``.<dest>.aegis-tmp-<host>-<pid>`` (leftovers of killed runs on this host are removed by
+      the next stage, cached or not), checked (CRC32C of every chunk unless ``verify=False``),
+      gets the manifest ``dest/.aegis-manifest.json`` last, then is renamed onto ``dest``. On
       any error the temporary is removed and ``dest`` is left as it was.
+    - Directories are staged with their mode plus ``u+rwx`` (a read-only source still gives a
+      tree its owner can write and remove); files keep their mode; mtimes are kept (seconds).
     - Cache: when every writer's manifest matches the source (path and a fingerprint of every
       entry's name, type, mode, size and mtime, computed by root from metadata only), nothing
       moves and the result has ``cached=True``. ``force=True`` always re-stages.
@@ -329,83 +430,96 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
       StagingError unless ``force=True``, so a mistyped ``dest`` cannot delete user data.
     - ``writers="node"``: the lowest rank of each shared-memory node writes; ``"all"``: every
       rank writes its own ``dest`` (two writers on one host must not share a ``dest``).
-    - ``depth`` buffers of ``chunk_size`` bytes are in flight per rank; ``depth=1`` is the
-      serial read -> broadcast -> write loop. ``max_count`` caps elements per MPI call.
-    - ``poll_sleep_us``: a rank waiting on MPI polls, then sleeps this long between polls
-      (0: block inside MPI, which busy-polls in MPICH and competes with tar for cores).
-      None: 50 when this node's ranks would oversubscribe its cores, else 0.
+    - ``depth`` chunks of ``chunk_size`` bytes are in flight per rank; ``max_count`` caps the
+      elements per MPI call; ``io_threads`` reader/writer threads per rank (default: the
+      node's cores shared by its ranks, 2 to 8).
+    - ``stall_timeout``: a reader or writer thread stuck on one piece of I/O this many seconds
+      ends the stage on every rank (code 9); a rank whose peers stop answering gives up after
+      twice that plus 5 s.
     - Errors raise ``StagingError`` (``.code``, ``.rank``, ``.host``, ``.cause``) on every rank.
     - ``progress``: root logs bytes, GB/s and ETA to stderr every few seconds.
     """
     MPI, ffi, lib = _extension()
     comm = MPI.COMM_WORLD if comm is None else comm
-    rank = comm.Get_rank()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    host = socket.gethostname()
     t0 = time.monotonic()
     source_path = Path(os.path.abspath(os.fspath(source))) if str(source) else Path("")
     dest_path = Path(os.path.abspath(os.fspath(dest))) if str(dest) else Path("")
 
-    problem = _validate(source, dest, root, comm.Get_size(), chunk_size, depth, writers,
-                        max_count, poll_sleep_us)
-    _agree(comm, None if problem is None else (E_ARGS, problem))
+    options = {"root": root, "chunk_size": chunk_size, "depth": depth, "writers": writers,
+               "readers": readers, "verify": bool(verify), "max_count": max_count,
+               "stall_timeout": stall_timeout}
+    _check_same_options(comm, options, _validate(source, dest, root, size, chunk_size, depth,
+                                                 writers, readers, max_count, stall_timeout,
+                                                 io_threads))
 
-    # root: metadata identity of the source, shared with everyone
-    info, error = None, None
+    # root: scan the source (the file index stays on root; the C core broadcasts it)
+    source_scan, error = None, None
     if rank == root:
-        try:
-            info = fingerprint(source_path)
-            info["source"] = str(source_path)
-        except OSError as exc:
-            error = (E_PREPARE, f"source {source_path}: {exc.strerror or exc}")
+        source_scan, error = _attempt(E_PREPARE, f"source {source_path}", scan, source_path)
     _agree(comm, error)
-    info = comm.bcast(info, root=root)
+    shared = None
+    if rank == root:
+        shared = {**source_scan.info, "source": str(source_path),
+                  "src_dir": source_scan.src_dir}
+    info = comm.bcast(shared, root=root)
+    src_dir = info.pop("src_dir")
 
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     is_writer = writers == "all" or node_comm.Get_rank() == 0
     ranks_here = node_comm.Get_size()
     node_comm.Free()
-    if poll_sleep_us is None:
-        oversubscribed = ranks_here * _ACTIVE_PER_RANK > len(os.sched_getaffinity(0))
-        poll_sleep_us = OVERSUBSCRIBED_POLL_SLEEP_US if oversubscribed else 0
 
-    manifest = read_manifest(dest_path) if is_writer else None
-    cached_here = (not is_writer) or (not force and manifest is not None
-                                      and manifest.get("source") == info["source"]
-                                      and manifest.get("fingerprint") == info["fingerprint"])
-    host = socket.gethostname()
+    def look_at_dest():
+        if not is_writer:
+            return True, None
+        _remove_stale_siblings(dest_path)  # also when nothing else happens (cached)
+        manifest = read_manifest(dest_path)
+        cached = (not force and manifest is not None
+                  and manifest.get("source") == info["source"]
+                  and manifest.get("fingerprint") == info["fingerprint"])
+        return cached, manifest
+
+    looked, error = _attempt(E_PREPARE, f"dest {dest_path}", look_at_dest)
+    _agree(comm, error)
+    cached_here, manifest = looked
     roles = comm.allgather((host, rank, str(dest_path), is_writer, cached_here))
     writer_infos = [WriterInfo(h, r, d, c) for h, r, d, w, c in roles if w]
+    reader_ranks = pick_readers([h for h, *_ in roles], root, readers)
     if all(c for *_, c in roles):
         return StageResult(info["source"], str(dest_path), 0, info["size"],
                            time.monotonic() - t0, 0.0, True, manifest.get("checksum")
-                           if manifest else None, writer_infos)
+                           if manifest else None, writer_infos, reader_ranks)
 
     tmp = _sibling(dest_path, "tmp")
-    error = None
-    if is_writer:
+
+    def prepare():
         same_host = [d for h, r, d, w, _ in roles if w and h == host]
-        try:
-            if same_host.count(str(dest_path)) > 1:
-                raise ValueError(f"dest {dest_path} is used by several writer ranks on {host}; "
-                                 "give each rank its own dest with writers='all'")
-            _prepare_dest(dest_path, tmp, force)
-        except (OSError, ValueError) as exc:
-            error = (E_PREPARE, f"dest {dest_path}: "
-                     f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}")
+        if same_host.count(str(dest_path)) > 1:
+            raise ValueError(f"dest {dest_path} is used by several writer ranks on {host}; "
+                             "give each rank its own dest with writers='all'")
+        _prepare_dest(dest_path, tmp, force)
+
     try:
+        error = _attempt(E_PREPARE, f"dest {dest_path}", prepare)[1] if is_writer else None
         _agree(comm, error)
-        transfer = _transfer(MPI, ffi, lib, comm, source_path, tmp, root, chunk_size, depth,
-                             is_writer, verify, max_count, poll_sleep_us, _fault,
+        params = dict(root=root, chunk_size=chunk_size, depth=depth, readers=reader_ranks,
+                      is_writer=is_writer, verify=verify, max_count=max_count,
+                      stall_timeout=stall_timeout,
+                      io_threads=io_threads or default_io_threads(ranks_here),
+                      fault=_fault, capture=_capture if is_writer else None)
+        transfer = _transfer(MPI, ffi, lib, comm, src_dir if rank in reader_ranks else None,
+                             source_scan.index if rank == root else None, tmp, params,
                              progress and rank == root, info["size"])
-        error = None
-        if is_writer:
-            try:
-                manifest = {**info, "checksum": transfer["checksum"],
-                            "stream_bytes": transfer["bytes"], "staged_at": time.time()}
-                manifest_path = tmp / MANIFEST_NAME
-                manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-                _swap_into_place(tmp, dest_path)
-            except OSError as exc:  # after the transfer: a write failure, not bad input
-                error = (E_WRITE, f"dest {dest_path}: {exc.strerror or exc}")
+
+        def finish():
+            manifest = {**info, "checksum": transfer["checksum"],
+                        "stream_bytes": transfer["bytes"], "staged_at": time.time()}
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            _swap_into_place(tmp, dest_path)
+
+        error = _attempt(E_WRITE, f"dest {dest_path}", finish)[1] if is_writer else None
         _agree(comm, error)
     finally:
         if is_writer:
@@ -415,35 +529,43 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     return StageResult(info["source"], str(dest_path), transfer["bytes"], info["size"],
                        seconds, transfer["bytes"] / seconds if seconds > 0 else 0.0, False,
                        transfer["checksum"],
-                       [dataclasses.replace(w, cached=False) for w in writer_infos])
+                       [dataclasses.replace(w, cached=False) for w in writer_infos],
+                       reader_ranks)
 
 
-def _transfer(MPI, ffi, lib, comm, source: Path, tmp: Path, root: int, chunk_size: int,
-              depth: int, is_writer: bool, verify: bool, max_count: int, poll_sleep_us: int,
-              fault,
-              show_progress: bool, expected: int) -> dict[str, Any]:
+def _transfer(MPI, ffi, lib, comm, src_dir: str | None, index: bytes | None, tmp: Path,
+              params: dict[str, Any], show_progress: bool, expected: int) -> dict[str, Any]:
     """One call into the C core; returns bytes and checksum or raises StagingError."""
-    real = Path(os.path.realpath(source))
-    src_dir, member = (str(real), ".") if real.is_dir() else (str(real.parent), real.name)
-    opts = ffi.new("aegis_stage_opts *")
-    opts.chunk_size, opts.depth, opts.root = chunk_size, depth, root
-    opts.max_count, opts.is_writer, opts.verify = max_count, int(is_writer), int(bool(verify))
-    opts.fault_rank = -1  # ffi.new zeroes the rest
-    opts.poll_sleep_us = poll_sleep_us
-    if fault:  # ("checksum" | "kill_writer" | "kill_reader", rank[, after_bytes])
-        kind, fault_rank, *after = fault
+    opts = ffi.new("aegis_stage_opts *")  # zeroed
+    opts.chunk_size, opts.depth, opts.root = params["chunk_size"], params["depth"], params["root"]
+    opts.max_count, opts.max_index_bytes = params["max_count"], MAX_INDEX_BYTES
+    opts.stall_ms = max(1, int(params["stall_timeout"] * 1000))
+    opts.n_readers = len(params["readers"])
+    for i, reader in enumerate(params["readers"]):
+        opts.readers[i] = reader
+    opts.is_writer, opts.verify = int(params["is_writer"]), int(bool(params["verify"]))
+    opts.io_threads = params["io_threads"]
+    opts.fault_rank = -1
+    keep = []  # cffi buffers that must outlive the call
+    if params["fault"]:  # (kind, rank[, stream offset]); kinds: AEGIS_FAULT_* in bcast.h
+        kind, fault_rank, *after = params["fault"]
         opts.fault_kind, opts.fault_rank = getattr(lib, "AEGIS_FAULT_" + kind.upper()), fault_rank
         opts.fault_after = after[0] if after else 0
+    if params["capture"]:
+        keep.append(ffi.new("char[]", os.fsencode(params["capture"])))
+        opts.capture_path = keep[-1]
     res = ffi.new("aegis_stage_result *")
     comm_ptr = ffi.cast("void *", MPI._addressof(comm))
     progress = (_Progress(res, expected, PROGRESS_INTERVAL_S) if show_progress
                 else contextlib.nullcontext())
     with progress:
-        code = lib.aegis_stage(comm_ptr, os.fsencode(src_dir), os.fsencode(member),
+        code = lib.aegis_stage(comm_ptr, os.fsencode(src_dir) if src_dir else ffi.NULL,
+                               index if index is not None else ffi.NULL,
+                               len(index) if index is not None else 0,
                                os.fsencode(str(tmp)), opts, res)
     if code != lib.AEGIS_OK:
         raise StagingError(code, res.failing_rank, ffi.string(res.host).decode(errors="replace"),
                            ffi.string(res.cause).decode(errors="replace")
                            or _CODE_NAMES.get(code, "unknown error"))
     return {"bytes": res.total_bytes,
-            "checksum": f"{res.checksum:08x}" if verify else None}
+            "checksum": f"{res.checksum:08x}" if params["verify"] else None}

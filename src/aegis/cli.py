@@ -181,19 +181,27 @@ class ByteSize(click.ParamType):
               help="Chunks in flight (1 = serial read, broadcast, write).  [default: 4]")
 @click.option("--writers", type=click.Choice(["node", "all"]),
               help="One writer per node (node) or every rank writes (all).  [default: node]")
+@click.option("--readers", type=click.IntRange(min=1, max=256),
+              help="Ranks (one per node first) that each read a share of SOURCE.  [default: 1]")
+@click.option("--stall-timeout", type=click.FloatRange(min=0.001, max=1e6),
+              help="Seconds a reader or writer may sit on one piece of I/O before the stage "
+                   "fails on every rank.  [default: 300]")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check every writer's copy of the tar stream against the root's CRC32C.")
+              help="Check every writer's copy of each chunk against the reader's CRC32C.")
 @click.option("--force", is_flag=True, help="Stage again even if DEST is already up to date.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
-          writers: str | None, verify: bool, force: bool, quiet: bool) -> int:
-    """Copy SOURCE to node-local DEST on every node: read once, broadcast over MPI.
+          writers: str | None, readers: int | None, stall_timeout: float | None, verify: bool,
+          force: bool, quiet: bool) -> int:
+    """Copy SOURCE (a directory or one file) to node-local DEST on every node: read once,
+    broadcast over MPI.
 
     Run it under the MPI launcher, one rank per node (e.g. mpiexec -n N --ppn 1 aegis stage)."""
     from . import bcast  # needs mpi4py and the C extension: only for this command
 
     tuning = {name: value for name, value in
-              (("chunk_size", chunk_size), ("depth", depth), ("writers", writers))
+              (("chunk_size", chunk_size), ("depth", depth), ("writers", writers),
+               ("readers", readers), ("stall_timeout", stall_timeout))
               if value is not None}
     try:
         result = bcast.stage(source, dest, verify=verify, force=force, progress=not quiet,

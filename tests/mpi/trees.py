@@ -22,13 +22,16 @@ AWKWARD_NAMES = [
 ]
 
 
-def tree_digest(root: Path) -> dict[str, tuple]:
-    """{relative path: (kind, permission bits, sha256 of content | link target)}."""
+def tree_digest(root: Path, staged: bool = False) -> dict[str, tuple]:
+    """{relative path: (kind, permission bits, sha256 of content | link target)}.
+
+    staged=True gives what stage() makes of the tree: directories gain u+rwx."""
     out: dict[str, tuple] = {}
     top = root.lstat()
     if stat.S_ISREG(top.st_mode):
         return {root.name: ("file", stat.S_IMODE(top.st_mode), _sha(root))}
-    out["."] = ("dir", stat.S_IMODE(top.st_mode), "")
+    dir_bits = 0o700 if staged else 0
+    out["."] = ("dir", stat.S_IMODE(top.st_mode) | dir_bits, "")
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath, name)
@@ -39,7 +42,7 @@ def tree_digest(root: Path) -> dict[str, tuple]:
             if stat.S_ISLNK(st.st_mode):
                 out[rel] = ("link", 0, os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("dir", stat.S_IMODE(st.st_mode), "")
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode) | dir_bits, "")
             else:
                 out[rel] = ("file", stat.S_IMODE(st.st_mode), _sha(path))
     return out
@@ -96,4 +99,21 @@ def make_random_tree(root: Path, seed: int, max_bytes: int = 3 << 20) -> Path:
         path.chmod(rng.choice([0o644, 0o600, 0o755, 0o444]))
     if rng.random() < 0.5:
         os.symlink(f"f{rng.randint(0, 3)}", rng.choice(dirs) / "sym")
+    return root
+
+
+def make_long_names_tree(root: Path) -> Path:
+    """Names GNU tar must carry in long-name records: a 120-byte name, a path over 255 bytes,
+    a symlink with a 150-byte target, and a read-only (0555) directory around them."""
+    deep = root / ("d" * 90) / ("e" * 90) / ("f" * 90)  # > 255 bytes with the file name
+    deep.mkdir(parents=True)
+    (deep / ("g" * 60 + ".json")).write_text('{"deep": 1}')
+    (root / ("n" * 120 + ".bin")).write_bytes(random.Random(5).randbytes(70_000))
+    (root / ("ü" * 50)).write_bytes(b"two bytes per character")  # 100 bytes of UTF-8
+    os.symlink("../" + "t" * 150, root / "long-link")
+    ro = root / "read-only"
+    ro.mkdir()
+    (ro / "inside.txt").write_text("in a 0555 directory")
+    ro.chmod(0o555)
+    root.chmod(0o555)
     return root

@@ -1,0 +1,56 @@
+"""Pure parts of staging: which ranks read, and the file index the root builds."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from aegis.bcast import pick_readers, scan
+
+
+def test_readers_prefer_one_rank_per_node():
+    hosts = ["n1", "n1", "n2", "n2", "n3", "n3"]
+    assert pick_readers(hosts, 0, 1) == [0]
+    assert pick_readers(hosts, 0, 3) == [0, 2, 4]
+    assert pick_readers(hosts, 3, 3) == [3, 0, 4]  # the root reads first, its node once
+    assert pick_readers(hosts, 0, 5) == [0, 2, 4, 1, 3]  # then the other ranks in order
+    assert pick_readers(["a"] * 4, 2, 4) == [2, 0, 1, 3]
+
+
+def _entries(index: bytes) -> list[tuple[str, bytes, int, bytes]]:
+    assert index[:8] == b"AEGIDX01"
+    (count,), off, out = struct.unpack_from("<Q", index, 8), 16, []
+    for _ in range(count):
+        kind, _mode, _mtime, size, _uid, _gid, plen, llen = struct.unpack_from(
+            "<B3xIqQIIII", index, off)
+        off += 40
+        out.append((chr(kind), index[off:off + plen], size, index[off + plen:off + plen + llen]))
+        off += plen + llen
+    assert off == len(index)
+    return out
+
+
+def test_index_is_sorted_parents_first_with_links(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.bin").write_bytes(b"12345")
+    (tmp_path / "a b").write_bytes(b"")
+    os.symlink("b/x.bin", tmp_path / "link")
+    result = scan(tmp_path)
+    assert result.src_dir == str(tmp_path)
+    assert _entries(result.index) == [("5", b".", 0, b""), ("0", b"a b", 0, b""),
+                                      ("5", b"b", 0, b""), ("0", b"b/x.bin", 5, b""),
+                                      ("2", b"link", 0, b"b/x.bin")]
+    assert result.info["size"] == 5 and result.info["entries"] == 4
+
+
+def test_index_of_one_file_and_refusals(tmp_path):
+    (tmp_path / "env.tar.gz").write_bytes(b"abc")
+    one = scan(tmp_path / "env.tar.gz")
+    assert one.src_dir == str(tmp_path) and _entries(one.index) == [("0", b"env.tar.gz", 3, b"")]
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="FIFO"):
+        scan(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        scan(tmp_path / "missing")
