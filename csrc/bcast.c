@@ -554,7 +554,9 @@ static void hang(ctx *x, local_error *e)
 
 static int read_data(ctx *x, const entry *en, int64_t at, char *dst, int64_t n, local_error *e)
 {
-    int fd = openat(x->src_fd, en->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    /* a file source: src_fd is that file (its name on the wire may differ) */
+    int fd = x->dir_source ? openat(x->src_fd, en->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+                           : dup(x->src_fd);
     if (fd < 0) {
         set_error(e, AEGIS_E_SOURCE, "cannot open %s: %s", en->path, strerror(errno));
         return -1;
@@ -1216,8 +1218,9 @@ static int receive_index(ctx *x, const void *index, int64_t index_len)
 static int open_ends(ctx *x, const char *src_dir, const char *dest_dir, local_error *e)
 {
     if (x->is_reader) {
-        if (!src_dir || (x->src_fd = open(src_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0) {
-            set_error(e, AEGIS_E_SOURCE, "cannot open the source directory %s: %s",
+        int flags = O_RDONLY | O_CLOEXEC | (x->dir_source ? O_DIRECTORY : 0);
+        if (!src_dir || (x->src_fd = open(src_dir, flags)) < 0) {
+            set_error(e, AEGIS_E_SOURCE, "cannot open the source %s: %s",
                       src_dir ? src_dir : "(none given)", strerror(errno));
             return -1;
         }

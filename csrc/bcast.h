@@ -61,7 +61,8 @@ typedef struct aegis_stage_result {
 
 /* Collective over *(MPI_Comm *)comm_ptr. The root passes the file index (index, index_len;
  * format in docs/staging.md), readers pass src_dir (the paths in the index are relative to
- * it), writers pass dest_dir. Returns res->code on every rank. */
+ * it; for a one-file index, the file itself), writers pass dest_dir. Returns res->code on
+ * every rank. */
 int aegis_stage(void *comm_ptr, const char *src_dir, const void *index, int64_t index_len,
                 const char *dest_dir, const aegis_stage_opts *opts, aegis_stage_result *res);
 

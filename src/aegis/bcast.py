@@ -152,7 +152,7 @@ def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
 @dataclass
 class SourceScan:
     """The root's view of the source: the file index for the C core and its identity."""
-    src_dir: str  # directory the index paths are relative to
+    src_dir: str  # directory the index paths are relative to (a file source: the file)
     index: bytes
     info: dict[str, Any]  # size, mtime_ns, entries, fingerprint (what the manifest records)
 
@@ -163,6 +163,7 @@ def scan(source: Path) -> SourceScan:
     Raises OSError (unreadable) or ValueError (a socket, FIFO or device inside)."""
     real = Path(os.path.realpath(source))
     top = os.stat(real)
+    # a file keeps the name it was given (a link's name, not its target's)
     if stat.S_ISDIR(top.st_mode):
         src_dir, entries = real, [(b".", top)]
 
@@ -175,7 +176,7 @@ def scan(source: Path) -> SourceScan:
                 rel = os.fsencode(name) if rel_dir == b"." else rel_dir + b"/" + os.fsencode(name)
                 entries.append((rel, os.lstat(os.path.join(dirpath, name))))
     elif stat.S_ISREG(top.st_mode):
-        src_dir, entries = real.parent, [(os.fsencode(real.name), top)]
+        src_dir, entries = real, [(os.fsencode(Path(source).name), top)]
     else:
         raise ValueError(f"{source} is neither a directory nor a regular file")
     entries.sort(key=lambda e: (e[0] != b".", e[0]))
@@ -184,7 +185,7 @@ def scan(source: Path) -> SourceScan:
     parts = [_INDEX_MAGIC, struct.pack("<Q", len(entries))]
     for rel, st in entries:
         kind = _KINDS.get(stat.S_IFMT(st.st_mode))
-        path = src_dir / os.fsdecode(rel)
+        path = src_dir / os.fsdecode(rel) if stat.S_ISDIR(top.st_mode) else real
         if kind is None:
             raise ValueError(f"{path}: a socket, FIFO or device cannot be staged")
         link = os.fsencode(os.readlink(path)) if kind == b"2" else b""

@@ -398,6 +398,10 @@ def test_file_source_is_cached_and_restaged(comm, shared_tmp):
     again = stage(src, dest, comm, chunk_size=CHUNK, writers="all", progress=False)
     assert not first.cached and again.cached and again.checksum == first.checksum
     assert (dest / "env.tar.gz").read_bytes() == src.read_bytes()
+    link = shared_tmp / "current.sif"  # a link lands under its own name, with the content
+    on_root_make(comm, lambda: os.symlink(src.name, link))
+    stage(link, shared_tmp / f"linked{comm.rank}", comm, writers="all", progress=False)
+    assert (shared_tmp / f"linked{comm.rank}" / "current.sif").read_bytes() == src.read_bytes()
     comm.Barrier()  # everyone has compared before root changes the source
     on_root_make(comm, lambda: src.write_bytes(b"changed"))
     assert not stage(src, dest, comm, writers="all", progress=False).cached

@@ -48,7 +48,10 @@ def test_index_is_sorted_parents_first_with_links(tmp_path):
 def test_index_of_one_file_and_refusals(tmp_path):
     (tmp_path / "env.tar.gz").write_bytes(b"abc")
     one = scan(tmp_path / "env.tar.gz")
-    assert one.src_dir == str(tmp_path) and _entries(one.index) == [("0", b"env.tar.gz", 3, b"")]
+    assert one.src_dir == str(tmp_path / "env.tar.gz")
+    assert _entries(one.index) == [("0", b"env.tar.gz", 3, b"")]
+    os.symlink("env.tar.gz", tmp_path / "current.tar.gz")  # lands under the name it was given
+    assert _entries(scan(tmp_path / "current.tar.gz").index)[0][1] == b"current.tar.gz"
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ValueError, match="FIFO"):
         scan(tmp_path)
