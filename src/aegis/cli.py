@@ -18,6 +18,7 @@ import click
 
 from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, FileTooLarge, Key,
                      _scheduler_names, load_config, read_small_file, why_unreadable)
+from .model_source import check_models
 from .platforms import get_platform, platform_names
 
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
@@ -120,6 +121,11 @@ def submit(config_path: str | None, dry_run: bool, **flags: Any) -> int:
     config = config_from_flags(config_path, flags)
     platform = get_platform(config.platform)
     backend = get_backend(config.effective_scheduler)
+    _, problems, notes = check_models(config.models, skip_missing=True)  # before any byte moves
+    if problems:
+        raise ConfigError("\n".join(problems))
+    for note in notes:
+        _warn(note)
     if dry_run:
         if platform.requires_account and not config.account:
             _warn("account is not set; the script has no -A line and a real submit will refuse")

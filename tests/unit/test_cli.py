@@ -124,13 +124,20 @@ def test_scheduler_flag_overrides_platform(tmp_path, monkeypatch, fake_batch):
     assert fake_batch.argv("sbatch") is not None and fake_batch.argv("qsub") is None
 
 
+# The example's model_source is on Aurora's file system, not on this machine: a note, no error.
+NOT_VISIBLE = ("aegis: warning: model_source: /flare/datasets/model-weights/hub/models--meta-llama"
+               "--Llama-3.3-70B-Instruct is not visible here; it is checked on the first node "
+               "before staging\n")
+
+
 def test_qsub_missing_is_one_line_exit_1_and_writes_nothing(tmp_path, monkeypatch, fake_batch):
     monkeypatch.chdir(tmp_path)
     fake_batch.remove("qsub")
     result = invoke("submit", "-c", EXAMPLE)
     assert result.exit_code == 1
-    assert result.stderr == ("aegis: error: qsub not found on PATH: not a PBS login node? "
-                             "(use --dry-run to print the script without submitting)\n")
+    assert result.stderr == (NOT_VISIBLE + "aegis: error: qsub not found on PATH: not a PBS "
+                             "login node? (use --dry-run to print the script without "
+                             "submitting)\n")
     assert not (tmp_path / "aegis-runs").exists()
 
 
@@ -140,8 +147,8 @@ def test_qsub_failing_shows_its_stderr_and_keeps_run_dir(tmp_path, monkeypatch, 
     result = invoke("submit", "-c", EXAMPLE)
     assert result.exit_code == 1
     (run_dir,) = (tmp_path / "aegis-runs").iterdir()
-    assert result.stderr == (f"aegis: error: qsub failed (exit 3): qsub: Unknown queue "
-                             f"(run directory kept: {run_dir})\n")
+    assert result.stderr == (NOT_VISIBLE + f"aegis: error: qsub failed (exit 3): qsub: Unknown "
+                             f"queue (run directory kept: {run_dir})\n")
     assert sorted(os.listdir(run_dir)) == ["config.yaml", "job.sh"]
 
 

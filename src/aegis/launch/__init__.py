@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..config import (Config, ConfigError, FileTooLarge, check_seconds, load_config,
                       read_small_file, why_unreadable)
+from ..model_source import check_models
 from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
 from .addresses import host_ip, interface_ipv4, serving_address
@@ -284,9 +285,15 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
     node = allocation.nodes[rank] if rank < len(allocation.nodes) else f"rank {rank}"
     if mine and not (config.env_source or config.container):  # else checked once in place
         bad_input += [p for p in [runtime_problem(config, Runtime(), node)] if p]
+    sources = None
     if rank == 0:
         bad_input += _unwritable(run_dir, endpoints_path,
                                  "--run-dir" if args.run_dir else "run_dir")
+        # The root of every broadcast reads the model sources: check them there, before any
+        # byte moves (a hub-cache layout, one snapshot, a plain directory: aegis.model_source).
+        sources, problems, _ = check_models(config.models)
+        bad_input += problems
+    sources = coll.bcast(sources)
     addresses, host_ips, problem = _serving_addresses(coll, platform, allocation)
     bad_input += [problem] if problem else []
     cache_root = job_cache_root(config.node_local_dir, job)
@@ -295,7 +302,8 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
         return [build_part(instance=inst, model=config.models[inst.model_index], config=config,
                            platform=platform, node_index=rank, hosts=list(allocation.nodes),
                            addresses=addresses, host_ips=host_ips, bind_host=args.bind_host,
-                           run_dir=run_dir, cache_root=cache_root, runtime=runtime)
+                           run_dir=run_dir, cache_root=cache_root, runtime=runtime,
+                           source=sources[inst.model_index])
                 for inst in mine]
 
     parts = make_parts(Runtime())
@@ -343,7 +351,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
             f"{allocation.source}; run directory {run_dir}; endpoints {endpoints_path}")
     code = EXIT_FAILED
     try:
-        code = _stage_and_serve(args, config, platform, coll, stop, api_key, make_parts,
+        code = _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_parts,
                                 cache_root, node, run_dir, endpoints, log)
         return code
     finally:
@@ -360,54 +368,28 @@ def _planned_states(plan, allocation, run_dir) -> list[InstanceState]:
         for inst in plan.instances]
 
 
-def _serving_addresses(coll, platform, allocation) -> tuple[list[str], list[str], str | None]:
-    """Collective: each rank forms its own node's serving address (an interface's address can
-    only be read on the node) and resolves it; everyone learns all of them (a multi-node
-    instance needs its head's). -> (addresses, their IPs, this rank's problem or None)."""
-    rank, nodes = coll.rank, allocation.nodes
-    mine = problem = None
-    if rank < len(nodes):
-        try:
-            address = serving_address(platform.address, nodes[rank], interface_ipv4)
-            mine = (address, host_ip(address))
-        except OSError as e:
-            problem = f"serving address of {nodes[rank]} ({platform.address}): {e}"
-    known = dict(enumerate(coll.allgather(mine)))
-    addresses = [known[i][0] if known.get(i) else h for i, h in enumerate(nodes)]
-    host_ips = [known[i][1] if known.get(i) else h for i, h in enumerate(nodes)]
-    return addresses, host_ips, problem
-
-
-def _agreed(coll, problem: str | None) -> bool:
-    """Collective: True when no rank has a problem; else rank 0 prints each once."""
-    problems = sorted({p for p in coll.allgather(problem) if p})
-    if problems and coll.rank == 0:
-        for p in problems:
-            _error(p)
-    return not problems
-
-
-def _stage_and_serve(args, config, platform, coll, stop, api_key, make_parts, cache_root, node,
-                     run_dir, endpoints, log) -> int:
+def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_parts,
+                     cache_root, node, run_dir, endpoints, log) -> int:
     rank = coll.rank
     coll.barrier()
     # Per node, once: stage each model source into the node-local cache (collective).
-    for model in config.models:
-        if model.model_source and not stop.signum:
+    for model, source in zip(config.models, sources):
+        if source and not stop.signum:
             from ..bcast import StagingError, stage
 
             dest = staged_model_dir(config.hf_home, model.name)
             try:
-                result = stage(model.model_source, dest, coll.comm, writers="node",
+                result = stage(source.stage_root, dest, coll.comm, writers="node",
                                progress=rank == 0)
             except StagingError as e:
                 if rank == 0:
-                    _error(f"staging {model.model_source} -> {dest} failed: {e}")
+                    _error(f"staging {source.stage_root} -> {dest} failed: {e}")
                 return EXIT_FAILED
             if rank == 0:
                 how = ("unchanged, not moved" if result.cached else
                        f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s")
-                log(f"staged {model.model_source} -> {dest} ({how})")
+                log(f"staged {source.stage_root} -> {dest} ({how}); {model.served_name} "
+                    f"loads {source.served_path(dest)} ({source.form} model_source)")
 
     # The environment or image, once per node; then the pre-warm, once per node.
     runtime, problem, bad_input = prepare_runtime(config, platform, coll, cache_root, node,
@@ -417,11 +399,13 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, make_parts, ca
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
     parts = make_parts(runtime)
     by_name = {m.name: m for m in config.models}
+    by_source = {m.name: s for m, s in zip(config.models, sources)}
     try:
         problem = None
         if parts and not stop.signum:
             problem = prewarm(config, platform, cache_root, runtime, node, rank, run_dir,
-                              [model_arg(config, by_name[p.model]) for p in parts],
+                              [model_arg(config, by_name[p.model], by_source[p.model])
+                               for p in parts],
                               stop=stop, log=log)
         if not _agreed(coll, problem):
             return EXIT_FAILED

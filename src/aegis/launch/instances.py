@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, ModelConfig
+from ..model_source import ModelSource
 from ..plan import Instance
 from ..platforms import Platform
 from ..render import render_template
@@ -67,9 +68,13 @@ def staged_model_dir(hf_home: str, model_name: str) -> str:
     return str(Path(hf_home) / "aegis-models" / sanitise(model_name))
 
 
-def model_arg(config: Config, model: ModelConfig) -> str:
-    """What vLLM is given to load: the staged copy, or the model id."""
-    return staged_model_dir(config.hf_home, model.name) if model.model_source else model.name
+def model_arg(config: Config, model: ModelConfig, source: ModelSource | None = None) -> str:
+    """What vLLM is given to load: the staged copy (for a hub-cache source, the snapshot
+    inside it that refs/main names), or the model id."""
+    if not model.model_source:
+        return model.name
+    staged = staged_model_dir(config.hf_home, model.name)
+    return source.served_path(staged) if source else staged
 
 
 def vllm_command_argv(config: Config) -> list[str]:
@@ -79,19 +84,21 @@ def vllm_command_argv(config: Config) -> list[str]:
 def build_part(*, instance: Instance, model: ModelConfig, config: Config, platform: Platform,
                node_index: int, hosts: list[str], addresses: list[str], bind_host: str | None,
                run_dir: str, host_ips: list[str] | None = None,
-               cache_root: Path | None = None, runtime: Runtime = Runtime()) -> Part:
+               cache_root: Path | None = None, runtime: Runtime = Runtime(),
+               source: ModelSource | None = None) -> Part:
     """The process of `instance` on node `node_index` (which must be one of instance.nodes).
 
     `addresses`: each node's serving address (aegis.launch.addresses); `host_ips`: the same
     resolved to IPs, for VLLM_HOST_IP and the torch rendezvous (default: the addresses).
     `cache_root`: this job's node-local cache directory (aegis.launch.caches); `runtime`: the
-    environment or container the process runs in (aegis.launch.environment)."""
+    environment or container the process runs in (aegis.launch.environment); `source`: the
+    model's resolved model_source (what of the staged copy vLLM loads)."""
     node_rank = instance.nodes.index(node_index)
     nnodes = len(instance.nodes)
     host_ips = addresses if host_ips is None else host_ips
     head_ip = host_ips[instance.nodes[0]]
     address = addresses[node_index]
-    argv = [*runtime.wrap(vllm_command_argv(config)), model_arg(config, model),
+    argv = [*runtime.wrap(vllm_command_argv(config)), model_arg(config, model, source),
             "--host", bind_host or address,
             "--port", str(instance.port),
             "--tensor-parallel-size", str(model.tensor_parallel_size),
