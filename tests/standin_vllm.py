@@ -21,6 +21,7 @@ Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
                               (setsid + double fork: outside the instance's group and session)
   --ignore-term               ignore SIGTERM, also in every process it spawns (only KILL stops it)
   --port-range A-B            serve every port A..B in one process (benchmarks)
+A MODEL that is an absolute path must have config.json at its top (vLLM refuses it otherwise).
 If VLLM_API_KEY is set, /v1/* requires "Authorization: Bearer <key>" (as vLLM does).
 """
 
@@ -180,6 +181,11 @@ def main(argv=None):
     if args.fault == "exit-at-start":
         print("standin: RuntimeError: simulated failure at start", file=sys.stderr, flush=True)
         return 3
+    if os.path.isabs(args.model) and not os.path.isfile(os.path.join(args.model, "config.json")):
+        # what vLLM does with a path it cannot load (e.g. a hub-cache directory itself)
+        print(f"standin: Invalid repository ID or local directory specified: '{args.model}'",
+              file=sys.stderr, flush=True)
+        return 2
     if args.ignore_term:  # SIG_IGN survives exec: the spawned processes ignore it too
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for kind in ("child", "grandchild", "daemon"):

@@ -39,3 +39,15 @@ def tiny_model(vllm_venv, tmp_path_factory) -> Path:
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     return out
 
+
+
+@pytest.fixture(scope="session")
+def tiny_hub_model(vllm_venv, tmp_path_factory) -> Path:
+    """The same tiny Llama in the Hugging Face hub-cache layout (make-tiny-model --hub-cache)."""
+    out = tmp_path_factory.mktemp("hub") / "models--aegis--tiny-hub"
+    proc = vllm_env.make_tiny_model(out, "--hub-cache")
+    assert proc.returncode == 0, f"make-tiny-model --hub-cache failed:\n{proc.stderr}"
+    rev = (out / "refs" / "main").read_text()
+    assert (out / "snapshots" / rev / "config.json").is_symlink()
+    assert (out / "snapshots" / rev / "model.safetensors").resolve().parent == out / "blobs"
+    return out

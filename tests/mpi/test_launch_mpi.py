@@ -71,3 +71,76 @@ def test_launch_stages_the_model_then_starts_instances_on_two_nodes(comm, shared
     second = capsys.readouterr().err
     if comm.rank == 0:
         assert "MB in" in first and f"staged {source} -> {staged} (unchanged, not moved)" in second
+
+
+def _hub_cache(where: Path, files: dict, rev: str) -> Path:
+    """models--ORG--NAME as the hub writes it: blobs, relative links in snapshots/<rev>."""
+    (where / "refs").mkdir(parents=True)
+    (where / "refs" / "main").write_text(rev)
+    (where / "blobs").mkdir()
+    (where / "snapshots" / rev).mkdir(parents=True)
+    for i, (name, data) in enumerate(files.items()):
+        (where / "blobs" / f"blob{i}").write_bytes(data)
+        os.symlink(f"../../blobs/blob{i}", where / "snapshots" / rev / name)
+    return where
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("form", ["plain", "hub-cache", "snapshot"])
+def test_every_model_source_form_stages_and_serves(comm, shared_tmp, form):
+    """The stand-in, like vLLM, refuses a directory without config.json at its top: a
+    hub-cache directory served as it is fails there, after the whole broadcast."""
+    files = {"config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+             "model.safetensors": bytes(range(256)) * 800, "tokenizer.json": b"{}"}  # same on every rank
+    rev = "c0ffee" * 6 + "c0ff"
+    hub = shared_tmp / "models--org--Tiny"
+    if comm.rank == 0:
+        if form == "plain":
+            (shared_tmp / "plain").mkdir()
+            for name, data in files.items():
+                (shared_tmp / "plain" / name).write_bytes(data)
+        else:
+            _hub_cache(hub, files, rev)
+    source = {"plain": shared_tmp / "plain", "hub-cache": hub,
+              "snapshot": hub / "snapshots" / rev}[form]
+    config = shared_tmp / "aegis.yaml"
+    port = _port_block(comm, 2)
+    if comm.rank == 0:
+        config.write_text(json.dumps({
+            "platform": "local", "port_start": port, "hf_home": str(shared_tmp / "hf"),
+            "internal_port_start": 31000,
+            "vllm_command": f"{sys.executable} {STANDIN} serve", "startup_timeout": 30,
+            "models": [{"name": "org/Tiny", "instances": 2, "model_source": str(source)}]}))
+    comm.Barrier()
+    code = run_rank(["--config", str(config), "--run-dir", str(shared_tmp / "run"), "--once",
+                     "--poll-interval", "0.2", "--stop-grace", "3"])
+    assert comm.allgather(code) == [0] * comm.size
+    staged = shared_tmp / "hf" / "aegis-models" / "org--Tiny"
+    loaded = staged if form == "plain" else staged / "snapshots" / rev
+    for name, data in files.items():  # every file arrives, links resolve inside the copy
+        assert (loaded / name).read_bytes() == data
+        assert (loaded / name).resolve().is_relative_to(staged)
+    log = (shared_tmp / "run" / "logs" / "instance-0000.log").read_text()
+    assert f"'serve', '{loaded}'" in log
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_bad_model_source_stops_every_rank_before_any_byte_moves(comm, shared_tmp, capfd):
+    hub = shared_tmp / "models--org--Tiny"
+    if comm.rank == 0:
+        _hub_cache(hub, {"config.json": b"{}"}, "abc")
+        (hub / "refs" / "main").write_text("def")  # names a snapshot that is not there
+    config = shared_tmp / "aegis.yaml"
+    if comm.rank == 0:
+        config.write_text(json.dumps({
+            "platform": "local", "hf_home": str(shared_tmp / "hf"),
+            "vllm_command": f"{sys.executable} {STANDIN} serve",
+            "models": [{"name": "org/Tiny", "instances": 4, "model_source": str(hub)}]}))
+    comm.Barrier()
+    code = run_rank(["--config", str(config), "--run-dir", str(shared_tmp / "run"), "--once"])
+    assert comm.allgather(code) == [2] * comm.size
+    err = capfd.readouterr().err
+    expected = (f"aegis launch: error: model_source: {hub}: refs/main names revision def but "
+                "snapshots/def is missing\n")
+    assert err == (expected if comm.rank == 0 else "")
+    assert not (shared_tmp / "hf").exists() and not (shared_tmp / "run").exists()

@@ -368,6 +368,33 @@ def _planned_states(plan, allocation, run_dir) -> list[InstanceState]:
         for inst in plan.instances]
 
 
+def _serving_addresses(coll, platform, allocation) -> tuple[list[str], list[str], str | None]:
+    """Collective: each rank forms its own node's serving address (an interface's address can
+    only be read on the node) and resolves it; everyone learns all of them (a multi-node
+    instance needs its head's). -> (addresses, their IPs, this rank's problem or None)."""
+    rank, nodes = coll.rank, allocation.nodes
+    mine = problem = None
+    if rank < len(nodes):
+        try:
+            address = serving_address(platform.address, nodes[rank], interface_ipv4)
+            mine = (address, host_ip(address))
+        except OSError as e:
+            problem = f"serving address of {nodes[rank]} ({platform.address}): {e}"
+    known = dict(enumerate(coll.allgather(mine)))
+    addresses = [known[i][0] if known.get(i) else h for i, h in enumerate(nodes)]
+    host_ips = [known[i][1] if known.get(i) else h for i, h in enumerate(nodes)]
+    return addresses, host_ips, problem
+
+
+def _agreed(coll, problem: str | None) -> bool:
+    """Collective: True when no rank has a problem; else rank 0 prints each once."""
+    problems = sorted({p for p in coll.allgather(problem) if p})
+    if problems and coll.rank == 0:
+        for p in problems:
+            _error(p)
+    return not problems
+
+
 def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_parts,
                      cache_root, node, run_dir, endpoints, log) -> int:
     rank = coll.rank
