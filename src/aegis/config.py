@@ -411,7 +411,9 @@ MODEL_KEYS: tuple[Key, ...] = (
         "Devices per instance (vLLM --tensor-parallel-size). Above the devices per node it "
         "must be a multiple of them (the instance spans whole nodes).", scope="model", kind="int"),
     Key("model_source", _optional(_text),
-        "HF model directory on the shared file system; staged once per node into hf_home.",
+        "Model on the shared file system, staged once per node into hf_home: a model directory "
+        "(config.json at its top), a hub-cache models--ORG--NAME directory (vLLM loads the "
+        "snapshot refs/main names), or one snapshots/<rev> directory of it.",
         scope="model"),
     Key("served_model_name", _optional(_text),
         "Name clients use in requests (vLLM --served-model-name); default: the model name.",
