@@ -18,9 +18,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import reprlib
+import select
 import shlex
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +35,7 @@ class ConfigError(ValueError):
 
 
 # Bounds on what a config may ask for, so hostile input fails fast with bounded memory.
-MAX_CONFIG_BYTES = 1 << 20  # a deployment config is a few KB
+MAX_CONFIG_BYTES = 256 << 10  # a deployment config is a few KB
 MAX_TOKEN_BYTES = 64 << 10  # a Hugging Face token is ~40 characters
 MAX_YAML_DEPTH = 64
 MAX_YAML_VALUES = 100_000  # after alias expansion
@@ -40,17 +43,43 @@ MAX_INSTANCES = 65535  # each instance takes an HTTP port
 MAX_TENSOR_PARALLEL = 4096
 MAX_RESTARTS = 1_000_000
 MAX_STARTUP_SECONDS = 7 * 24 * 3600
+MAX_TEXT = 4096  # a path, a name, a command (PATH_MAX)
+MAX_ARGS = 1000  # extra_vllm_args items, instance_env entries
+MAX_ARG_CHARS = 32 << 10  # one argument or variable value (exec allows 128 KiB each)
+MAX_PROBLEMS_SHOWN = 20
 
 
 class FileTooLarge(ValueError):
-    pass
+    """A file that read_small_file refuses: too large, or a pipe that never ends."""
 
 
-def read_small_file(path: str, limit: int) -> str:
-    """The text of `path`, reading at most `limit` bytes (so /dev/zero or a huge file cannot
-    exhaust memory). Raises OSError, UnicodeDecodeError, or FileTooLarge."""
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+READ_TIMEOUT = 10.0  # a pipe or FIFO that stays silent this long is refused
+
+
+def read_small_file(path: str, limit: int, timeout: float | None = None) -> str:
+    """The text of `path`, reading at most `limit` bytes, so /dev/zero or a huge file cannot
+    exhaust memory, and never waiting forever: a FIFO without a writer reads as empty, one
+    whose writer stays silent for `timeout` seconds is refused (process substitution,
+    `-c <(envsubst < c.yaml)`, works). Raises OSError, UnicodeDecodeError, or FileTooLarge."""
+    timeout = READ_TIMEOUT if timeout is None else timeout
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        deadline = time.monotonic() + timeout
+        data = b""
+        while len(data) <= limit:
+            try:
+                chunk = os.read(fd, limit + 1 - len(data))
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FileTooLarge(f"nothing more to read for {timeout:g} s") from None
+                select.select([fd], [], [], left)
+                continue
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise FileTooLarge(f"larger than {limit // 1024} KiB")
     return data.decode("utf-8")
@@ -188,6 +217,8 @@ def _text(value: Any, *, what: str = "a string") -> str:
         raise _Invalid(f"expected {what}, got {_shown(value)} ({_type_name(value)})")
     if not value.strip():
         raise _Invalid(f"must not be empty; expected {what}")
+    if len(value) > MAX_TEXT:
+        raise _Invalid(f"{_shown(value)} is {len(value)} characters long; at most {MAX_TEXT}")
     found = _CONTROL.search(value)
     if found:
         raise _Invalid(f"{_shown(value)} contains a control character ({found.group()!r}); "
@@ -267,7 +298,22 @@ def _walltime(value: Any) -> str:
     return text
 
 
+def _bounded(items: tuple, what: str) -> tuple:
+    if len(items) > MAX_ARGS:
+        raise _Invalid(f"{len(items)} {what}; at most {MAX_ARGS}")
+    return items
+
+
 def _args(value: Any) -> tuple[str, ...]:
+    out = _bounded(_arg_list(value), "arguments")
+    for arg in out:
+        if len(arg) > MAX_ARG_CHARS:
+            raise _Invalid(f"argument {_shown(arg)} is {len(arg)} characters long; at most "
+                           f"{MAX_ARG_CHARS}")
+    return out
+
+
+def _arg_list(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         try:
             return tuple(shlex.split(value))
@@ -352,8 +398,8 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
         raise _Invalid(f"expected a mapping of NAME: value, got {_shown(value)} "
                        f"({_type_name(value)})")
     out = []
-    for name, val in pairs:
-        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+    for name, val in _bounded(tuple(pairs), "variables"):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name):
             raise _Invalid(f"{_shown(name)} is not an environment variable name")
         if name in AFFINITY_ENV:
             raise _Invalid(f"{name} is set by aegis for every instance from the plan's devices; "
@@ -365,6 +411,9 @@ def _environment(value: Any) -> tuple[tuple[str, str], ...]:
                            f"({_type_name(val)})")
         if _CONTROL.search(str(val)):
             raise _Invalid(f"{name}: the value contains a control character")
+        if len(str(val)) > MAX_ARG_CHARS:
+            raise _Invalid(f"{name}: the value is {len(str(val))} characters long; at most "
+                           f"{MAX_ARG_CHARS}")
         out.append((name, str(val)))
     return tuple(out)
 
@@ -512,9 +561,14 @@ def _checked(key: Key, value: Any, path: str, source: str | None) -> Any:
         raise ConfigError(f"{where}: {err}") from None
 
 
-def _unknown(path: str, name: str, allowed: list[str]) -> str:
-    hint = _did_you_mean(name, allowed)
-    return f"{path}: unknown key{hint or '; see docs/config.md for the keys'}"
+def _unknown(prefix: str, name: Any, allowed: list[str]) -> str:
+    """'<prefix>.<name>: unknown key', the name quoted and cut short when it is long or has
+    characters that would break the one-line message."""
+    plain = isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name)
+    shown = name if plain else _shown(name)
+    hint = _did_you_mean(name, allowed) if plain else ""
+    return (f"{prefix}.{shown}" if prefix else shown) + \
+        f": unknown key{hint or '; see docs/config.md for the keys'}"
 
 
 class _Problems:
@@ -534,8 +588,12 @@ class _Problems:
             return None
 
     def raise_any(self) -> None:
-        if self.lines:
-            raise ConfigError("\n".join(self.lines))
+        lines = self.lines[:MAX_PROBLEMS_SHOWN]
+        if len(self.lines) > MAX_PROBLEMS_SHOWN:
+            lines.append(f"config: {len(self.lines) - MAX_PROBLEMS_SHOWN} more problems not "
+                         "shown")
+        if lines:
+            raise ConfigError("\n".join(lines))
 
 
 def _parse_model(entry: Any, path: str, overrides: dict[str, Any], ignored: list[str],
@@ -559,7 +617,7 @@ def _parse_model(entry: Any, path: str, overrides: dict[str, Any], ignored: list
             ignored.append(sub)
             continue
         if name not in names:
-            problems.add(_unknown(sub, str(name), names))
+            problems.add(_unknown(path, name, names))
             continue
         values[name] = value
     values.update(overrides)
@@ -603,7 +661,7 @@ def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
         elif name == "models":
             continue
         elif name not in _BY_NAME:
-            problems.add(_unknown(name, name, allowed_top))
+            problems.add(_unknown("", name, allowed_top))
         elif _BY_NAME[name].scope == "model":
             single_model[name] = value
         else:
@@ -708,9 +766,24 @@ def check_submittable(config: Config, platform: Platform) -> None:
 def _yaml_loader():
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    # libyaml's parser when PyYAML has it (the wheels do): 20x faster than the pure-Python
+    # one, so even a file at the size cap is refused or loaded in well under a second.
+    base = yaml.CSafeLoader if getattr(yaml, "__with_libyaml__", False) else yaml.SafeLoader
+
+    class Loader(base):
         """SafeLoader without YAML 1.1 base-60 numbers (walltime: 01:00:00 stays a string)
         and with duplicate keys reported instead of silently overwritten."""
+
+        def construct_object(self, node, deep=False):
+            # A value that matches a type's pattern but is no such value (`0b_`, `._`,
+            # `2001-13-45`, `!!float abc`) makes PyYAML's constructors raise ValueError.
+            try:
+                return super().construct_object(node, deep)
+            except (ValueError, TypeError, OverflowError) as err:
+                kind = node.tag.rsplit(":", 1)[-1]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{_shown(node.value)} is not a valid {kind} ({err})",
+                    node.start_mark) from None
 
         def construct_mapping(self, node, deep=False):
             seen = set()
@@ -736,7 +809,7 @@ def _yaml_loader():
         float_tag,
         # PyYAML's own float pattern minus base 60, so what dump_yaml writes reads back
         re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
-                   r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+                   r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
         list("-+0123456789."))
     return Loader
 

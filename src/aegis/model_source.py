@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import ModelConfig
+from .config import ModelConfig, read_small_file, why_unreadable
 
 REFS_MAIN = os.path.join("refs", "main")
 _REVISION = re.compile(r"[A-Za-z0-9._-]{1,255}")
@@ -81,16 +81,16 @@ def resolve(path: str) -> ModelSource:
 
 def _revision(path: str, hub: str) -> str:
     """The snapshot refs/main names; it must exist."""
-    ref = os.path.join(hub, REFS_MAIN)
-    try:
-        with open(ref, "rb") as f:
-            data = f.read(_MAX_REF_BYTES + 1)
+    try:  # bounded, and never blocking on a FIFO
+        text = read_small_file(os.path.join(hub, REFS_MAIN), _MAX_REF_BYTES, timeout=1).strip()
     except OSError as e:
         raise ModelSourceError(f"{path}: hub-cache directory without a readable refs/main "
                                f"({_why(e)}); give one snapshots/<revision> directory "
                                "instead") from None
-    text = data.decode("utf-8", "replace").strip()
-    if len(data) > _MAX_REF_BYTES or not _REVISION.fullmatch(text) or text in (".", ".."):
+    except ValueError as e:  # too large, silent, not UTF-8
+        raise ModelSourceError(f"{path}: refs/main does not hold a revision name "
+                               f"({why_unreadable(e)})") from None
+    if not _REVISION.fullmatch(text) or text in (".", ".."):
         raise ModelSourceError(f"{path}: refs/main does not hold a revision name "
                                f"(got {text[:20]!r})")
     if not os.path.isdir(os.path.join(hub, "snapshots", text)):
@@ -104,7 +104,8 @@ def _check_tree(path: str, where: str, served: str, inside: str) -> None:
     resolves inside `inside` (the real path of what is staged). In sorted order, so the
     first problem reported is always the same one."""
     def problem(entry: str, what: str) -> ModelSourceError:
-        return ModelSourceError(f"{path}: {os.path.relpath(entry, where)}: {what}")
+        rel = os.path.relpath(entry, where)
+        return ModelSourceError(f"{path}: {rel if rel.isprintable() else repr(rel)}: {what}")
 
     def failed_walk(err: OSError) -> None:
         raise problem(err.filename or served, f"cannot list it ({_why(err)})")

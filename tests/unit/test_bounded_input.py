@@ -44,7 +44,7 @@ CASES = [
     ("merge-key-bomb", _merge_bomb(), [],
      ["c.yaml:9:42: invalid YAML: aliases expand to more than 100000 values"]),
     ("nested-flow-20000", "model: " + "[" * 20000 + "]" * 20000 + "\n", [],
-     ["c.yaml:1:71: invalid YAML: nested deeper than 64 levels"]),
+     ["c.yaml:1:1007: invalid YAML: exceeded maximum nesting depth"]),  # libyaml's own cap
     ("nested-block-500", "".join(" " * i + f"k{i}:\n" for i in range(500)), [],
      ["c.yaml:65:65: invalid YAML: nested deeper than 64 levels"]),
     ("python-object-tag", "model: !!python/object/apply:os.system ['echo owned']\n", [],
@@ -57,13 +57,13 @@ CASES = [
     ("nul-bytes", "model: m\n\0\0\0\n", [],
      ["c.yaml: invalid YAML: unacceptable character #x0000 at offset 9"]),
     ("config-dev-zero", None, ["-c", "/dev/zero"],
-     ["/dev/zero: cannot read config file: larger than 1024 KiB"]),
+     ["/dev/zero: cannot read config file: larger than 256 KiB"]),
     ("config-directory", None, ["-c", "."],
      [".: cannot read config file: Is a directory"]),
     ("config-symlink-loop", None, ["-c", "loop.yaml"],
      ["loop.yaml: cannot read config file: Too many levels of symbolic links"]),
-    ("config-too-large", "model: m\n" + "# padding\n" * 120_000, [],
-     ["c.yaml: cannot read config file: larger than 1024 KiB"]),
+    ("config-too-large", "model: m\n" + "# padding\n" * 30_000, [],
+     ["c.yaml: cannot read config file: larger than 256 KiB"]),
     ("token-dev-zero", None, ["--model", "m", "--hf-token-file", "/dev/zero"],
      ["--hf-token-file: cannot read /dev/zero: larger than 64 KiB"]),
     ("token-nul", None, ["--model", "m", "--hf-token-file", "token-nul"],
@@ -123,6 +123,44 @@ CASES = [
       "1-12, or a multiple of 12 (whole nodes)",
       "port_start: HTTP ports 30100 overlap the internal port range 30000-30191 "
       "(internal_port_start); move one of them"]),
+    # found by attacking it: FIFOs, long or odd keys and values, floods of mistakes
+    ("config-fifo-without-writer", None, ["-c", "fifo"],
+     ["model: missing; set 'model' (single-model form, or --model) or a non-empty 'models' "
+      "list"]),
+    ("config-random-bytes", bytes(range(256)) * 64, [],
+     ["c.yaml: cannot read config file: not UTF-8 text (byte 0x80 at offset 128)"]),
+    ("key-with-newline", 'model: m\n"x\\n#PBS -q evil": 1\n', [],
+     ["'x\\n#PBS -q evil': unknown key; see docs/config.md for the keys"]),
+    ("key-long", "model: m\n" + "k" * 1000 + ": 1\n", [],
+     ["'" + "k" * 27 + "..." + "k" * 28 + "': unknown key; see docs/config.md for the keys"]),
+    ("key-longer-than-yaml-allows", "model: m\n" + "k" * 100_000 + ": 1\n", [],
+     ["c.yaml:2:100001: invalid YAML: could not find expected ':'"]),
+    ("key-in-model-entry-with-tab", 'models:\n  - model: m\n    "a\\tb": 1\n', [],
+     ["models[0].'a\\tb': unknown key; see docs/config.md for the keys"]),
+    ("thousands-of-mistakes", "model: m\n" + "".join(f"k{i}: 1\n" for i in range(5000)), [],
+     [f"k{i}: unknown key; see docs/config.md for the keys" for i in range(20)]
+     + ["config: 4980 more problems not shown"]),
+    ("model-name-too-long", "model: " + "m" * 5000 + "\n", [],
+     ["model: '" + "m" * 27 + "..." + "m" * 28 + "' is 5000 characters long; at most 4096"]),
+    ("too-many-extra-args", "model: m\nextra_vllm_args: [" + ", ".join(["-x"] * 5000) + "]\n", [],
+     ["extra_vllm_args: 5000 arguments; at most 1000"]),
+    ("extra-arg-too-long", "model: m\nextra_vllm_args: ['" + "x" * 40_000 + "']\n", [],
+     ["extra_vllm_args: argument '" + "x" * 27 + "..." + "x" * 28 + "' is 40000 characters "
+      "long; at most 32768"]),
+    ("instance-env-value-too-long", "model: m\ninstance_env: {A: '" + "x" * 40_000 + "'}\n", [],
+     ["instance_env: A: the value is 40000 characters long; at most 32768"]),
+    ("instance-env-too-many", "model: m\ninstance_env: {"
+     + ", ".join(f"V{i}: 1" for i in range(2000)) + "}\n", [],
+     ["instance_env: 2000 variables; at most 1000"]),
+    ("binary-int-without-digits", "model: m\naccount: 0b_\n", [],
+     ["c.yaml:2:10: invalid YAML: '0b_' is not a valid int (invalid literal for int() with "
+      "base 2: '')"]),
+    ("impossible-date", "model: m\nwalltime: 2001-13-45\n", [],
+     ["c.yaml:2:11: invalid YAML: '2001-13-45' is not a valid timestamp (month must be in "
+      "1..12)"]),
+    ("float-tag-on-text", "model: !!float abc\n", [],
+     ["c.yaml:1:8: invalid YAML: 'abc' is not a valid float (could not convert string to "
+      "float: 'abc')"]),
     ("huge-value-shown-short", "model: m\ninstance_env: [" + "x, " * 50_000 + "x]\n", [],
      ["instance_env: expected a mapping of NAME: value, got ['x', 'x', 'x', 'x', 'x', 'x', "
       "...] (list)"]),
@@ -134,6 +172,7 @@ def _prepare(tmp_path: Path, text) -> None:
         path = tmp_path / "c.yaml"
         path.write_bytes(text if isinstance(text, bytes) else text.encode())
     os.symlink("loop.yaml", tmp_path / "loop.yaml")
+    os.mkfifo(tmp_path / "fifo")
     (tmp_path / "token-nul").write_bytes(b"hf_abc\0def\n")
     (tmp_path / "token-bin").write_bytes(b"hf_\xff\xfe")
 
@@ -157,7 +196,32 @@ def _limited() -> None:
 
 
 SUBPROCESS_CASES = ["alias-bomb", "merge-key-bomb", "nested-flow-20000", "config-dev-zero",
-                    "token-dev-zero", "tp-huge", "plan-too-many-nodes", "several-mistakes"]
+                    "token-dev-zero", "tp-huge", "plan-too-many-nodes", "several-mistakes",
+                    "config-fifo-without-writer", "thousands-of-mistakes"]
+
+
+def test_a_pipe_whose_writer_stays_silent_is_refused_not_waited_on(tmp_path, monkeypatch):
+    import aegis.config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(aegis.config, "READ_TIMEOUT", 0.5)
+    read, write = os.pipe()  # a writer that never writes nor closes
+    try:
+        result = CliRunner().invoke(main, ["submit", "--dry-run", "-c", f"/dev/fd/{read}"])
+    finally:
+        os.close(read)
+        os.close(write)
+    assert result.exit_code == 2
+    assert result.stderr == (f"aegis: error: /dev/fd/{read}: cannot read config file: nothing "
+                             "more to read for 0.5 s\n")
+
+
+def test_process_substitution_still_works(tmp_path):
+    proc = subprocess.run(["bash", "-c", f"{AEGIS} plan --format json -c <(sleep 0.3; printf "
+                           "'model: m\\nplatform: local\\n')"], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert '"nodes_needed": 1' in proc.stdout
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)

@@ -111,3 +111,11 @@ def test_hf_home_defaults_to_the_platforms_node_local_storage(platform, expected
     assert load_config(None, {"model": "m", "platform": platform}).hf_home == expected
     assert load_config(None, {"model": "m", "platform": platform,
                               "hf_home": "/x"}).hf_home == "/x"
+
+
+def test_a_dot_and_underscores_are_text_not_a_broken_float():
+    """'._' matched the loader's float pattern and crashed float() (found by the shell-safety
+    fuzz test): now the pattern wants a digit after the dot, as PyYAML's own does."""
+    from aegis.config import parse_yaml
+
+    assert parse_yaml("account: ._\nqueue: .5\n") == {"account": "._", "queue": 0.5}

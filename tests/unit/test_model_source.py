@@ -127,9 +127,18 @@ REFUSED = [
      "one snapshots/<revision> directory instead"),
     ("refs-main-escapes", _hub_with(lambda h: (h / "refs" / "main").write_text("../../etc")),
      "T/models--org--tiny: refs/main does not hold a revision name (got '../../etc')"),
-    ("refs-main-binary", _hub_with(lambda h: (h / "refs" / "main").write_bytes(b"\0\xff" * 4000)),
-     "T/models--org--tiny: refs/main does not hold a revision name (got "
-     + repr("\0\ufffd" * 10) + ")"),
+    ("refs-main-binary", _hub_with(lambda h: (h / "refs" / "main").write_bytes(b"\0\xff" * 40)),
+     "T/models--org--tiny: refs/main does not hold a revision name (not UTF-8 text (byte 0xff "
+     "at offset 1))"),
+    ("refs-main-huge", _hub_with(lambda h: (h / "refs" / "main").write_bytes(b"a" * 10_000)),
+     "T/models--org--tiny: refs/main does not hold a revision name (larger than 4 KiB)"),
+    ("refs-main-fifo-without-writer", _hub_with(lambda h: ((h / "refs" / "main").unlink(),
+                                                           os.mkfifo(h / "refs" / "main"))),
+     "T/models--org--tiny: refs/main does not hold a revision name (got '')"),
+    ("root-directory", lambda t: Path("/"),
+     "/: not a model directory: no config.json at its top, and not a hub-cache directory "
+     "(models--ORG--NAME with refs/main and snapshots/) or one of its snapshots/<revision> "
+     "directories"),
     ("refs-main-is-a-directory", _hub_with(lambda h: ((h / "refs" / "main").unlink(),
                                                       (h / "refs" / "main").mkdir())),
      "T/models--org--tiny: hub-cache directory without a readable refs/main (Is a directory); "
@@ -147,6 +156,8 @@ REFUSED = [
     ("plain-absolute-link", _plain_with(lambda s: os.symlink(str(s / "config.json"), s / "a.json")),
      "T/tiny: a.json: links to the absolute path T/tiny/config.json; after staging it "
      "would point back at the source (relative links only)"),
+    ("plain-link-named-with-a-newline", _plain_with(lambda s: os.symlink("gone", s / "a\nb")),
+     "T/tiny: 'a\\nb': links to gone, which does not exist"),
     ("plain-link-loop", _plain_with(lambda s: (os.symlink("b", s / "a"), os.symlink("a", s / "b"))),
      "T/tiny: a: links to b, which is a link loop"),
     ("plain-config-is-a-loop", lambda t: (make_plain(t / "tiny", {"w": b"1"}),
