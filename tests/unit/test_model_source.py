@@ -88,20 +88,19 @@ def _refused(tmp_path, build) -> str:
     return message.replace(str(tmp_path), "T")
 
 
-def _hub_with(edit):
-    def build(tmp):
-        hub = make_hub(tmp / "models--org--tiny")
-        edit(hub)
-        return hub
-    return build
+def _edited(make, name):
+    """A builder: make(tmp / name), then edit it."""
+    def with_edit(edit):
+        def build(tmp):
+            source = make(tmp / name)
+            edit(source)
+            return source
+        return build
+    return with_edit
 
 
-def _plain_with(edit):
-    def build(tmp):
-        source = make_plain(tmp / "tiny")
-        edit(source)
-        return source
-    return build
+_hub_with = _edited(make_hub, "models--org--tiny")
+_plain_with = _edited(make_plain, "tiny")
 
 
 def _loop(tmp):
