@@ -128,6 +128,8 @@ def _check_tree(path: str, where: str, served: str, inside: str) -> None:
                 if os.path.commonpath([real, inside]) != inside:
                     raise problem(entry, f"links to {target}, outside what is staged; it would "
                                   "arrive dangling")
+                if os.path.isfile(real) and not os.access(real, os.R_OK):
+                    raise problem(entry, f"links to {target}, which is not readable")
             elif name in filenames and not os.access(entry, os.R_OK):
                 raise problem(entry, "not readable")
 

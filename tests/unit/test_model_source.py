@@ -218,3 +218,14 @@ def test_submit_reports_every_bad_source_of_a_models_list(tmp_path, monkeypatch)
     assert result.exit_code == 2
     assert [line.split(": ", 3)[2] for line in result.stderr.splitlines()] == [
         "models[0].model_source", "models[1].model_source"]
+
+
+def test_an_unreadable_blob_behind_a_snapshot_link_is_refused(tmp_path, monkeypatch):
+    hub = make_hub(tmp_path / "models--org--tiny")
+    blob = (hub / "snapshots" / REV / "model.safetensors").resolve()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: (
+        False if str(p) == str(blob) else real_access(p, mode, **kw)))
+    with pytest.raises(ModelSourceError, match=rf"snapshots/{REV}/model.safetensors: links to "
+                                               rf"../../blobs/{blob.name}, which is not readable$"):
+        resolve(str(hub))
