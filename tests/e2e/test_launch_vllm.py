@@ -211,7 +211,7 @@ def test_sigkilled_launcher_leaves_no_vllm_process(vllm_venv, tiny_model, tmp_pa
     from aegis.launch.endpoints import launcher_alive
 
     token = uuid.uuid4().hex
-    config = _write_config(tmp_path, model_source=tiny_model, vllm_venv=vllm_venv, instances=1,
+    config = _write_config(tmp_path, models={"tiny": tiny_model}, vllm_venv=vllm_venv,
                            port_start=free_port_block(1), extra_args=vllm_env.VLLM_CPU_ARGS)
     run_dir = tmp_path / "run"
     launcher_log = tmp_path / "launcher.log"
