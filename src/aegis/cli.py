@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -113,7 +114,11 @@ def main() -> None:
 @main.command()
 @config_options
 @click.option("--dry-run", is_flag=True, help="Print the batch script; write and submit nothing.")
-def submit(config_path: str | None, dry_run: bool, **flags: Any) -> int:
+@click.option("--chain", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Submit N jobs, each queued to start chain_overlap seconds before its "
+              "predecessor's end; the chain directory's endpoints file names the newest "
+              "generation that serves.")
+def submit(config_path: str | None, dry_run: bool, chain: int, **flags: Any) -> int:
     """Render the batch script and submit it (qsub or sbatch); print the job id."""
     from .scheduler import get_backend
     from .scheduler import submit as submission
@@ -129,7 +134,20 @@ def submit(config_path: str | None, dry_run: bool, **flags: Any) -> int:
     if dry_run:
         if platform.requires_account and not config.account:
             _warn("account is not set; the script has no -A line and a real submit will refuse")
+        if chain > 1:
+            submission.check_chain(config, chain)
         click.echo(submission.dry_run(config, platform, backend), nl=False)
+        return 0
+    if chain > 1:
+        results = submission.submit_chain(config, platform, backend, chain)
+        for message in results[0].warnings:
+            _warn(message)
+        chain_dir = str(Path(results[0].run_dir).parent)
+        click.echo(f"aegis: submitted {chain} chained jobs {', '.join(r.job_id for r in results)}"
+                   f"; chain directory {chain_dir} (endpoints: {chain_dir}/endpoints.json)",
+                   err=True)
+        for r in results:
+            click.echo(r.job_id)
         return 0
     result = submission.submit(config, platform, backend)
     for message in result.warnings:

@@ -147,6 +147,10 @@ class Config:
     # Run once per node, under a lock, before the instances start (after the built-in
     # tokenizer pre-warm), inside the instances' environment.
     prewarm_command: str | None = None
+    # Seconds before the stop at walltime that instances are marked draining (no new requests).
+    drain_seconds: float = 60.0
+    # `aegis submit --chain N`: seconds each successor starts before its predecessor's end.
+    chain_overlap: float = 600.0
     hf_token: str | None = field(default=None, repr=False)  # accepted, never rendered
     ignored_keys: tuple[str, ...] = ()  # legacy keys accepted with a warning
 
@@ -530,6 +534,12 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("container", _optional(lambda v: _text(v, what="an Apptainer image (.sif) path")),
         "Apptainer/Singularity image (.sif) on the shared file system: staged once per node; "
         "instances run vllm_command in it (apptainer exec)."),
+    Key("drain_seconds", seconds(MAX_STARTUP_SECONDS),
+        "Before the job's walltime: seconds the instances are marked draining (taking no new "
+        "requests, finishing the rest) before they are stopped.", kind="float"),
+    Key("chain_overlap", seconds(MAX_STARTUP_SECONDS),
+        "aegis submit --chain: seconds each successor job starts before its predecessor's "
+        "end, to stage and warm up while the predecessor still serves.", kind="float"),
     Key("prewarm_command", _optional(_command),
         "Command run once per node, under a lock, before the instances start, in their "
         "environment (e.g. to fill a compile or tokenizer cache)."),

@@ -15,6 +15,10 @@
 # Nothing secret is written here: HF_TOKEN and the API key variable reach the job through
 # its environment (qsub -v NAME).
 set -eo pipefail
+# When the job started: with the walltime, the launcher knows the job's end and drains and
+# stops its instances cleanly before it (PBS sends no warning signal; this works for both).
+AEGIS_JOB_START="$(date +%s)"
+export AEGIS_JOB_START
 
 # aurora setup
 module load frameworks

@@ -30,13 +30,15 @@ from .allocation import (MAX_NODEFILE_BYTES, Allocation, AllocationError, check_
                          find_allocation)
 from .caches import instance_cache_dir, job_cache_root
 from .environment import Runtime
-from .endpoints import (EndpointsFile, InstanceState, failure_report, merge_parts, none_serving,
-                        summary_table)
+from .endpoints import (EndpointsFile, InstanceState, draining, failure_report, merge_parts,
+                        none_serving, summary_table)
 from .instances import build_part, model_arg, part_name, staged_model_dir
 from .node import prepare_runtime, prewarm, runtime_problem
 from .pernode import remove_job_caches
 from .processes import bind_problem
+from . import chain
 from .supervise import LocalFleet
+from .walltime import job_end, schedule
 
 __all__ = ["main", "run_rank", "under_mpi"]
 
@@ -336,6 +338,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             endpoints_path.parent.mkdir(parents=True, exist_ok=True)
             endpoints = EndpointsFile(endpoints_path, run_dir=run_dir, job=job, ranks=coll.size)
+            endpoints.mirror = chain.from_environment(os.environ)  # submit --chain
             endpoints.update(_planned_states(plan, allocation, run_dir), state="staging",
                              must_write=True)
         except OSError as e:  # what the preflight could not foresee (a race, a full disk)
@@ -347,6 +350,7 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
         return EXIT_BAD_INPUT
     if rank == 0:
         endpoints.start_heartbeat()
+        _release_successor(config, log)
         log(f"{len(plan.instances)} instance(s) on {plan.nodes_needed} node(s) from "
             f"{allocation.source}; run directory {run_dir}; endpoints {endpoints_path}")
     code = EXIT_FAILED
@@ -526,17 +530,35 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
     if args.once or not ok:  # _run's finally stops the fleet
         return EXIT_OK if ok else EXIT_FAILED
 
-    # Supervise until the job ends (signal) or nothing can come back.
+    # Supervise until the job ends (signal, or the walltime schedule) or nothing can come back.
+    walltime = coll.bcast(_walltime_schedule(config, args, log) if rank == 0 else None)
+    is_draining = False
     last = fleet.states()
     while True:
         started = time.monotonic()
         if not stop.signum:
             fleet.step()
         now_states = fleet.states()
-        flags = coll.allgather((stop.signum, fleet.recoverable(), now_states != last))
+        due = 0 if walltime is None else (time.time() >= walltime.drain_at) + (
+            time.time() >= walltime.stop_at)
+        flags = coll.allgather((stop.signum, fleet.recoverable(), now_states != last, due))
         signum = max(f[0] for f in flags)
         if signum:
             return stopped(signum)
+        due = max(f[3] for f in flags)
+        if due == 2:
+            log(f"walltime: stopping cleanly, {walltime.end - time.time():.0f}s before the "
+                "job's end")
+            stopping()
+            fleet.stop(args.stop_grace)
+            publish(fleet.states(stopped=True))
+            return EXIT_OK
+        if due == 1 and not is_draining:
+            is_draining = True
+            if rank == 0:
+                log(f"walltime: draining (no new requests); stopping in "
+                    f"{walltime.stop_at - time.time():.0f}s")
+            last = None  # publish now, as draining
         if sum(f[1] for f in flags) == 0:
             if rank == 0:
                 log("every instance has failed; giving up")
@@ -545,7 +567,39 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
             if rank == 0:
                 report(merged)
             return EXIT_FAILED
-        if any(f[2] for f in flags):
-            publish(now_states)
+        if any(f[2] for f in flags) or last is None:
+            publish(draining(now_states) if is_draining else now_states,
+                    state="draining" if is_draining else None)
             last = now_states
         tick(started)
+
+
+def _release_successor(config, log) -> None:
+    """Rank 0 of a chained generation on PBS: the successor was queued held; now that this
+    job's end is known, set its start (end - chain_overlap) and release it."""
+    mirror = chain.from_environment(os.environ)
+    end = job_end(os.environ, config.walltime)
+    following = mirror and chain.successor(mirror.dir, mirror.generation)
+    if not following or end is None:
+        return
+    from ..scheduler import SchedulerError, get_backend
+
+    start_at = end - config.chain_overlap
+    try:
+        get_backend(config.effective_scheduler).release_successor(following, start_at)
+    except SchedulerError as e:
+        log(f"warning: cannot release the next generation (job {following}): {e}")
+        return
+    log(f"next generation: job {following} may start at "
+        f"{time.strftime('%H:%M:%S', time.localtime(start_at))}")
+
+
+def _walltime_schedule(config, args, log):
+    """Rank 0: when to drain and stop before the job's end (None: the end is unknown)."""
+    end = job_end(os.environ, config.walltime)
+    if end is None:
+        return None
+    plan = schedule(end, drain_seconds=config.drain_seconds, stop_grace=args.stop_grace)
+    log(f"job ends at {time.strftime('%H:%M:%S', time.localtime(end))}: draining "
+        f"{plan.end - plan.drain_at:.0f}s before, stopped {plan.end - plan.stop_at:.0f}s before")
+    return plan

@@ -23,9 +23,10 @@ SCHEMA = 1  # bumped only for changes a reader must know about; fields are only 
 HEARTBEAT_INTERVAL = 5.0  # seconds between rewrites by a live launcher
 STALE_AFTER = 3  # heartbeat intervals without a rewrite: the launcher is taken as dead
 # The launcher as a whole; a reader waits while it is staging or starting.
-LAUNCHER_STATES = ("staging", "starting", "serving", "stopping", "stopped", "failed")
+LAUNCHER_STATES = ("staging", "starting", "serving", "draining", "stopping", "stopped", "failed")
 # One instance; only "ready" ones are served (and listed in the .txt file).
-INSTANCE_STATES = ("pending", "starting", "ready", "restarting", "failed", "stopped")
+# draining: still running and finishing its requests, but taking no new ones (walltime is near)
+INSTANCE_STATES = ("pending", "starting", "ready", "draining", "restarting", "failed", "stopped")
 FINAL_LAUNCHER_STATES = ("stopped", "failed")
 
 
@@ -74,6 +75,11 @@ def merge_parts(states: list[InstanceState]) -> list[InstanceState]:
 def none_serving(states: list[InstanceState]) -> list[InstanceState]:
     """The states once the launcher stops them: every instance not failed is stopped."""
     return [s if s.state == "failed" else replace(s, state="stopped") for s in states]
+
+
+def draining(states: list[InstanceState]) -> list[InstanceState]:
+    """The states to publish once the job's end is near: no instance is offered as ready."""
+    return [replace(s, state="draining") if s.state == "ready" else s for s in states]
 
 
 def endpoints_doc(states: list[InstanceState], *, launcher: dict, run_dir: str, job: str) -> dict:
@@ -158,6 +164,8 @@ class EndpointsFile:
         self._thread: threading.Thread | None = None
         self._failed_writes = 0
         self._txt_behind = False  # a change's .txt is not written yet (a failed write)
+        # Called after each write with (doc, txt or None): aegis.launch.chain.ChainMirror.
+        self.mirror = None
 
     def update(self, states: list[InstanceState] | None = None, *, state: str | None = None,
                exit_code: int | None = None, must_write: bool = False) -> None:
@@ -215,9 +223,12 @@ class EndpointsFile:
         self.launcher["heartbeat_at"] = self.clock()
         doc = endpoints_doc(self.states, launcher=self.launcher, run_dir=self.run_dir,
                             job=self.job)
-        if txt:  # first: once a reader sees the JSON of a change, the .txt has it too
-            write_atomic(self.txt_path, endpoints_txt(self.states))
+        text = endpoints_txt(self.states) if txt else None
+        if text is not None:  # first: once a reader sees the JSON of a change, the .txt has it too
+            write_atomic(self.txt_path, text)
         write_atomic(self.json_path, json.dumps(doc, indent=2) + "\n")
+        if self.mirror is not None:
+            self.mirror(doc, text)
 
 
 def summary_table(states: list[InstanceState]) -> str:

@@ -75,8 +75,9 @@ class Backend:
 
     # -- pure ------------------------------------------------------------------------------
     def render(self, config: Config, plan: Plan, platform: Platform, run_dir: str,
-               python: str | None = None) -> str:
-        """The batch script for `plan`, writing into the absolute directory `run_dir`."""
+               python: str | None = None, chain: dict | None = None) -> str:
+        """The batch script for `plan`, writing into the absolute directory `run_dir`.
+        `chain`: {"dir", "generation", "total"} for one generation of `submit --chain`."""
         if not os.path.isabs(run_dir):
             raise ValueError(f"run_dir must be absolute, got {run_dir!r}")
         if python is None:
@@ -96,6 +97,7 @@ class Backend:
             "directives": self.directives(config, plan, platform, run_dir),
             "directive_prefix": self.directive_prefix,
             "env_transport": self.env_transport,
+            "chain": chain,
         }
         return render_template(self.template, **context)
 
@@ -103,8 +105,19 @@ class Backend:
                    run_dir: str) -> list[str]:
         raise NotImplementedError
 
-    def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
+    def submit_argv(self, script_path: str, env_names: Sequence[str],
+                    after: Sequence[str] = ()) -> list[str]:
+        """`after`: options placing the job after another (see successor_args)."""
         raise NotImplementedError
+
+    def successor_args(self, predecessor: str, start_after_s: float) -> list[str]:
+        """Submit options that queue a job to start `start_after_s` seconds after
+        `predecessor` starts (aegis submit --chain)."""
+        raise NotImplementedError
+
+    def release_successor(self, successor: str, start_at: float) -> None:
+        """In the running predecessor: let a held successor start at `start_at` (epoch s).
+        Nothing to do where successor_args already says when."""
 
     def parse_job_id(self, stdout: str) -> str:
         lines = [line.strip() for line in stdout.splitlines() if line.strip()]
@@ -117,9 +130,10 @@ class Backend:
         return which(self.submit_command) is not None
 
     def submit(self, script_path: str, env_names: Sequence[str] = (),
-               env: Mapping[str, str] | None = None, cwd: str | None = None) -> str:
+               env: Mapping[str, str] | None = None, cwd: str | None = None,
+               after: Sequence[str] = ()) -> str:
         """Submit the script; `env_names` are variables the job must receive by name."""
-        result = run(self.submit_argv(script_path, env_names), env=env, cwd=cwd)
+        result = run(self.submit_argv(script_path, env_names, after), env=env, cwd=cwd)
         if result.returncode != 0:
             raise SchedulerError(f"{self.submit_command} failed (exit {result.returncode}): "
                                  f"{one_line(result.stderr) or one_line(result.stdout) or 'no output'}")

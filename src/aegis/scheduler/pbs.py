@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from typing import Sequence
 
 from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
-from .base import Backend, check_job_id, log_path, run
+from .base import Backend, SchedulerError, check_job_id, log_path, one_line, run
 
 # PBS one-letter job states -> aegis states (qstat -f prints "job_state = R").
 _STATES = {
@@ -62,7 +63,8 @@ class PBSBackend(Backend):
         lines += ["-j oe", f"-o {log_path(run_dir)}", *platform.directives]
         return lines
 
-    def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
+    def submit_argv(self, script_path: str, env_names: Sequence[str],
+                    after: Sequence[str] = ()) -> list[str]:
         # -v NAME (no value) copies the variable from qsub's environment: secrets travel by
         # name, never on a command line or in the script.
         # -j/-o again on the command line: PBS-compatible wrappers (Slurm's qsub) pass their
@@ -71,7 +73,23 @@ class PBSBackend(Backend):
         argv = ["qsub", "-j", "oe", "-o", log]
         if env_names:
             argv += ["-v", ",".join(env_names)]
-        return [*argv, script_path]
+        return [*argv, *after, script_path]
+
+    def successor_args(self, predecessor: str, start_after_s: float) -> list[str]:
+        # PBS cannot say "N minutes after that job starts": queue it after the predecessor's
+        # start, held (-h); the running predecessor computes the start and releases it
+        # (release_successor).
+        check_job_id(predecessor)
+        return ["-W", f"depend=after:{predecessor}", "-h"]
+
+    def release_successor(self, successor: str, start_at: float) -> None:
+        check_job_id(successor)
+        when = time.strftime("%Y%m%d%H%M.%S", time.localtime(start_at))
+        for argv in (["qalter", "-a", when, successor], ["qrls", successor]):
+            result = run(argv)
+            if result.returncode != 0:
+                raise SchedulerError(f"{' '.join(argv)} failed (exit {result.returncode}): "
+                                     f"{one_line(result.stderr) or one_line(result.stdout)}")
 
     def state(self, job_id: str) -> str:
         check_job_id(job_id)

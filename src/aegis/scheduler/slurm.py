@@ -50,10 +50,16 @@ class SlurmBackend(Backend):
         lines += [f"-o {log_path(run_dir)}", "--exclusive", *platform.directives]
         return lines
 
-    def submit_argv(self, script_path: str, env_names: Sequence[str]) -> list[str]:
+    def submit_argv(self, script_path: str, env_names: Sequence[str],
+                    after: Sequence[str] = ()) -> list[str]:
         # --export=ALL hands the job sbatch's environment, so the named variables (HF_TOKEN,
         # the API key) travel without their values being on a command line.
-        return ["sbatch", "--parsable", "--export=ALL", script_path]
+        return ["sbatch", "--parsable", "--export=ALL", *after, script_path]
+
+    def successor_args(self, predecessor: str, start_after_s: float) -> list[str]:
+        # after:<id>+<minutes>: eligible that many minutes after the predecessor starts.
+        check_job_id(predecessor)
+        return [f"--dependency=after:{predecessor}+{max(0, int(start_after_s // 60))}"]
 
     def parse_job_id(self, stdout: str) -> str:
         return super().parse_job_id(stdout).split(";")[0]  # "123;cluster" on federations

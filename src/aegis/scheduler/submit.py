@@ -9,6 +9,7 @@ is kept, also when the submission fails, so the user can inspect the script.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Mapping
 
 from ..config import DIRECTIVE_SAFE_PATH, Config, ConfigError, check_submittable, dump_yaml
+from ..launch.chain import CHAIN_NAME
+from ..launch.endpoints import write_atomic
+from ..launch.walltime import walltime_seconds
 from ..plan import Plan, make_plan
 from ..platforms import Platform
 from .base import CONFIG_NAME, SCRIPT_NAME, Backend, SchedulerError, SchedulerNotFound
@@ -105,16 +109,78 @@ def submit(config: Config, platform: Platform, backend: Backend, *,
     names, env, warnings = job_environment(config, os.environ if environ is None else environ)
 
     run_dir = _create_run_dir(parent, run_dir_name(config, now or _dt.datetime.now()))
-    script = backend.render(config, plan, platform, str(run_dir), python=python)
+    return _submit_into(run_dir, config, platform, backend, plan, names, env, warnings, python)
+
+
+def _submit_into(run_dir: Path, config: Config, platform: Platform, backend: Backend, plan: Plan,
+                 names, env, warnings, python, *, chain: dict | None = None,
+                 after: list[str] = ()) -> Submission:
+    script = backend.render(config, plan, platform, str(run_dir), python=python, chain=chain)
     (run_dir / CONFIG_NAME).write_text(dump_yaml(resolved_for_run(config, str(run_dir))
                                                  .to_mapping()), encoding="utf-8")
     script_path = run_dir / SCRIPT_NAME
     script_path.write_text(script, encoding="utf-8")
     script_path.chmod(0o755)
     try:
-        job_id = backend.submit(str(script_path), names, env=env, cwd=str(run_dir))
+        job_id = backend.submit(str(script_path), names, env=env, cwd=str(run_dir), after=after)
     except SchedulerError as err:
         raise type(err)(f"{err} (run directory kept: {run_dir})") from None
     (run_dir / JOB_ID_NAME).write_text(job_id + "\n", encoding="utf-8")
     return Submission(job_id=job_id, run_dir=str(run_dir), script_path=str(script_path),
                       warnings=tuple(warnings))
+
+
+def check_chain(config: Config, generations: int) -> float:
+    """-> seconds after a generation's start that its successor may start."""
+    if generations < 1:
+        raise ConfigError(f"--chain {generations}: must be >= 1")
+    walltime = walltime_seconds(config.walltime)
+    if generations > 1 and config.chain_overlap >= walltime:
+        raise ConfigError(f"chain_overlap: {config.chain_overlap:g}s is not shorter than the "
+                          f"walltime {config.walltime}; a successor must start after its "
+                          "predecessor")
+    return walltime - config.chain_overlap
+
+
+def submit_chain(config: Config, platform: Platform, backend: Backend, generations: int, *,
+                 environ: Mapping[str, str] | None = None, now: _dt.datetime | None = None,
+                 python: str | None = None) -> list[Submission]:
+    """`aegis submit --chain N`: N jobs, generation k+1 queued to start chain_overlap seconds
+    before generation k's end, so it stages and warms up while k still serves. One chain
+    directory holds gen-1 ... gen-N (each a run directory), chain.json (generation -> job id)
+    and the chain's endpoints file, which names the newest generation that serves. If a
+    submission fails, the generations already queued are cancelled."""
+    start_after = check_chain(config, generations)
+    check_submittable(config, platform)
+    parent = run_dir_parent(config)
+    plan: Plan = make_plan(config, platform)
+    if not backend.available():
+        raise SchedulerNotFound(f"{backend.submit_command} not found on PATH: not a "
+                                f"{backend.name.upper()} login node? (use --dry-run to print the "
+                                "script without submitting)")
+    names, env, warnings = job_environment(config, os.environ if environ is None else environ)
+    chain_dir = _create_run_dir(parent, run_dir_name(config, now or _dt.datetime.now()))
+    done: list[Submission] = []
+    record = {"generations": [], "walltime": config.walltime,
+              "chain_overlap": config.chain_overlap}
+    try:
+        for generation in range(1, generations + 1):
+            run_dir = chain_dir / f"gen-{generation}"
+            run_dir.mkdir()
+            after = backend.successor_args(done[-1].job_id, start_after) if done else []
+            done.append(_submit_into(
+                run_dir, config, platform, backend, plan, names, env, warnings, python,
+                chain={"dir": str(chain_dir), "generation": generation, "total": generations},
+                after=after))
+            record["generations"].append({"generation": generation, "job_id": done[-1].job_id,
+                                          "run_dir": str(run_dir)})
+            write_atomic(chain_dir / CHAIN_NAME, json.dumps(record, indent=1) + "\n", 0o644)
+    except SchedulerError as err:
+        for queued in done:
+            try:
+                backend.cancel(queued.job_id)
+            except SchedulerError:
+                pass
+        cancelled = f"; cancelled {', '.join(s.job_id for s in done)}" if done else ""
+        raise type(err)(f"{err}{cancelled}") from None
+    return done
