@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from aegis.cli import main
@@ -143,6 +144,10 @@ def test_submit_chain_on_slurm_queues_each_successor_before_its_predecessors_end
     script = (chain_dir / "gen-2" / "job.sh").read_text()
     assert f"export AEGIS_CHAIN_DIR={chain_dir}" in script and "export AEGIS_GENERATION=2" in script
     assert successor(chain_dir, 2) == "103" and successor(chain_dir, 3) is None
+    # generations alternate port blocks: a successor beside its predecessor can bind
+    ports = [yaml.safe_load((chain_dir / f"gen-{k}" / "config.yaml").read_text())["port_start"]
+             for k in (1, 2, 3)]
+    assert ports == [8000, 8001, 8000]
 
 
 def test_submit_chain_on_pbs_holds_successors_for_their_predecessor(tmp_path, recorder):

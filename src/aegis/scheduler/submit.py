@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from ..config import DIRECTIVE_SAFE_PATH, Config, ConfigError, check_submittable, dump_yaml
+from ..config import (DIRECTIVE_SAFE_PATH, Config, ConfigError, check_placement,
+                      check_submittable, dump_yaml)
 from ..launch.chain import CHAIN_NAME
 from ..launch.endpoints import write_atomic
 from ..launch.walltime import walltime_seconds
@@ -142,6 +143,26 @@ def check_chain(config: Config, generations: int) -> float:
     return walltime - config.chain_overlap
 
 
+def generation_config(config: Config, platform: Platform, generation: int) -> Config:
+    """Even generations use the port blocks right after odd ones' (HTTP and internal), so a
+    successor that shares a node with its still-serving predecessor (a non-exclusive
+    allocation; a test cluster on one machine) can bind. Clients read the endpoints file."""
+    if generation % 2:
+        return config
+    from ..plan import INTERNAL_PORTS_PER_SLOT
+
+    shifted = config.replace(
+        port_start=config.port_start + config.total_instances,
+        internal_port_start=config.internal_port_start
+        + platform.devices_per_node * INTERNAL_PORTS_PER_SLOT)
+    try:
+        check_placement(shifted, platform)
+    except ConfigError as err:
+        raise ConfigError(f"--chain: the second generation's ports (the block after the "
+                          f"first's) do not fit: {err}") from None
+    return shifted
+
+
 def submit_chain(config: Config, platform: Platform, backend: Backend, generations: int, *,
                  environ: Mapping[str, str] | None = None, now: _dt.datetime | None = None,
                  python: str | None = None) -> list[Submission]:
@@ -152,8 +173,9 @@ def submit_chain(config: Config, platform: Platform, backend: Backend, generatio
     submission fails, the generations already queued are cancelled."""
     start_after = check_chain(config, generations)
     check_submittable(config, platform)
+    if generations > 1:
+        generation_config(config, platform, 2)  # fails before anything is written
     parent = run_dir_parent(config)
-    plan: Plan = make_plan(config, platform)
     if not backend.available():
         raise SchedulerNotFound(f"{backend.submit_command} not found on PATH: not a "
                                 f"{backend.name.upper()} login node? (use --dry-run to print the "
@@ -168,8 +190,10 @@ def submit_chain(config: Config, platform: Platform, backend: Backend, generatio
             run_dir = chain_dir / f"gen-{generation}"
             run_dir.mkdir()
             after = backend.successor_args(done[-1].job_id, start_after) if done else []
+            gen_config = generation_config(config, platform, generation)
             done.append(_submit_into(
-                run_dir, config, platform, backend, plan, names, env, warnings, python,
+                run_dir, gen_config, platform, backend, make_plan(gen_config, platform),
+                names, env, warnings, python,
                 chain={"dir": str(chain_dir), "generation": generation, "total": generations},
                 after=after))
             record["generations"].append({"generation": generation, "job_id": done[-1].job_id,
