@@ -4,7 +4,7 @@ before any instance starts; every instance runs with its own caches, removed at 
 import json
 from pathlib import Path
 
-from test_launch_run import Run, _no_strays  # noqa: F401  (the fixture reaps strays)
+from test_launch_run import Run, _no_strays, processes_with  # noqa: F401  (the fixture reaps strays)
 
 
 def test_prewarm_runs_once_per_node_before_the_instances(tmp_path):
@@ -32,3 +32,27 @@ def test_prewarm_runs_once_per_node_before_the_instances(tmp_path):
     assert "4/4 instances ready" in res.stderr
     assert [i["state"] for i in json.loads((run.run_dir / "endpoints.json").read_text())
             ["instances"]] == ["stopped"] * 4  # --once stopped them after verifying
+
+
+def test_sigterm_during_the_prewarm_stops_it_and_starts_nothing(tmp_path):
+    import signal
+    import time
+
+    marker = tmp_path / "prewarm-started"
+    run = Run(tmp_path, [{"name": "org/tiny", "served_model_name": "tiny"}],
+              node_local_dir=str(tmp_path / "nl"),
+              prewarm_command=f"bash -c 'touch {marker}; exec -a {run_token(tmp_path)} sleep 60'")
+    proc = run.start()
+    deadline = time.monotonic() + 20
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 143, err
+    assert not list((run.run_dir / "logs").glob("instance-*.log"))  # no instance started
+    assert run.leftovers() == [] and processes_with(run_token(tmp_path)) == []
+
+
+def run_token(tmp_path):
+    return f"prewarm-{tmp_path.name}"

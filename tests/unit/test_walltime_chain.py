@@ -179,3 +179,13 @@ def test_chain_overlap_must_be_shorter_than_the_walltime(tmp_path, recorder):
     assert result.exit_code == 2
     assert "chain_overlap: 600s is not shorter than the walltime 00:10:00" in result.stderr
     assert recorder("sbatch") == []
+
+
+def test_the_jobs_end_during_startup_stops_cleanly_too(tmp_path):
+    run = Run(tmp_path, [{"name": "org/slow", "served_model_name": "slow",
+                          "extra_vllm_args": ["--start-delay", "30"]}], walltime="00:00:16")
+    res = run.launch(env={**_env(), "AEGIS_JOB_START": str(int(time.time()))}, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "walltime: stopping cleanly" in res.stderr
+    assert run.endpoints()["launcher"]["state"] == "stopped"
+    assert run.leftovers() == []

@@ -439,7 +439,7 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_
                                for p in parts],
                               stop=stop, log=log)
         if not _agreed(coll, problem):
-            return EXIT_FAILED
+            return 128 + stop.signum if stop.signum else EXIT_FAILED
         fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
                            max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
                            liveness_interval=args.liveness_interval,
@@ -481,6 +481,23 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
     def tick(started: float) -> None:
         time.sleep(max(0.0, args.poll_interval - (time.monotonic() - started)))
 
+    # The job's end, when known: drain, then stop cleanly before the scheduler's kill.
+    walltime = coll.bcast(_walltime_schedule(config, args, log) if rank == 0 else None)
+
+    def walltime_phase() -> int:
+        """0 before the drain, 1 draining, 2 time to stop (the same on every rank once
+        gathered: the largest counts)."""
+        now = time.time()
+        return 0 if walltime is None else (now >= walltime.drain_at) + (now >= walltime.stop_at)
+
+    def walltime_stop() -> int:
+        log(f"walltime: stopping cleanly, {walltime.end - time.time():.0f}s before the "
+            "job's end")
+        stopping()
+        fleet.stop()
+        publish(fleet.states(stopped=True))
+        return EXIT_OK
+
     if not stop.signum:
         fleet.start_all()
     last = fleet.states()
@@ -491,8 +508,11 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
         if not stop.signum:
             fleet.step()
         now_states = fleet.states()
-        flags = coll.allgather((stop.signum, fleet.decided(), now_states != last))
+        flags = coll.allgather((stop.signum, fleet.decided(), now_states != last,
+                                walltime_phase()))
         signum = max(f[0] for f in flags)
+        if not signum and max(f[3] for f in flags) == 2:
+            return walltime_stop()  # the job ends before the fleet was ever ready
         if signum or all(f[1] for f in flags):
             break
         if any(f[2] for f in flags):
@@ -531,7 +551,6 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
         return EXIT_OK if ok else EXIT_FAILED
 
     # Supervise until the job ends (signal, or the walltime schedule) or nothing can come back.
-    walltime = coll.bcast(_walltime_schedule(config, args, log) if rank == 0 else None)
     is_draining = False
     last = fleet.states()
     while True:
@@ -539,20 +558,14 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
         if not stop.signum:
             fleet.step()
         now_states = fleet.states()
-        due = 0 if walltime is None else (time.time() >= walltime.drain_at) + (
-            time.time() >= walltime.stop_at)
-        flags = coll.allgather((stop.signum, fleet.recoverable(), now_states != last, due))
+        flags = coll.allgather((stop.signum, fleet.recoverable(), now_states != last,
+                                walltime_phase()))
         signum = max(f[0] for f in flags)
         if signum:
             return stopped(signum)
         due = max(f[3] for f in flags)
         if due == 2:
-            log(f"walltime: stopping cleanly, {walltime.end - time.time():.0f}s before the "
-                "job's end")
-            stopping()
-            fleet.stop(args.stop_grace)
-            publish(fleet.states(stopped=True))
-            return EXIT_OK
+            return walltime_stop()
         if due == 1 and not is_draining:
             is_draining = True
             if rank == 0:
