@@ -100,17 +100,23 @@ def _create_run_dir(parent: str, name: str) -> Path:
 def submit(config: Config, platform: Platform, backend: Backend, *,
            environ: Mapping[str, str] | None = None, now: _dt.datetime | None = None,
            python: str | None = None) -> Submission:
+    plan: Plan = make_plan(config, platform)
+    parent, names, env, warnings = _before_writing(config, platform, backend, environ)
+    run_dir = _create_run_dir(parent, run_dir_name(config, now or _dt.datetime.now()))
+    return _submit_into(run_dir, config, platform, backend, plan, names, env, warnings, python)
+
+
+def _before_writing(config: Config, platform: Platform, backend: Backend, environ):
+    """Everything a submission checks before it writes: -> (run_dir parent, variable names
+    the job gets, the batch command's environment, warnings)."""
     check_submittable(config, platform)
     parent = run_dir_parent(config)
-    plan: Plan = make_plan(config, platform)
     if not backend.available():
         raise SchedulerNotFound(f"{backend.submit_command} not found on PATH: not a "
                                 f"{backend.name.upper()} login node? (use --dry-run to print the "
                                 "script without submitting)")
     names, env, warnings = job_environment(config, os.environ if environ is None else environ)
-
-    run_dir = _create_run_dir(parent, run_dir_name(config, now or _dt.datetime.now()))
-    return _submit_into(run_dir, config, platform, backend, plan, names, env, warnings, python)
+    return parent, names, env, warnings
 
 
 def _submit_into(run_dir: Path, config: Config, platform: Platform, backend: Backend, plan: Plan,
@@ -172,15 +178,9 @@ def submit_chain(config: Config, platform: Platform, backend: Backend, generatio
     and the chain's endpoints file, which names the newest generation that serves. If a
     submission fails, the generations already queued are cancelled."""
     start_after = check_chain(config, generations)
-    check_submittable(config, platform)
     if generations > 1:
         generation_config(config, platform, 2)  # fails before anything is written
-    parent = run_dir_parent(config)
-    if not backend.available():
-        raise SchedulerNotFound(f"{backend.submit_command} not found on PATH: not a "
-                                f"{backend.name.upper()} login node? (use --dry-run to print the "
-                                "script without submitting)")
-    names, env, warnings = job_environment(config, os.environ if environ is None else environ)
+    parent, names, env, warnings = _before_writing(config, platform, backend, environ)
     chain_dir = _create_run_dir(parent, run_dir_name(config, now or _dt.datetime.now()))
     done: list[Submission] = []
     record = {"generations": [], "walltime": config.walltime,
