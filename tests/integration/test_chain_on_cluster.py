@@ -80,6 +80,7 @@ class Client:
         return max((b - a for a, b in zip(times, times[1:])), default=float("inf"))
 
 
+@pytest.mark.timeout(600)  # one generation runs its whole (4-minute) walltime
 def test_chain_keeps_serving_across_walltime(tmp_path, jobs, venv_bin):
     from aegis.platforms import get_platform
 
