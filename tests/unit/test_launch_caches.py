@@ -24,7 +24,7 @@ DUMP_ENV = f"{sys.executable} -c 'import json, os; print(json.dumps(dict(os.envi
 
 def _node_parts(tmp_path, platform="local", instances=2, **cfg):
     config = from_mapping({"model": "m", "instances": instances, "platform": platform,
-                           "vllm_command": DUMP_ENV, **cfg})
+                           "vllm_command": DUMP_ENV} | cfg)
     plat = get_platform(platform)
     plan = make_plan(config, plat)
     root = job_cache_root(str(tmp_path / "local"), "123.pbs-host")
@@ -169,3 +169,20 @@ def test_job_caches_are_removed_at_the_end_read_only_ones_too(tmp_path):
     assert root.exists()  # the other instance's directory is still there
     remove_job_caches(root, [root / parts[1].name])
     assert not root.exists()
+
+
+def test_prewarm_uses_the_python_beside_vllm_command(tmp_path):
+    bin_dir = tmp_path / "vllm-env" / "bin"
+    bin_dir.mkdir(parents=True)
+    record = tmp_path / "called"
+    (bin_dir / "python3").write_text(f'#!/bin/sh\necho "$@" > {record}\necho "TIKTOKEN=$TIKTOKEN_CACHE_DIR" >> {record}\n')
+    (bin_dir / "python3").chmod(0o755)
+    config, plat, root, _parts = _node_parts(tmp_path, vllm_command=f"{bin_dir}/vllm serve")
+    script = tmp_path / "prewarm.sh"
+    script.write_text(render_prewarm(models=["/nl/hf/aegis-models/org--M"], config=config,
+                                     platform=plat, node_host="n0", cache_root=root,
+                                     runtime=Runtime(), script_path=str(script)))
+    assert prewarm_node(script, root, timeout=10, log_path=tmp_path / "log")
+    called = record.read_text()
+    assert "AutoTokenizer" in called and called.split("\n")[0].endswith("/nl/hf/aegis-models/org--M")
+    assert f"TIKTOKEN={node_cache_dir(root) / 'tiktoken'}" in called

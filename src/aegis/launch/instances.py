@@ -145,7 +145,10 @@ def render_prewarm(*, models: list[str], config: Config, platform: Platform, nod
     env = [*sorted(platform.instance_env.items()), *config.instance_env,
            ("HF_HOME", config.hf_home), ("HF_HUB_OFFLINE", "1"), *caches]
     prewarm = shlex.split(config.prewarm_command) if config.prewarm_command else []
+    command = vllm_command_argv(config)[0]
+    command_dir = str(Path(command).parent) if "/" in command and not runtime.container_argv else ""
     return render_template("prewarm.sh.j2", node_host=node_host, script_path=script_path,
                            env=env, cache_dirs=writable_dirs(caches), env_dir=runtime.env_dir,
                            runner=list(runtime.container_argv), warm_tokenizers=WARM_TOKENIZERS,
-                           models=list(dict.fromkeys(models)), prewarm_argv=prewarm)
+                           models=list(dict.fromkeys(models)), prewarm_argv=prewarm,
+                           command_dir=command_dir)
