@@ -184,5 +184,5 @@ def test_prewarm_uses_the_python_beside_vllm_command(tmp_path):
                                      runtime=Runtime(), script_path=str(script)))
     assert prewarm_node(script, root, timeout=10, log_path=tmp_path / "log")
     called = record.read_text()
-    assert "AutoTokenizer" in called and called.split("\n")[0].endswith("/nl/hf/aegis-models/org--M")
+    assert "AutoTokenizer" in called and " /nl/hf/aegis-models/org--M\n" in called
     assert f"TIKTOKEN={node_cache_dir(root) / 'tiktoken'}" in called
