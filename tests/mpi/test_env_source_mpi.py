@@ -62,7 +62,7 @@ def test_packed_environment_is_staged_unpacked_once_and_serves(comm, shared_tmp,
         # every rank plays a node on this one machine: one unpack, one pre-warm
         assert len(count.read_text().split()) == 1
         if comm.rank == 0:
-            assert "environment unpacked in" in first and "MB in" in first
+            assert "MB in" in first  # the tarball was moved
 
     # every rank checks, then all agree: one rank's failure must not leave the others hanging
     failed = None
@@ -72,6 +72,8 @@ def test_packed_environment_is_staged_unpacked_once_and_serves(comm, shared_tmp,
         failed = f"rank {comm.rank}: {e}"
     failures = [f for f in comm.allgather(failed) if f]
     assert not failures, failures
+    # one rank unpacked for the node (whichever took the lock first); the others found it done
+    assert sum(err.count("environment unpacked in") for err in comm.allgather(first)) == 1
     env_dirs = unpacked()
 
     codes = comm.allgather(launch("run2"))  # same tarball: nothing moved, nothing unpacked

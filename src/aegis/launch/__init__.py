@@ -425,7 +425,8 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_
     # The environment or image, once per node; then the pre-warm, once per node.
     runtime, problem, bad_input = prepare_runtime(config, platform, coll, cache_root, node,
                                                   timeout=config.startup_timeout, stop=stop,
-                                                  log=log if rank == 0 else None)
+                                                  log=log if rank == 0 else None,
+                                                  node_log=log)
     if not _agreed(coll, problem):
         return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
     parts = make_parts(runtime)

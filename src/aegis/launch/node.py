@@ -36,8 +36,10 @@ def runtime_problem(config: Config, runtime: Runtime, node: str) -> str | None:
 
 
 def prepare_runtime(config: Config, platform: Platform, coll, cache_root: Path, node: str, *,
-                    timeout: float, stop, log=None) -> tuple[Runtime, str | None, bool]:
-    """Collective. -> (runtime, problem or None, problem is bad input)."""
+                    timeout: float, stop, log=None, node_log=lambda msg: None
+                    ) -> tuple[Runtime, str | None, bool]:
+    """Collective. -> (runtime, problem or None, problem is bad input). `log`: rank 0's
+    messages (None elsewhere); `node_log`: what this rank did for its node (the unpack)."""
     source = config.env_source or config.container
     env_dir = None
     if source and not stop.signum:
@@ -60,8 +62,10 @@ def prepare_runtime(config: Config, platform: Platform, coll, cache_root: Path, 
             except (NodeStepError, OSError) as e:
                 return Runtime(), f"env_source on node {node}: {e}", False
             env_dir = str(path)
-            if log:
-                log(f"environment {'already unpacked' if cached else 'unpacked'} in {path}")
+            if not cached:
+                node_log(f"environment unpacked in {path}")
+            elif log:
+                log(f"environment already unpacked in {path}")
     runtime = runtime_for(config, platform, node_local_dir=config.node_local_dir,
                           env_dir=env_dir, binds=[config.hf_home, str(cache_root)])
     problem = runtime_problem(config, runtime, node) if source else None
