@@ -189,3 +189,24 @@ def test_the_jobs_end_during_startup_stops_cleanly_too(tmp_path):
     assert "walltime: stopping cleanly" in res.stderr
     assert run.endpoints()["launcher"]["state"] == "stopped"
     assert run.leftovers() == []
+
+
+def test_a_pbs_generation_releases_its_successor_and_mirrors_its_endpoints(tmp_path, recorder):
+    chain_dir = tmp_path / "chain"
+    chain_dir.mkdir()
+    (chain_dir / "chain.json").write_text(json.dumps({"generations": [
+        {"generation": 1, "job_id": "201.pbs01"}, {"generation": 2, "job_id": "202.pbs01"}]}))
+    run = Run(tmp_path, [{"name": "org/tiny", "served_model_name": "tiny"}], scheduler="pbs",
+              walltime="01:00:00", chain_overlap=600)
+    start = int(time.time())
+    env = {**_env(), "PATH": os.environ["PATH"], "REC_DIR": os.environ["REC_DIR"],
+           "AEGIS_JOB_START": str(start), "AEGIS_CHAIN_DIR": str(chain_dir),
+           "AEGIS_GENERATION": "1"}
+    res = run.launch("--once", env=env)
+    assert res.returncode == 0, res.stderr
+    when = time.strftime("%Y%m%d%H%M.%S", time.localtime(start + 3600 - 600))
+    assert recorder("qalter") == [["-a", when, "202.pbs01"]]
+    assert recorder("qrls") == [["202.pbs01"]]
+    assert "next generation: job 202.pbs01 may start at" in res.stderr
+    doc = json.loads((chain_dir / "endpoints.json").read_text())
+    assert doc["generation"] == 1 and doc["launcher"]["state"] == "stopped"
