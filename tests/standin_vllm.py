@@ -99,8 +99,10 @@ class Server:
                 choice = {"index": 0, "finish_reason": "length",
                           "message": {"role": "assistant", "content": "hi"}}
                 kind = "chat.completion"
+            # system_fingerprint names the answering server, so tests can count who served
             return 200, {"id": "cmpl-standin", "object": kind, "created": int(time.time()),
                          "model": self.name, "choices": [choice],
+                         "system_fingerprint": f"standin-{self.args.port}",
                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
         return 404, {"error": f"no route {method} {path}"}
 

@@ -2,27 +2,28 @@
 
 Config flags are generated from aegis.config.KEYS (one flag per key), so every key has a flag.
 Errors: bad input -> one line "aegis: error: ..." on stderr, exit 2; a failed run (qsub/sbatch
-missing or failing, staging failed) -> one line, exit 1. No tracebacks for either.
-Logs and warnings go to stderr; data (scripts, job ids, JSON, tables) to stdout.
+missing or failing, staging failed, the run failed or ended) -> one line, exit 1; `wait` running
+out of time -> exit 3 (EXIT_TIMEOUT). No tracebacks for any of them.
+Logs and warnings go to stderr; data (scripts, job ids, JSON, tables, URLs) to stdout.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, FileTooLarge, Key,
-                     _scheduler_names, load_config, read_small_file, why_unreadable)
+from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, FileTooLarge, Key, ModelConfig,
+                     _scheduler_names, byte_size, load_config, read_small_file, why_unreadable)
 from .model_source import check_models
 from .platforms import get_platform, platform_names
 
-EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_TIMEOUT = 2, 1, 3
 
 
 def _warn(message: str) -> None:
@@ -33,6 +34,7 @@ class AegisGroup(click.Group):
     """Turns every known failure into one line on stderr and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from .run import RunError, WaitTimeout
         from .scheduler import SchedulerError
 
         try:
@@ -48,7 +50,10 @@ class AegisGroup(click.Group):
             for line in str(err).splitlines():
                 click.echo(f"aegis: error: {line}", err=True)
             code = EXIT_BAD_INPUT
-        except SchedulerError as err:
+        except WaitTimeout as err:
+            click.echo(f"aegis: error: {err}", err=True)
+            code = EXIT_TIMEOUT
+        except (SchedulerError, RunError) as err:
             click.echo(f"aegis: error: {err}", err=True)
             code = EXIT_FAILED
         code = code if isinstance(code, int) else 0
@@ -60,15 +65,29 @@ class AegisGroup(click.Group):
 # ------------------------------------------------------------------ config flags from KEYS
 
 
+def _default_shown(key: Key) -> str:
+    """The dataclass default of a key, for its help ("" when unset or computed)."""
+    import dataclasses as dc
+
+    owner = ModelConfig if key.scope == "model" else Config
+    fields_ = {f.name: f for f in dc.fields(owner)}
+    default = getattr(fields_.get(key.field_name), "default", None)
+    if default in (None, (), dc.MISSING) or key.secret or key.name == "hf_home":
+        return ""
+    if isinstance(default, bool):
+        default = str(default).lower()
+    return f"  [default: {default:g}]" if isinstance(default, float) else f"  [default: {default}]"
+
+
 def _option_for(key: Key) -> Callable:
-    help_text = f"{key.help} [config key: {key.name}]"
+    help_text = f"{key.help} [config key: {key.name}]{_default_shown(key)}"
     if key.kind == "bool":
         dashed = key.name.replace("_", "-")
         return click.option(f"--{dashed}/--no-{dashed}", key.name, default=None, help=help_text)
     if key.kind == "file":
         return click.option(key.flag, key.name, metavar="FILE", help=help_text,
                             type=click.Path(exists=True, dir_okay=False))
-    kinds: dict[str, Any] = {"str": str, "int": click.INT, "float": click.FLOAT}
+    kinds: dict[str, Any] = {"str": str, "int": click.INT, "float": click.FLOAT, "size": str}
     if key.kind == "choice":
         assert key.choices is not None
         param_type: Any = click.Choice(key.choices())
@@ -77,12 +96,13 @@ def _option_for(key: Key) -> Callable:
     return click.option(key.flag, key.name, type=param_type, default=None, help=help_text)
 
 
-def config_options(command: Callable) -> Callable:
+def config_options(command: Callable, skip: tuple[str, ...] = ()) -> Callable:
     command = click.option("--config", "-c", "config_path", metavar="FILE",
                            help="Deployment YAML (optional: flags alone can describe a "
                                 "single-model deployment).")(command)
     for key in reversed(KEYS):
-        command = _option_for(key)(command)
+        if key.name not in skip:
+            command = _option_for(key)(command)
     return command
 
 
@@ -111,6 +131,14 @@ def main() -> None:
     """Launch fleets of vLLM inference servers on HPC allocations (PBS, Slurm)."""
 
 
+def _wait_options(command: Callable) -> Callable:
+    command = click.option("--min-ready", type=click.IntRange(min=1), metavar="N",
+                           help="Ready when N instances are (default: all of them).")(command)
+    return click.option("--timeout", type=click.FloatRange(min=0), metavar="S",
+                        help="Give up after S seconds (exit 3; the run keeps going).  "
+                        "[default: no limit]")(command)
+
+
 @main.command()
 @config_options
 @click.option("--dry-run", is_flag=True, help="Print the batch script; write and submit nothing.")
@@ -118,8 +146,16 @@ def main() -> None:
               help="Submit N jobs, each queued to start chain_overlap seconds before its "
               "predecessor's end; the chain directory's endpoints file names the newest "
               "generation that serves.")
-def submit(config_path: str | None, dry_run: bool, chain: int, **flags: Any) -> int:
-    """Render the batch script and submit it (qsub or sbatch); print the job id."""
+@click.option("--wait", "wait_ready", is_flag=True,
+              help="Then wait until the run (with --chain: the first generation) is ready, "
+              "like `aegis wait`.")
+@_wait_options
+def submit(config_path: str | None, dry_run: bool, chain: int, wait_ready: bool,
+           timeout: float | None, min_ready: int | None, **flags: Any) -> int:
+    """Render the batch script and submit it (qsub or sbatch); print the job id.
+
+    With --wait: print the endpoints once ready instead (exit 0), 1 if the run failed or
+    ended, 3 on --timeout."""
     from .scheduler import get_backend
     from .scheduler import submit as submission
 
@@ -146,6 +182,10 @@ def submit(config_path: str | None, dry_run: bool, chain: int, **flags: Any) -> 
         click.echo(f"aegis: submitted {chain} chained jobs {', '.join(r.job_id for r in results)}"
                    f"; chain directory {chain_dir} (endpoints: {chain_dir}/endpoints.json)",
                    err=True)
+        if wait_ready:
+            from .run import Run
+
+            return _wait(Run.open(results[0].run_dir), timeout, min_ready)
         for r in results:
             click.echo(r.job_id)
         return 0
@@ -153,8 +193,12 @@ def submit(config_path: str | None, dry_run: bool, chain: int, **flags: Any) -> 
     for message in result.warnings:
         _warn(message)
     click.echo(f"aegis: submitted job {result.job_id}; run directory {result.run_dir}", err=True)
-    click.echo(result.job_id)
-    return 0
+    if not wait_ready:
+        click.echo(result.job_id)
+        return 0
+    from .run import Run
+
+    return _wait(Run.open(result.run_dir), timeout, min_ready)
 
 
 @main.command()
@@ -186,15 +230,12 @@ def plan(config_path: str | None, output_format: str, **flags: Any) -> int:
 
 class ByteSize(click.ParamType):
     name = "SIZE"
-    _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", str(value))
-        if not match or int(match.group(1)) == 0:
-            self.fail(f"{value!r} is not a size such as 64M, 4MiB or 1048576", param, ctx)
-        return int(match.group(1)) * self._UNITS[match.group(2).lower()]
+        try:
+            return byte_size(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 @main.command()
@@ -243,36 +284,63 @@ def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
     return 0
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def launch(args: tuple[str, ...]) -> int:
+@main.command()
+@functools.partial(config_options, skip=("run_dir",))  # --run-dir is this run's directory
+@click.option("--once", "--exit-when-ready", "once", is_flag=True,
+              help="Start, verify, write the endpoints, stop everything, exit with the status.")
+@click.option("--bind-host", metavar="ADDR",
+              help="Address the instances listen on.  [default: each node's address]")
+@click.option("--run-dir", "launch_run_dir", metavar="DIR",
+              help="This run's directory (scripts, logs, endpoints).  "
+              "[default: <run_dir key>/<job id>]")
+@click.option("--nodefile", metavar="FILE", type=click.Path(dir_okay=False),
+              help="File with one node name per line (duplicates folded).")
+@click.option("--nodes", metavar="LIST",
+              help="Node names in rank order (a,b or node[1-4]).  [default: the batch "
+              "system's node list, else this machine]")
+def launch(config_path: str | None, nodes: str | None, nodefile: str | None,
+           launch_run_dir: str | None, bind_host: str | None, once: bool, **flags: Any) -> int:
     """Inside an allocation: start, verify and supervise the planned instances.
 
-    All arguments go to the launcher (see `aegis launch --help`)."""
-    from .launch import main as launch_main
+    Starts one launcher rank per node (the platform's MPI launcher) unless already one of
+    them, or the plan needs one node. Exit 0 all ready (or allow_partial), 1 failed, 2 bad
+    input, 128+N stopped by signal N."""
+    from .launch import LaunchOptions
+    from .launch import launch as start
 
-    return launch_main(list(args))
+    from .launch import EXIT_BAD_INPUT as BAD_INPUT
+    from .launch import _error as launch_error
+
+    if nodes and nodefile:
+        raise click.UsageError("--nodes and --nodefile: give one of them")
+    try:  # the launcher's errors, also the config's, read "aegis launch: error: ..."
+        config = config_from_flags(config_path, flags)
+    except ConfigError as err:
+        launch_error(str(err))
+        return BAD_INPUT
+    return start(config, LaunchOptions(nodes=nodes, nodefile=nodefile, run_dir=launch_run_dir,
+                                       bind_host=bind_host, once=once),
+                 config_path=config_path)
 
 
-def _job_and_backend(job: str, scheduler: str | None, platform: str):
-    """JOB is a job id or a run directory made by `aegis submit` (job.id + config.yaml)."""
-    from .scheduler import get_backend
-    from .scheduler.base import CONFIG_NAME
-    from .scheduler.submit import JOB_ID_NAME
+def _open_run(run: str, scheduler: str | None, platform: str | None):
+    """RUN is a run directory, or a job id whose run directory the batch system knows.
+    Returns a Run, or (job id, backend) for a job with no run directory to read."""
+    from .run import Run
+    from .scheduler import check_job_id, get_backend
 
-    if os.path.isdir(job):
-        try:
-            with open(os.path.join(job, JOB_ID_NAME), encoding="utf-8") as f:
-                job_id = f.read().strip()
-        except OSError:
-            raise ConfigError(f"{job}: not a submitted run directory (no {JOB_ID_NAME})") from None
-        if scheduler is None:
-            scheduler = load_config(os.path.join(job, CONFIG_NAME)).effective_scheduler
-        job = job_id
+    if os.path.isdir(run):
+        return Run.open(run, scheduler=scheduler)
+    if os.sep in run or run.startswith("."):
+        raise ConfigError(f"{run}: no such run directory")
+    job_id = check_job_id(run)
     if scheduler is None and platform is not None:
         scheduler = get_platform(platform).scheduler
-    return job, get_backend(scheduler or _scheduler_on_path())
+    backend = get_backend(scheduler or _scheduler_on_path())
+    run_dir = backend.run_dir_of(job_id)
+    if run_dir and os.path.isdir(run_dir) and os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        return Run.open(run_dir, scheduler=backend.name)
+    return job_id, backend
 
 
 def _scheduler_on_path() -> str:
@@ -288,33 +356,128 @@ def _scheduler_on_path() -> str:
     return found[0]
 
 
-def _job_command(name: str, summary: str, action: Callable[[Any, str], int]) -> None:
-    @main.command(name=name, help=summary)
-    @click.argument("job")
-    @click.option("--scheduler", type=click.Choice(_scheduler_names()),
-                  help="Batch system (default: the run directory's; for a job id, the one "
-                  "whose qstat or squeue is on PATH).")
-    @click.option("--platform", type=click.Choice(platform_names()),
-                  help="Platform whose batch system to ask when --scheduler is not given.")
-    def command(job: str, scheduler: str | None, platform: str | None) -> int:
-        job_id, backend = _job_and_backend(job, scheduler, platform)
-        return action(backend, job_id)  # the backend checks the id
+def _run_command(name: str, **settings: Any) -> Callable:
+    """A command taking RUN (a run directory or job id) and --scheduler/--platform."""
+    def decorate(function: Callable) -> Callable:
+        function = click.option(
+            "--platform", type=click.Choice(platform_names()),
+            help="Platform whose batch system to ask when RUN is a job id and --scheduler is "
+            "not given.")(function)
+        function = click.option(
+            "--scheduler", type=click.Choice(_scheduler_names()),
+            help="Batch system (default: the run directory's; for a job id, the one whose "
+            "qstat or squeue is on PATH).")(function)
+        function = click.argument("run", metavar="RUN")(function)
+        return main.command(name=name, **settings)(function)
+    return decorate
 
 
-def _print_state(backend, job_id: str) -> int:
-    click.echo(backend.state(job_id))
+def _need_run(opened, what: str):
+    if isinstance(opened, tuple):
+        job_id, backend = opened
+        raise ConfigError(f"job {job_id}: no run directory found for it ({backend.name} does "
+                          f"not name one that aegis made); give the run directory to {what}")
+    return opened
+
+
+def _instance_table(status) -> str:
+    rows = [("MODEL", "NODE", "URL", "STATE", "RESTARTS")]
+    rows += [(e.model, e.node, e.url, e.state, str(e.restarts)) for e in status.instances]
+    rows += [(r.model, r.node, r.url, f"router {r.state}", "") for r in status.routers]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+@_run_command("status")
+@click.option("--json", "as_json", is_flag=True, help="The full status as JSON (schema: "
+              "docs/using-endpoints.md).")
+def status(run: str, scheduler: str | None, platform: str | None, as_json: bool) -> int:
+    """State of RUN (a run directory or job id): the job, then one line per instance.
+
+    Job states: queued, held, running, exiting, completed, failed, cancelled, unknown (a run
+    started by `aegis launch`: running or ended)."""
+    opened = _open_run(run, scheduler, platform)
+    if isinstance(opened, tuple):  # a job with no run directory: the scheduler's word only
+        job_id, backend = opened
+        state = backend.state(job_id)
+        click.echo(json.dumps({"job_id": job_id, "scheduler": backend.name, "job_state": state})
+                   if as_json else state)
+        return 0
+    st = opened.state()
+    if as_json:
+        click.echo(json.dumps(st.to_dict(), indent=2))
+        return 0
+    job = f"job {st.job_id} ({st.scheduler})" if st.job_id else "launched run"
+    click.echo(f"{job}: {st.job_state}; {st.ready}/{st.total} instance(s) ready; {st.phase}"
+               + (f" ({st.reason})" if st.reason else ""))
+    if st.instances or st.routers:
+        click.echo(_instance_table(st))
     return 0
 
 
-def _cancel(backend, job_id: str) -> int:
-    backend.cancel(job_id)
-    click.echo(f"aegis: cancelled job {job_id}", err=True)
+def _wait(run, timeout: float | None, min_ready: int | None) -> int:
+    def progress(st) -> None:
+        click.echo(f"aegis: {st.phase}" + (f": {st.reason}" if st.reason else ""), err=True)
+
+    st = run.wait_ready(timeout=timeout, min_ready=min_ready, on_change=progress)
+    for url in [r.url for r in st.routers if r.state == "ready"] or \
+            [e.url for e in st.instances if e.state == "ready"]:
+        click.echo(url)
     return 0
 
 
-_job_command("status", "Print the state of JOB (a job id or run directory): queued, held, "
-             "running, exiting, completed, failed, cancelled or unknown.", _print_state)
-_job_command("cancel", "Cancel JOB (a job id or run directory): qdel or scancel.", _cancel)
+@_run_command("wait")
+@_wait_options
+def wait(run: str, scheduler: str | None, platform: str | None, timeout: float | None,
+         min_ready: int | None) -> int:
+    """Wait until RUN is ready; print its URLs (the routers', else every ready instance's).
+
+    Exit 0 ready, 1 the run failed or ended, 3 timed out (the run keeps going)."""
+    return _wait(_need_run(_open_run(run, scheduler, platform), "aegis wait"), timeout,
+                 min_ready)
+
+
+@_run_command("endpoints")
+@click.option("--model", "-m", metavar="NAME", help="Only this served model.")
+@click.option("--router", "routed", is_flag=True, help="The routed URL of each model instead.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Full records as JSON (schema: docs/using-endpoints.md).")
+def endpoints(run: str, scheduler: str | None, platform: str | None, model: str | None,
+              routed: bool, as_json: bool) -> int:
+    """Print RUN's ready endpoints, one URL per line (OpenAI base URLs, .../v1)."""
+    from .run import RunError
+
+    run_ = _need_run(_open_run(run, scheduler, platform), "aegis endpoints")
+    if routed:
+        models = [model] if model else run_.models()
+        records = [r for r in run_.routers() if r.model in models and r.state == "ready"]
+        if not records:
+            raise RunError(f"no router is up for {', '.join(models)} (aegis status {run} "
+                           "says why)")
+        if model:
+            run_.router_url(model)  # a model the run does not serve: one clear line
+    else:
+        records = run_.endpoints(model)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in records], indent=2))
+    else:
+        for r in records:
+            click.echo(r.url)
+    return 0
+
+
+@_run_command("cancel")
+def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
+    """Cancel RUN: qdel/scancel a submitted job; SIGTERM a launched run's launcher (it stops
+    every instance and router)."""
+    opened = _open_run(run, scheduler, platform)
+    if isinstance(opened, tuple):
+        job_id, backend = opened
+        backend.cancel(job_id)
+        click.echo(f"aegis: cancelled job {job_id}", err=True)
+        return 0
+    click.echo(f"aegis: {opened.cancel()}", err=True)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

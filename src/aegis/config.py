@@ -30,6 +30,9 @@ from typing import Any, Callable
 from .platforms import PLATFORMS, Platform, get_platform, local_platform, platform_names
 
 
+DEFAULT_PORT_START = 8000
+
+
 class ConfigError(ValueError):
     """A user mistake in the config or flags: one line per problem, key path first."""
 
@@ -115,7 +118,7 @@ class Config:
     models: tuple[ModelConfig, ...]
     platform: str = "aurora"
     scheduler: str | None = None  # None: the platform's scheduler
-    port_start: int = 8000
+    port_start: int | None = None  # None: 8000, or free ports when `aegis launch` runs local
     # Internal vLLM/torch ports: instance slot s on a node gets
     # [internal_port_start + s*INTERNAL_PORTS_PER_SLOT, ... + INTERNAL_PORTS_PER_SLOT).
     internal_port_start: int = 30000
@@ -132,6 +135,21 @@ class Config:
     vllm_command: str = "vllm serve"
     max_restarts: int = 3
     allow_partial: bool = False  # exit 0 when at least one instance is ready
+    # Launcher timing (seconds): checks while starting, one probe, checks of a ready instance,
+    # failed checks in a row that count as hung, first restart delay, TERM -> KILL.
+    poll_interval: float = 0.5
+    probe_timeout: float = 5.0
+    liveness_interval: float = 30.0
+    liveness_failures: int = 3
+    restart_backoff: float = 2.0
+    stop_grace: float = 15.0
+    # Staging of model_source (None: aegis.bcast.stage()'s own default).
+    stage_chunk_size: int | None = None
+    stage_depth: int | None = None
+    stage_stall_timeout: float | None = None
+    stage_readers: int | None = None
+    router: bool | None = None  # None: on for every model with 2 or more instances
+    router_args: tuple[str, ...] = ()
     # Name of an environment variable holding the API key vLLM should require. Only the
     # name is ever stored or rendered; the value reaches vLLM through its environment.
     api_key_env: str | None = None
@@ -159,6 +177,22 @@ class Config:
         return sum(m.instances for m in self.models)
 
     @property
+    def routed_models(self) -> list[str]:
+        """Served names of the models that get a router (key `router`; default: 2+ instances)."""
+        if self.router is False:
+            return []
+        return [m.served_name for m in self.models if self.router or m.instances >= 2]
+
+    @property
+    def http_ports(self) -> int:
+        """Ports from port_start on: one per instance, then one per router."""
+        return self.total_instances + len(self.routed_models)
+
+    @property
+    def first_port(self) -> int:
+        return DEFAULT_PORT_START if self.port_start is None else self.port_start
+
+    @property
     def effective_scheduler(self) -> str:
         return self.scheduler or get_platform(self.platform).scheduler
 
@@ -171,7 +205,8 @@ class Config:
             if key.secret:
                 continue
             value = getattr(self, key.name)
-            out[key.name] = dict(value) if key.name == "instance_env" else value
+            out[key.name] = (dict(value) if key.name == "instance_env" else
+                             list(value) if isinstance(value, tuple) else value)
         out["models"] = [_model_to_mapping(m) for m in self.models]
         return out
 
@@ -195,7 +230,7 @@ def _model_to_mapping(model: ModelConfig) -> dict[str, Any]:
 # part of the message after "<key path>: ".
 
 
-class _Invalid(Exception):
+class _Invalid(ValueError):
     pass
 
 
@@ -264,6 +299,24 @@ def check_seconds(flag: str, value: float, maximum: float) -> None:
         seconds(maximum)(value)
     except _Invalid as err:
         raise ConfigError(f"{flag}: {err}") from None
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def byte_size(value: Any) -> int:
+    """A size in bytes: an integer, or text such as 64M, 4MiB, 1g."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", str(value)) \
+            if isinstance(value, str) else None
+        if not match:
+            raise _Invalid(f"{_shown(value)} is not a size such as 64M, 4MiB or 1048576")
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if not 0 < size <= 1 << 30:
+        raise _Invalid(f"{_shown(value)} is out of range; must be > 0 and at most 1G")
+    return size
 
 
 def _boolean(value: Any) -> bool:
@@ -435,7 +488,7 @@ class Key:
     check: Callable[[Any], Any]
     help: str
     scope: str = "global"  # "global" | "model"
-    kind: str = "str"  # for the CLI flag: str | int | float | bool | choice | file
+    kind: str = "str"  # for the CLI flag: str | int | float | bool | choice | file | size
     choices: Callable[[], list[str]] | None = None
     secret: bool = False
 
@@ -482,8 +535,9 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("scheduler", _optional(_choice(_scheduler_names)),
         "Batch system: pbs or slurm (default: the platform's).", kind="choice",
         choices=_scheduler_names),
-    Key("port_start", _integer(1, 65535), "HTTP port of instance 0; instance i gets port_start+i.",
-        kind="int"),
+    Key("port_start", _optional(_integer(1, 65535)),
+        "HTTP port of instance 0; instance i gets port_start+i, then one router port per model. "
+        "Default 8000; `aegis launch` on platform local takes free ports.", kind="int"),
     Key("internal_port_start", _integer(1, 65535),
         "First of the per-slot blocks of internal vLLM/torch ports (VLLM_PORT, MASTER_PORT).",
         kind="int"),
@@ -520,6 +574,36 @@ GLOBAL_KEYS: tuple[Key, ...] = (
         kind="int"),
     Key("allow_partial", _boolean,
         "Keep going (exit 0) when at least one instance is ready.", kind="bool"),
+    Key("poll_interval", seconds(1.0),
+        "Seconds between checks of starting instances (at most 1).", kind="float"),
+    Key("probe_timeout", seconds(3600),
+        "Seconds one readiness or liveness check may take.", kind="float"),
+    Key("liveness_interval", seconds(86400),
+        "Seconds between checks of a ready instance.", kind="float"),
+    Key("liveness_failures", _integer(1, 1000),
+        "Failed checks in a row after which a ready instance counts as hung (stopped, "
+        "restarted, taken out of the router).", kind="int"),
+    Key("restart_backoff", seconds(3600),
+        "Seconds before the first restart of a crashed instance; doubles per restart.",
+        kind="float"),
+    Key("stop_grace", seconds(3600),
+        "Seconds between TERM and KILL when stopping instances.", kind="float"),
+    Key("stage_chunk_size", _optional(byte_size),
+        "Staging broadcast chunk size, e.g. 64M (default: aegis stage's, 16M).", kind="size"),
+    Key("stage_depth", _optional(_integer(1, 1024)),
+        "Staging chunks in flight (default: aegis stage's, 4).", kind="int"),
+    Key("stage_stall_timeout", _optional(seconds(86400)),
+        "Seconds staging may make no progress before it fails on every rank (default: "
+        "aegis stage's).", kind="float"),
+    Key("stage_readers", _optional(_integer(1, 65536)),
+        "Ranks that read the model source, each a share (default: aegis stage's, 1).",
+        kind="int"),
+    Key("router", _optional(_boolean),
+        "One routed endpoint per model (vllm-router on the first node) in front of its ready "
+        "instances. Default: on for every model with 2 or more instances.", kind="bool"),
+    Key("router_args", _args,
+        "Extra arguments for vllm-router (e.g. '--policy cache_aware'): a YAML list, or one "
+        "string split like a shell."),
     Key("api_key_env", _optional(_pattern(r"[A-Za-z_][A-Za-z0-9_]*",
                                           "expected an environment variable name")),
         "Name of the environment variable holding the API key vLLM requires (value never stored)."),
@@ -742,12 +826,15 @@ def check_placement(config: Config, platform: Platform) -> None:
     if nodes > MAX_NODES:  # checked before make_plan builds anything of that size
         problems.add(f"instances: the models need up to {nodes} nodes of {platform.name}; "
                      f"at most {MAX_NODES} are supported")
-    http_first, http_last = config.port_start, config.port_start + config.total_instances - 1
+    http_ports = config.http_ports
+    http_first, http_last = config.first_port, config.first_port + http_ports - 1
     if http_last > 65535:
+        routers = len(config.routed_models)
         problems.add(
-            f"port_start: {config.port_start} + {config.total_instances} instances runs past "
-            f"65535 (last port {http_last}); allowed: port_start <= "
-            f"{65536 - config.total_instances}")
+            f"port_start: {config.first_port} + {config.total_instances} instances"
+            + (f" and {routers} router(s)" if routers else "")
+            + f" runs past 65535 (last port {http_last}); allowed: port_start <= "
+            f"{65536 - http_ports}")
     internal_first = config.internal_port_start
     internal_last = internal_first + dpn * INTERNAL_PORTS_PER_SLOT - 1
     if internal_last > 65535:

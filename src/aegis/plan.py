@@ -8,14 +8,14 @@ Rules:
   in what the previous one left free (70B TP 6 + 8B TP 1 x 6 -> one Aurora node);
 - TP > devices per node (a multiple of it, see config) spans TP // devices whole fresh nodes;
 - nodes needed is the number of nodes opened;
-- HTTP port of instance i is port_start + i, in model order;
+- HTTP port of instance i is port_start + i, in model order; then one port per router;
 - internal vLLM ports come from a per-slot block (slot = position on its head node), so
   co-located instances never collide.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -61,6 +61,8 @@ class Plan:
     instances: tuple[Instance, ...]
     nodes_needed: int
     devices_per_node: int
+    # served model name -> its router's port (on the first node), after the instances' ports
+    router_ports: dict[str, int] = field(default_factory=dict)
 
     @cached_property
     def _by_node(self) -> dict[int, list[Instance]]:
@@ -73,6 +75,7 @@ class Plan:
     def on_node(self, node: int) -> list[Instance]:
         """Instances with a process on `node` (head or worker of a multi-node instance)."""
         return list(self._by_node.get(node, ()))
+
 
     def to_dict(self) -> dict[str, Any]:
         return {"nodes_needed": self.nodes_needed, "devices_per_node": self.devices_per_node,
@@ -94,7 +97,7 @@ def make_plan(config: Config, platform: Platform) -> Plan:
         model = config.models[model_index]
         instances.append(Instance(
             id=iid, model_index=model_index, model=model.name, served_name=model.served_name,
-            nodes=nodes, devices=devices, slot=slot, port=config.port_start + iid,
+            nodes=nodes, devices=devices, slot=slot, port=config.first_port + iid,
             internal_port_base=config.internal_port_start + slot * INTERNAL_PORTS_PER_SLOT))
 
     for model_index, model in enumerate(config.models):
@@ -113,4 +116,6 @@ def make_plan(config: Config, platform: Platform) -> Plan:
                 slots_used)
             used_devices += tp
             slots_used += 1
-    return Plan(instances=tuple(instances), nodes_needed=nodes_opened, devices_per_node=dpn)
+    after = config.first_port + len(instances)
+    return Plan(instances=tuple(instances), nodes_needed=nodes_opened, devices_per_node=dpn,
+                router_ports={m: after + k for k, m in enumerate(config.routed_models)})

@@ -75,7 +75,7 @@ def deployment(tmp_path):
         # (Not $TMPDIR: hydra's mpiexec hands the batch step's TMPDIR to every rank.)
         "hf_home": f"{sj.PREFIX}/nodes/$SLURMD_NODENAME/tmp/{cache_name}/hf_home",
         "run_dir": str(tmp_path / "runs"),
-        "port_start": free_port_block(NODES),
+        "port_start": free_port_block(NODES + 1),  # the instances, then the router
         "vllm_command": f"{sys.executable} {STANDIN} serve",
         "startup_timeout": 120,
         "walltime": "00:10:00",
@@ -183,12 +183,13 @@ def cancel_and_check_nothing_left(venv_bin, job_id: str, run_dir: Path, token: s
     assert sj.wait_finished(job_id) == "CANCELLED"
     left = sj.wait_no_processes(token, timeout=30)
     assert left == [], f"processes left after cancelling job {job_id}: {left}"
-    status = sj.run([*aegis_argv(), "status", "--scheduler", scheduler, job_id],
-                    env=job_env(venv_bin))
+    status = json.loads(sj.run([*aegis_argv(), "status", "--json", "--scheduler", scheduler,
+                                job_id], env=job_env(venv_bin)).stdout)
     # No longer active. How it ended is all the batch system can say: the test cluster has no
     # accounting (no sacct: Slurm says "unknown" once the job left squeue), and the Torque-style
     # qstat says job_state C (completed) for a deleted job.
-    assert status.stdout.strip() in {"cancelled", "completed", "unknown"}, status.stdout
+    assert status["job_state"] in {"cancelled", "completed", "unknown"}, status
+    assert status.get("phase", "ended") == "ended", status
 
 
 def test_submit_slurm_two_nodes_endpoints_then_cancel(deployment, jobs, venv_bin):
@@ -202,6 +203,49 @@ def test_submit_slurm_two_nodes_endpoints_then_cancel(deployment, jobs, venv_bin
     cancel_and_check_nothing_left(venv_bin, job_id, run_dir, str(deployment["root"]), "slurm")
 
 
+def test_submit_wait_endpoints_router_completion_cancel(deployment, jobs, venv_bin):
+    """What a user does: submit --wait -> endpoints --json -> a completion through the router
+    -> cancel -> nothing left."""
+    env = job_env(venv_bin)
+    proc = sj.run([*aegis_argv(), "submit", "-c", deployment["path"], "--scheduler", "slurm",
+                   "--wait", "--timeout", "180"], check=False, env=env, cwd=deployment["root"])
+    (run_dir,) = Path(deployment["config"]["run_dir"]).iterdir()
+    job_id = (run_dir / "job.id").read_text().strip()
+    jobs.append(job_id)
+    assert proc.returncode == 0, f"{proc.stderr}\n{job_log(run_dir)}"
+    router = proc.stdout.strip()
+    nodes = sj.job_nodes(job_id)
+    router_port = deployment["config"]["port_start"] + NODES
+    assert router == f"http://{nodes[0]}:{router_port}/v1", proc.stdout  # on the first node
+
+    records = json.loads(sj.run([*aegis_argv(), "endpoints", str(run_dir), "--json"],
+                                env=env).stdout)
+    assert [(r["node"], r["state"]) for r in records] == [(n, "ready") for n in nodes]
+    assert sj.run([*aegis_argv(), "endpoints", job_id, "--router", "--scheduler", "slurm"],
+                  env=env).stdout.strip() == router  # a job id finds its run directory
+    served = {complete_by(router, MODEL) for _ in range(8)}
+    port0 = deployment["config"]["port_start"]
+    assert served == {f"standin-{port0 + k}" for k in range(NODES)}  # both nodes, routed
+
+    assert sj.run([*aegis_argv(), "cancel", str(run_dir)], check=False,
+                  env=env).returncode == 0
+    assert sj.wait_finished(job_id) == "CANCELLED"
+    left = sj.wait_no_processes(str(deployment["root"]), timeout=30)
+    assert left == [], f"processes left after cancelling job {job_id}: {left}"
+    assert not sj.processes_with(f"--port {router_port}"), "the router outlived the job"
+    status = json.loads(sj.run([*aegis_argv(), "status", str(run_dir), "--json"],
+                               env=env).stdout)
+    assert status["phase"] == "ended" and status["ready"] == 0, status
+
+
+def complete_by(base_url: str, model: str) -> str:
+    """Which server answered a completion (the stand-in names itself)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url, api_key="unused", timeout=30, max_retries=0)
+    return client.completions.create(model=model, prompt="Hello", max_tokens=1).system_fingerprint
+
+
 def test_submit_pbs_script_through_qsub(deployment, jobs, venv_bin):
     job_id, run_dir = submit(venv_bin, deployment, "--scheduler", "pbs")
     jobs.append(job_id)
@@ -212,9 +256,9 @@ def test_submit_pbs_script_through_qsub(deployment, jobs, venv_bin):
 
     check_running_deployment(job_id, run_dir, deployment)
     assert sj.qstat_full(job_id)["job_state"] == "R"
-    status = sj.run([*aegis_argv(), "status", "--scheduler", "pbs", job_id],
-                    env=job_env(venv_bin))
-    assert status.stdout.strip() == "running", status.stdout
+    status = json.loads(sj.run([*aegis_argv(), "status", "--json", "--scheduler", "pbs", job_id],
+                               env=job_env(venv_bin)).stdout)
+    assert status["job_state"] == "running", status
     # the launcher found its nodes in PBS_NODEFILE (written by the cluster's TaskProlog)
     assert "from PBS_NODEFILE" in job_log(run_dir)
 

@@ -205,7 +205,8 @@ def test_status_from_run_dir(tmp_path, monkeypatch, fake_batch):
     (run_dir,) = (tmp_path / "aegis-runs").iterdir()
     fake_batch.answer("squeue", out="RUNNING\n")
     result = invoke("status", str(run_dir))
-    assert result.stdout == "running\n"
+    assert result.stdout == ("job 88 (slurm): running; 0/9 instance(s) ready; starting "
+                             "(no endpoints file yet)\n")
     assert fake_batch.argv("squeue") == ["-h", "-j", "88", "-o", "%T"]
 
 

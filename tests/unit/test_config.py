@@ -18,7 +18,8 @@ from conftest import EXAMPLES
 def test_single_model_form_and_defaults():
     config = from_mapping({"model": "m"})
     assert config.models == (ModelConfig(name="m"),)
-    assert (config.port_start, config.hf_home, config.platform) == (8000, "/tmp/hf_home", "aurora")
+    assert (config.first_port, config.hf_home, config.platform) == (8000, "/tmp/hf_home", "aurora")
+    assert config.port_start is None  # unset: 8000, or free ports for `aegis launch` on local
     assert config.effective_scheduler == "pbs"
 
 

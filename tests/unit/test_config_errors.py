@@ -75,7 +75,8 @@ CORPUS = [
     ('port-zero', 'model: m\nport_start: 0\n', [],
      'port_start: 0 is out of range; must be between 1 and 65535'),
     ('ports-run-past-65535', 'model: m\ninstances: 12\nport_start: 65530\n', [],
-     'port_start: 65530 + 12 instances runs past 65535 (last port 65541); allowed: port_start <= 65524'),
+     'port_start: 65530 + 12 instances and 1 router(s) runs past 65535 (last port 65542); '
+     'allowed: port_start <= 65523'),
     ('ports-overlap-internal', 'model: m\nport_start: 30100\n', [],
      'port_start: HTTP ports 30100 overlap the internal port range 30000-30191 (internal_port_start); move one of them'),
     ('internal-ports-past-65535', 'model: m\ninternal_port_start: 65500\n', [],
@@ -159,7 +160,8 @@ CORPUS = [
     ('flag-no-model', None, ['--instances', '2'],
      "model: missing; set 'model' (single-model form, or --model) or a non-empty 'models' list"),
     ('flag-override-file', 'model: m\ninstances: 2\n', ['--port-start', '65535'],
-     'port_start: 65535 + 2 instances runs past 65535 (last port 65536); allowed: port_start <= 65534'),
+     'port_start: 65535 + 2 instances and 1 router(s) runs past 65535 (last port 65537); '
+     'allowed: port_start <= 65533'),
 ]
 
 

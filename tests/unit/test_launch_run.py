@@ -297,7 +297,7 @@ def test_sigterm_to_mpiexec_reaches_every_rank_and_leaves_no_child(tmp_path):
     proc = run.start()
     try:
         run.wait_endpoints(lambda d: d["ready"] == 4)
-        mpiexec = [line for line in processes_with("mpiexec") if run.token in line or str(run.config) in line]
+        mpiexec = [line for line in processes_with("mpiexec") if str(run.run_dir) in line]
         assert mpiexec, "aegis launch should have become an mpiexec job"
         assert len(processes_with(f"serve m-{run.token}")) == 4
         os.kill(proc.pid, signal.SIGTERM)  # the exec'd mpiexec; hydra forwards to the ranks
@@ -326,7 +326,7 @@ def test_api_key_reaches_vllm_through_the_environment_only(tmp_path):
 @pytest.mark.parametrize("extra, env_extra, message", [
     (["--nodes", "only-one"], {}, "the plan needs 2 node(s) but the allocation (--nodes) has 1: only-one"),
     ([], {"SLURM_JOB_NODELIST": "n1"}, "the plan needs 2 node(s) but the allocation (SLURM_JOB_NODELIST) has 1: n1"),
-    (["--poll-interval", "5"], {}, "--poll-interval: 5.0 is out of range; must be > 0 and <= 1 seconds"),
+    (["--poll-interval", "5"], {}, "poll_interval (--poll-interval): 5.0 is out of range; must be > 0 and <= 1 seconds"),
     # bounded input: huge node ranges are counted, never built
     (["--nodes", "n[1-100000000]"], {},
      "--nodes: 'n[1-100000000]' names more than 100000 nodes; at most 100000 are supported"),
@@ -339,14 +339,14 @@ def test_api_key_reaches_vllm_through_the_environment_only(tmp_path):
     ([], {"PBS_NODEFILE": "/dev/zero"},
      "PBS_NODEFILE /dev/zero: cannot read it (larger than 65536 KiB)"),
     # timing knobs: NaN, inf and 0 refused
-    (["--stop-grace", "nan"], {}, "--stop-grace: nan is out of range; must be > 0 and <= 3600 seconds"),
-    (["--stop-grace", "0"], {}, "--stop-grace: 0.0 is out of range; must be > 0 and <= 3600 seconds"),
-    (["--restart-backoff", "0"], {}, "--restart-backoff: 0.0 is out of range; must be > 0 and <= 3600 seconds"),
-    (["--restart-backoff", "inf"], {}, "--restart-backoff: inf is out of range; must be > 0 and <= 3600 seconds"),
-    (["--restart-backoff", "nan"], {}, "--restart-backoff: nan is out of range; must be > 0 and <= 3600 seconds"),
-    (["--probe-timeout", "inf"], {}, "--probe-timeout: inf is out of range; must be > 0 and <= 3600 seconds"),
-    (["--liveness-interval", "0"], {}, "--liveness-interval: 0.0 is out of range; must be > 0 and <= 86400 seconds"),
-    (["--poll-interval", "nan"], {}, "--poll-interval: nan is out of range; must be > 0 and <= 1 seconds"),
+    (["--stop-grace", "nan"], {}, "stop_grace (--stop-grace): nan is out of range; must be > 0 and <= 3600 seconds"),
+    (["--stop-grace", "0"], {}, "stop_grace (--stop-grace): 0.0 is out of range; must be > 0 and <= 3600 seconds"),
+    (["--restart-backoff", "0"], {}, "restart_backoff (--restart-backoff): 0.0 is out of range; must be > 0 and <= 3600 seconds"),
+    (["--restart-backoff", "inf"], {}, "restart_backoff (--restart-backoff): inf is out of range; must be > 0 and <= 3600 seconds"),
+    (["--restart-backoff", "nan"], {}, "restart_backoff (--restart-backoff): nan is out of range; must be > 0 and <= 3600 seconds"),
+    (["--probe-timeout", "inf"], {}, "probe_timeout (--probe-timeout): inf is out of range; must be > 0 and <= 3600 seconds"),
+    (["--liveness-interval", "0"], {}, "liveness_interval (--liveness-interval): 0.0 is out of range; must be > 0 and <= 86400 seconds"),
+    (["--poll-interval", "nan"], {}, "poll_interval (--poll-interval): nan is out of range; must be > 0 and <= 1 seconds"),
     (["--startup-timeout", "inf"], {},
      "startup_timeout (--startup-timeout): inf is out of range; must be > 0 and <= 604800 seconds"),
     (["--max-restarts", "99999999999"], {},
@@ -423,7 +423,7 @@ def test_missing_config_and_unknown_option(tmp_path):
     res = subprocess.run([sys.executable, "-m", "aegis.launch", "--config", "x", "--bogus"],
                          env=ENV, capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.strip() == "aegis launch: error: unrecognized arguments: --bogus"
+    assert res.stderr.strip() == "aegis: error: No such option '--bogus'."
 
 
 # --- nothing survives the launcher, even killed outright (attacks; each a regression test) ---

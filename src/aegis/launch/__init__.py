@@ -1,16 +1,17 @@
 """In-allocation launcher: one MPI rank per node turns the plan into verified vLLM servers.
 
-    aegis launch --config FILE            (starts the MPI job itself unless already under MPI)
-    python -m aegis.launch --config FILE  (one rank; run it under mpiexec/srun, one per node)
+    aegis launch -c FILE [flags]          (starts the MPI job itself unless already under MPI)
+    python -m aegis.launch -c FILE ...    (one rank; run it under mpiexec/srun, one per node)
 
-Public API: main(argv) -> exit code (the `aegis launch` command), run_rank(argv) -> exit code.
+Every config key is a flag (aegis.cli builds them from aegis.config.KEYS); the launcher's own
+options (where the nodes are, this run's directory, --once) are LaunchOptions.
+Public API: launch(config, options) and main(argv) -> exit code; run_rank = main.
 Exit codes: 0 all ready (or a partial start allowed), 1 failed run, 2 bad input,
 128+N stopped by signal N.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
@@ -18,10 +19,12 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import (Config, ConfigError, FileTooLarge, check_seconds, load_config,
-                      read_small_file, why_unreadable)
+from ..config import (DEFAULT_PORT_START, Config, ConfigError, FileTooLarge, read_small_file,
+                      why_unreadable)
+from ..layout import RunLayout
 from ..model_source import check_models
 from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
@@ -30,17 +33,16 @@ from .allocation import (MAX_NODEFILE_BYTES, Allocation, AllocationError, check_
                          find_allocation)
 from .caches import instance_cache_dir, job_cache_root
 from .environment import Runtime
-from .endpoints import (EndpointsFile, InstanceState, draining, failure_report, merge_parts,
-                        none_serving, summary_table)
+from .endpoints import EndpointsFile, InstanceState
 from .instances import build_part, model_arg, part_name, staged_model_dir
 from .node import prepare_runtime, prewarm, runtime_problem
 from .pernode import remove_job_caches
-from .processes import bind_problem
+from .processes import bind_problem, port_in_use
 from . import chain
 from .supervise import LocalFleet
 from .walltime import job_end, schedule
 
-__all__ = ["main", "run_rank", "under_mpi"]
+__all__ = ["LaunchOptions", "launch", "main", "run_rank", "under_mpi"]
 
 PROG = "aegis launch"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -54,40 +56,24 @@ class UsageError(Exception):
     """A user mistake: printed as one line, exit 2."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
+@dataclass(frozen=True)
+class LaunchOptions:
+    """What `aegis launch` takes besides the config: where the nodes and the run go."""
 
+    nodes: str | None = None  # node names in rank order (a,b or node[1-4])
+    nodefile: str | None = None  # one node name per line
+    run_dir: str | None = None  # this run's directory (default: <config run_dir>/<job id>)
+    bind_host: str | None = None  # address instances listen on (default: the node's)
+    once: bool = False  # start, verify, write endpoints, stop and exit with the status
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter, description="Start the planned vLLM instances on this allocation, "
-                "verify them, write the endpoints file and supervise them until the job ends.")
-    p.add_argument("-c", "--config", required=True, help="deployment YAML")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--nodes", help="node names in rank order (a,b or node[1-4])")
-    where.add_argument("--nodefile", help="file with one node name per line (duplicates folded)")
-    p.add_argument("--run-dir", help="directory for scripts, logs, endpoints "
-                   "(default: <config run_dir>/<job id>)")
-    p.add_argument("--bind-host", help="address instances listen on (default: the node's address)")
-    p.add_argument("--platform", help="override the config's platform")
-    p.add_argument("--vllm-command", help="override the config's vllm_command")
-    p.add_argument("--startup-timeout", type=float, help="seconds an instance may take to be ready")
-    p.add_argument("--max-restarts", type=int, help="restarts per crashed instance")
-    p.add_argument("--allow-partial", action="store_true", default=None,
-                   help="succeed when at least one instance is ready")
-    p.add_argument("--once", "--exit-when-ready", dest="once", action="store_true",
-                   help="start, verify, write endpoints, stop everything and exit with the status")
-    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between checks (<= 1)")
-    p.add_argument("--stop-grace", type=float, default=15.0,
-                   help="seconds between TERM and KILL when stopping instances")
-    p.add_argument("--restart-backoff", type=float, default=2.0,
-                   help="first restart delay in seconds; doubles per restart")
-    p.add_argument("--probe-timeout", type=float, default=5.0,
-                   help="seconds one readiness/liveness check may take")
-    p.add_argument("--liveness-interval", type=float, default=30.0,
-                   help="seconds between checks of a ready instance; 3 failed checks in a row "
-                   "count as hung (stopped and restarted)")
-    return p
+    def argv(self) -> list[str]:
+        """These options as `aegis launch` flags (for the ranks it starts)."""
+        out: list[str] = []
+        for flag, value in (("--nodes", self.nodes), ("--nodefile", self.nodefile),
+                            ("--run-dir", self.run_dir), ("--bind-host", self.bind_host)):
+            if value is not None:
+                out += [flag, value]
+        return out + (["--once"] if self.once else [])
 
 
 def _log(rank: int | None, msg: str) -> None:
@@ -100,45 +86,52 @@ def _error(msg: str) -> None:
         print(f"{PROG}: error: {line}", file=sys.stderr, flush=True)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`aegis launch ARGS` (also `python -m aegis.launch ARGS`): parse with the CLI, run."""
+    from ..cli import main as cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return cli.main(["launch", *argv], prog_name="aegis", standalone_mode=False)
+
+
+run_rank = main  # one rank under MPI: the same entry (launch() sees the MPI environment)
+
+
 # --- pure preparation: same answer on every rank ---
 
-def prepare(argv: list[str], env) -> tuple[argparse.Namespace, Config, Platform, Plan, Allocation]:
-    """Parse, load, plan, find the nodes. Raises UsageError/ConfigError/AllocationError."""
-    args = build_parser().parse_args(argv)
-    for flag, value, maximum in (("--poll-interval", args.poll_interval, 1),
-                                 ("--stop-grace", args.stop_grace, 3600),
-                                 ("--restart-backoff", args.restart_backoff, 3600),
-                                 ("--probe-timeout", args.probe_timeout, 3600),
-                                 ("--liveness-interval", args.liveness_interval, 86400)):
-        check_seconds(flag, value, maximum)
-    overrides = {"platform": args.platform, "vllm_command": args.vllm_command,
-                 "startup_timeout": args.startup_timeout, "max_restarts": args.max_restarts,
-                 "allow_partial": args.allow_partial}
-    config = load_config(args.config, overrides)
+@dataclass(frozen=True)
+class Prepared:
+    options: LaunchOptions
+    config: Config
+    platform: Platform
+    plan: Plan
+    allocation: Allocation
+    config_path: str | None  # the file the config came from (None: flags only)
+    api_key: str | None
+
+
+def prepare(config: Config, options: LaunchOptions, env, config_path: str | None) -> Prepared:
+    """Plan and find the nodes. Raises UsageError/ConfigError/AllocationError."""
     platform = get_platform(config.platform)  # validated by load_config
     plan = make_plan(config, platform)
     nodefile_text = None
-    if args.nodefile:
+    if options.nodefile:
         try:
-            nodefile_text = read_small_file(args.nodefile, MAX_NODEFILE_BYTES)
+            nodefile_text = read_small_file(options.nodefile, MAX_NODEFILE_BYTES)
         except (OSError, UnicodeDecodeError, FileTooLarge) as e:
-            raise UsageError(f"--nodefile {args.nodefile}: {why_unreadable(e)}") from None
+            raise UsageError(f"--nodefile {options.nodefile}: {why_unreadable(e)}") from None
     allocation = find_allocation(
-        nodes=args.nodes, nodefile_text=nodefile_text, nodefile_name=args.nodefile, env=env,
-        read_file=lambda p: read_small_file(p, MAX_NODEFILE_BYTES), local_count=plan.nodes_needed)
+        nodes=options.nodes, nodefile_text=nodefile_text, nodefile_name=options.nodefile,
+        env=env, read_file=lambda p: read_small_file(p, MAX_NODEFILE_BYTES),
+        local_count=plan.nodes_needed)
     check_enough(allocation, plan.nodes_needed)
-    return args, config, platform, plan, allocation
-
-
-def _prepare_or_exit_code(argv: list[str]):
-    """prepare(), or the exit code when it stops: bad input (one line, 2) or --help (0)."""
-    try:
-        return prepare(argv, os.environ)
-    except (UsageError, ConfigError, AllocationError) as e:
-        _error(str(e))
-        return EXIT_BAD_INPUT
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else EXIT_OK
+    api_key = None
+    if config.api_key_env:
+        api_key = env.get(config.api_key_env)
+        if not api_key:
+            raise UsageError(f"api_key_env: environment variable {config.api_key_env} is not "
+                             "set or empty")
+    return Prepared(options, config, platform, plan, allocation, config_path, api_key)
 
 
 def under_mpi(env) -> bool:
@@ -158,25 +151,73 @@ def rank_launch_argv(platform: Platform, nodes: int, argv: list[str]) -> list[st
     return [*platform.launcher_argv(nodes), sys.executable, "-m", "aegis.launch", *argv]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`aegis launch`: run the MPI job of launcher ranks, or be a rank when already inside one."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if under_mpi(os.environ):
-        return run_rank(argv)
-    prepared = _prepare_or_exit_code(argv)
-    if isinstance(prepared, int):
-        return prepared
-    _args, _config, platform, plan, _allocation = prepared
-    if plan.nodes_needed <= 1:
-        return _run_prepared(prepared)
-    cmd = rank_launch_argv(platform, plan.nodes_needed, argv)
-    if shutil.which(cmd[0]) is None:
-        _error(f"rank launcher {cmd[0]!r} (platform {platform.name}) not found on PATH")
+def free_port_start(count: int, host: str = "127.0.0.1", first: int = DEFAULT_PORT_START) -> int:
+    """The first port of `count` consecutive free ones, searching up from `first`."""
+    port = first
+    while port + count <= 65536:
+        taken = next((p for p in range(port, port + count) if port_in_use(host, p)), None)
+        if taken is None:
+            return port
+        port = taken + 1
+    raise UsageError(f"no {count} consecutive free ports from {first} on {host}; set port_start")
+
+
+def launch(config: Config, options: LaunchOptions, *, config_path: str | None = None,
+           env=None) -> int:
+    """`aegis launch`: be one rank when already under MPI; else run a one-node plan here or
+    start the MPI job of launcher ranks (one per node) on a resolved copy of the config."""
+    env = os.environ if env is None else env
+    try:
+        prepared = prepare(config, options, env, config_path)
+        if under_mpi(env):
+            return _run_rank(prepared)
+        if config.port_start is None and config.platform == "local":
+            # No ports given: free ones on this machine (every local "node" is this machine).
+            config = config.replace(port_start=free_port_start(config.http_ports))
+            prepared = dataclasses.replace(prepared, config=config,
+                                           plan=make_plan(config, prepared.platform))
+    except (UsageError, ConfigError, AllocationError) as e:
+        _error(str(e))
         return EXIT_BAD_INPUT
-    _log(None, f"starting {plan.nodes_needed} ranks: {' '.join(cmd[:-len(argv) or None])} ...")
+    plan, platform = prepared.plan, prepared.platform
+    if plan.nodes_needed <= 1:
+        return _run_rank(prepared)
+    cmd0 = platform.launcher_argv(plan.nodes_needed)[0]
+    if shutil.which(cmd0) is None:
+        _error(f"rank launcher {cmd0!r} (platform {platform.name}) not found on PATH")
+        return EXIT_BAD_INPUT
+    # The ranks run the resolved config (flags, free ports) from a file beside the run
+    # directory's; rank 0 then writes it into the run directory as config.yaml.
+    run_dir = os.path.abspath(options.run_dir or os.path.join(config.run_dir, _job_id(env)))
+    problems = _unwritable(run_dir, Path(RunLayout(run_dir).endpoints(config.endpoints_file)),
+                           "--run-dir" if options.run_dir else "run_dir")
+    if problems:
+        for line in problems:
+            _error(line)
+        return EXIT_BAD_INPUT
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    resolved = RunLayout(run_dir).config
+    _write_config(config, RunLayout(run_dir))
+    argv = ["--config", resolved, *dataclasses.replace(options, run_dir=run_dir).argv()]
+    cmd = rank_launch_argv(platform, plan.nodes_needed, argv)
+    _log(None, f"starting {plan.nodes_needed} ranks: {' '.join(cmd[:-len(argv)])} ...")
     sys.stderr.flush()
-    os.execvpe(cmd[0], cmd, {**os.environ, RANK_MARKER: str(plan.nodes_needed)})
+    os.execvpe(cmd[0], cmd, {**env, RANK_MARKER: str(plan.nodes_needed)})
     return EXIT_FAILED  # not reached
+
+
+def _write_config(config: Config, layout: RunLayout) -> None:
+    """config.yaml in the run directory: what the ranks run and `aegis status` reads."""
+    from ..scheduler.submit import write_resolved_config
+
+    write_resolved_config(config, layout)
+
+
+def _same_file(a: str | None, b: str) -> bool:
+    try:
+        return a is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 # --- one rank ---
@@ -194,24 +235,15 @@ def _job_id(env) -> str:
             or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
-def run_rank(argv: list[str]) -> int:
+def _run_rank(prepared: Prepared) -> int:
     """One launcher rank. Every check that can fail on bad input runs before anything starts,
     and each rank reaches the same verdict without talking to the others."""
-    prepared = _prepare_or_exit_code(argv)
-    return prepared if isinstance(prepared, int) else _run_prepared(prepared)
-
-
-def _run_prepared(prepared) -> int:
-    args, config, platform, plan, allocation = prepared
-    # hf_home is node-local storage: $VARS in it ($TMPDIR, /mnt/bb/$USER) expand on each node.
-    config = dataclasses.replace(config, hf_home=os.path.expandvars(config.hf_home),
-                                 node_local_dir=os.path.expandvars(config.node_local_dir))
-    api_key = None
-    if config.api_key_env:
-        api_key = os.environ.get(config.api_key_env)
-        if not api_key:
-            _error(f"api_key_env: environment variable {config.api_key_env} is not set or empty")
-            return EXIT_BAD_INPUT
+    # Node-local storage: $VARS in it ($TMPDIR, /mnt/bb/$USER) expand on each node.
+    config = prepared.config
+    prepared = dataclasses.replace(prepared, config=config.replace(
+        hf_home=os.path.expandvars(config.hf_home),
+        node_local_dir=os.path.expandvars(config.node_local_dir)))
+    plan = prepared.plan
 
     from mpi4py import MPI  # after the input checks: a usage error needs no MPI
 
@@ -227,7 +259,7 @@ def _run_prepared(prepared) -> int:
     stop = _StopFlag()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _run(args, config, platform, plan, allocation, coll, stop, api_key)
+        return _run(prepared, coll, stop)
     except Exception as e:  # a bug or an environment failure: never leave ranks hanging
         _log(rank, f"internal error: {type(e).__name__}: {e}")
         import traceback
@@ -272,14 +304,18 @@ def _unwritable(run_dir: str, endpoints: Path, run_dir_flag: str) -> list[str]:
             for path in (endpoints, endpoints.with_suffix(".txt")) if path.is_dir()]
 
 
-def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
+def _run(prepared: Prepared, coll, stop) -> int:
+    config, platform, plan, allocation = (prepared.config, prepared.platform, prepared.plan,
+                                          prepared.allocation)
+    args = prepared.options
     rank = coll.rank
     log = (lambda msg: _log(rank, msg))
     mine = plan.on_node(rank)
     job = coll.bcast(_job_id(os.environ) if rank == 0 else None)  # a local id has rank 0's pid
     run_dir = coll.bcast(os.path.abspath(args.run_dir or os.path.join(config.run_dir, job))
                          if rank == 0 else None)
-    endpoints_path = Path(run_dir) / config.endpoints_file  # an absolute path stays as it is
+    layout = RunLayout(run_dir)
+    endpoints_path = Path(layout.endpoints(config.endpoints_file))
 
     # Preflight, before anything is written, moved or started: each rank checks what depends
     # on its node, rank 0 what is shared, and every rank reaches the same verdict.
@@ -337,9 +373,11 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
         try:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             endpoints_path.parent.mkdir(parents=True, exist_ok=True)
+            if not _same_file(prepared.config_path, layout.config):
+                _write_config(prepared.config, layout)  # what `aegis status` and Run read
             endpoints = EndpointsFile(endpoints_path, run_dir=run_dir, job=job, ranks=coll.size)
             endpoints.mirror = chain.from_environment(os.environ)  # submit --chain
-            endpoints.update(_planned_states(plan, allocation, run_dir), state="staging",
+            endpoints.update(_planned_states(plan, allocation, layout), state="staging",
                              must_write=True)
         except OSError as e:  # what the preflight could not foresee (a race, a full disk)
             problem = f"cannot write {e.filename or endpoints_path}: {e.strerror or e}"
@@ -353,22 +391,29 @@ def _run(args, config, platform, plan, allocation, coll, stop, api_key) -> int:
         _release_successor(config, log)
         log(f"{len(plan.instances)} instance(s) on {plan.nodes_needed} node(s) from "
             f"{allocation.source}; run directory {run_dir}; endpoints {endpoints_path}")
+    board = None
+    if rank == 0:
+        from .board import Board
+
+        board = Board(config, plan, endpoints, layout=layout,
+                      router_host=args.bind_host or host_ips[0],
+                      router_node=addresses[0], log=log)
     code = EXIT_FAILED
     try:
-        code = _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_parts,
-                                cache_root, node, run_dir, endpoints, log)
+        code = _stage_and_serve(args, config, platform, coll, stop, prepared.api_key, sources,
+                                make_parts, cache_root, node, run_dir, board, log)
         return code
     finally:
-        if endpoints is not None:  # rank 0, also on an internal error: nothing is served now
-            endpoints.finish("stopped" if code == EXIT_OK or code > 128 else "failed", code)
+        if board is not None:  # rank 0, also on an internal error: nothing is served now
+            board.finish("stopped" if code == EXIT_OK or code > 128 else "failed", code)
 
 
-def _planned_states(plan, allocation, run_dir) -> list[InstanceState]:
+def _planned_states(plan, allocation, layout: RunLayout) -> list[InstanceState]:
     """Every planned instance before anything starts (state pending)."""
     return [InstanceState(
         id=inst.id, model=inst.model, served_name=inst.served_name, node=inst.nodes[0],
         host=allocation.nodes[inst.nodes[0]], port=inst.port, state="pending",
-        log=str(Path(run_dir) / "logs" / f"{part_name(inst.id, 0, len(inst.nodes))}.log"))
+        log=layout.instance_log(part_name(inst.id, 0, len(inst.nodes))))
         for inst in plan.instances]
 
 
@@ -399,8 +444,18 @@ def _agreed(coll, problem: str | None) -> bool:
     return not problems
 
 
+def _stage_tuning(config: Config, stage) -> dict:
+    """The stage_* keys that are set, as the keyword arguments the installed stage() takes."""
+    import inspect
+
+    accepted = inspect.signature(stage).parameters
+    tuning = {"chunk_size": config.stage_chunk_size, "depth": config.stage_depth,
+              "stall_timeout": config.stage_stall_timeout, "readers": config.stage_readers}
+    return {k: v for k, v in tuning.items() if v is not None and k in accepted}
+
+
 def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_parts,
-                     cache_root, node, run_dir, endpoints, log) -> int:
+                     cache_root, node, run_dir, board, log) -> int:
     rank = coll.rank
     coll.barrier()
     # Per node, once: stage each model source into the node-local cache (collective).
@@ -411,7 +466,7 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_
             dest = staged_model_dir(config.hf_home, model.name)
             try:
                 result = stage(source.stage_root, dest, coll.comm, writers="node",
-                               progress=rank == 0)
+                               progress=rank == 0, **_stage_tuning(config, stage))
             except StagingError as e:
                 if rank == 0:
                     _error(f"staging {source.stage_root} -> {dest} failed: {e}")
@@ -442,48 +497,39 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_
         if not _agreed(coll, problem):
             return 128 + stop.signum if stop.signum else EXIT_FAILED
         fleet = LocalFleet(parts, startup_timeout=config.startup_timeout,
-                           max_restarts=config.max_restarts, restart_backoff=args.restart_backoff,
-                           liveness_interval=args.liveness_interval,
-                           probe_timeout=args.probe_timeout, stop_grace=args.stop_grace,
+                           max_restarts=config.max_restarts,
+                           restart_backoff=config.restart_backoff,
+                           liveness_interval=config.liveness_interval,
+                           liveness_failures=config.liveness_failures,
+                           probe_timeout=config.probe_timeout, stop_grace=config.stop_grace,
                            api_key=api_key, log=log)
         try:
-            return _serve(args, config, coll, fleet, stop, endpoints, log)
+            return _serve(args, config, coll, fleet, stop, board, log)
         finally:
             fleet.stop()
     finally:
         remove_job_caches(cache_root, [instance_cache_dir(cache_root, p.name) for p in parts])
 
 
-def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
-    """Start, verify, supervise. Rank 0 rewrites the endpoints file on every change; from
-    the moment a stop is decided it lists nothing as ready."""
+def _serve(args, config, coll, fleet, stop, board, log) -> int:
+    """Start, verify, supervise. Every tick each rank sends rank 0 its instances' states when
+    they changed; rank 0 (the Board) rewrites the endpoints file, keeps the routers in step and
+    prints progress. From the moment a stop is decided nothing is listed as ready."""
     rank = coll.rank
+    sent: list | None = None
 
-    def gathered(states_local) -> list | None:
-        per_rank = coll.gather(states_local)
-        return merge_parts([s for part in per_rank for s in part]) if rank == 0 else None
-
-    def publish(states_local, state: str | None = None) -> list | None:
-        merged = gathered(states_local)
-        if rank == 0:
-            endpoints.update(merged, state=state)
-        return merged
-
-    def report(merged) -> None:
-        print(summary_table(merged), file=sys.stderr, flush=True)
-        failures = failure_report(merged)
-        if failures:
-            print(failures, file=sys.stderr, flush=True)
-
-    def stopping() -> None:
-        if rank == 0:
-            endpoints.update(none_serving(endpoints.states), state="stopping")
+    def share(states) -> None:
+        nonlocal sent
+        per_rank = coll.gather(states if states != sent else None)
+        sent = states
+        if board is not None:
+            board.update({r: s for r, s in enumerate(per_rank) if s is not None})
 
     def tick(started: float) -> None:
-        time.sleep(max(0.0, args.poll_interval - (time.monotonic() - started)))
+        time.sleep(max(0.0, config.poll_interval - (time.monotonic() - started)))
 
     # The job's end, when known: drain, then stop cleanly before the scheduler's kill.
-    walltime = coll.bcast(_walltime_schedule(config, args, log) if rank == 0 else None)
+    walltime = coll.bcast(_walltime_schedule(config, log) if rank == 0 else None)
 
     def walltime_phase() -> int:
         """0 before the drain, 1 draining, 2 time to stop (the same on every rank once
@@ -494,97 +540,83 @@ def _serve(args, config, coll, fleet, stop, endpoints, log) -> int:
     def walltime_stop() -> int:
         log(f"walltime: stopping cleanly, {walltime.end - time.time():.0f}s before the "
             "job's end")
-        stopping()
+        if board is not None:
+            board.stopping()
         fleet.stop()
-        publish(fleet.states(stopped=True))
+        share(fleet.states(stopped=True))
         return EXIT_OK
 
     if not stop.signum:
         fleet.start_all()
-    last = fleet.states()
-    publish(last, state="starting")
+    if board is not None:
+        board.starting()
     # Startup: until every instance is ready or failed everywhere, or a stop is requested.
     while True:
         started = time.monotonic()
         if not stop.signum:
             fleet.step()
-        now_states = fleet.states()
-        flags = coll.allgather((stop.signum, fleet.decided(), now_states != last,
-                                walltime_phase()))
+        share(fleet.states())
+        if board is not None:
+            board.progress()
+        flags = coll.allgather((stop.signum, fleet.decided(), walltime_phase()))
         signum = max(f[0] for f in flags)
-        if not signum and max(f[3] for f in flags) == 2:
+        if not signum and max(f[2] for f in flags) == 2:
             return walltime_stop()  # the job ends before the fleet was ever ready
         if signum or all(f[1] for f in flags):
             break
-        if any(f[2] for f in flags):
-            publish(now_states)
-            last = now_states
         tick(started)
 
     def stopped(signum: int) -> int:
         log(f"stopping on signal {signum}")
-        stopping()
+        if board is not None:
+            board.stopping()
         fleet.stop()
-        merged = publish(fleet.states(stopped=True))
-        if rank == 0:
-            report(merged)
+        share(fleet.states(stopped=True))
+        if board is not None:
+            board.report()
         return 128 + signum
 
     if signum:
         return stopped(signum)
 
-    merged = gathered(fleet.states())
     verdict = None
-    if rank == 0:
-        report(merged)
-        ready = sum(s.state == "ready" for s in merged)
-        verdict = ready == len(merged) or (config.allow_partial and ready > 0)
-        if not verdict:
-            log(f"{len(merged) - ready} of {len(merged)} instance(s) not ready"
-                + ("" if not config.allow_partial else " and none is ready"))
+    if board is not None:
+        board.report()
+        verdict = board.verdict()
         if verdict and not args.once:
-            endpoints.update(merged, state="serving")
+            board.serving()
         else:  # everything is stopped next (_run's finally): never list it as ready
-            endpoints.update(none_serving(merged), state="stopping")
-        log(f"endpoints: {endpoints.json_path}")
+            board.stopping()
     ok = coll.bcast(verdict)
     if args.once or not ok:  # _run's finally stops the fleet
         return EXIT_OK if ok else EXIT_FAILED
 
     # Supervise until the job ends (signal, or the walltime schedule) or nothing can come back.
     is_draining = False
-    last = fleet.states()
     while True:
         started = time.monotonic()
         if not stop.signum:
             fleet.step()
-        now_states = fleet.states()
-        flags = coll.allgather((stop.signum, fleet.recoverable(), now_states != last,
-                                walltime_phase()))
+        share(fleet.states())
+        flags = coll.allgather((stop.signum, fleet.recoverable(), walltime_phase()))
         signum = max(f[0] for f in flags)
         if signum:
             return stopped(signum)
-        due = max(f[3] for f in flags)
+        due = max(f[2] for f in flags)
         if due == 2:
             return walltime_stop()
         if due == 1 and not is_draining:
             is_draining = True
-            if rank == 0:
+            if board is not None:
                 log(f"walltime: draining (no new requests); stopping in "
                     f"{walltime.stop_at - time.time():.0f}s")
-            last = None  # publish now, as draining
+                board.draining()
         if sum(f[1] for f in flags) == 0:
-            if rank == 0:
+            if board is not None:
                 log("every instance has failed; giving up")
-            stopping()
-            merged = publish(now_states)
-            if rank == 0:
-                report(merged)
+                board.stopping()
+                board.report()
             return EXIT_FAILED
-        if any(f[2] for f in flags) or last is None:
-            publish(draining(now_states) if is_draining else now_states,
-                    state="draining" if is_draining else None)
-            last = now_states
         tick(started)
 
 
@@ -608,12 +640,12 @@ def _release_successor(config, log) -> None:
         f"{time.strftime('%H:%M:%S', time.localtime(start_at))}")
 
 
-def _walltime_schedule(config, args, log):
+def _walltime_schedule(config, log):
     """Rank 0: when to drain and stop before the job's end (None: the end is unknown)."""
     end = job_end(os.environ, config.walltime)
     if end is None:
         return None
-    plan = schedule(end, drain_seconds=config.drain_seconds, stop_grace=args.stop_grace)
+    plan = schedule(end, drain_seconds=config.drain_seconds, stop_grace=config.stop_grace)
     log(f"job ends at {time.strftime('%H:%M:%S', time.localtime(end))}: draining "
         f"{plan.end - plan.drain_at:.0f}s before, stopped {plan.end - plan.stop_at:.0f}s before")
     return plan

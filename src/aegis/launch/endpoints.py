@@ -82,7 +82,8 @@ def draining(states: list[InstanceState]) -> list[InstanceState]:
     return [replace(s, state="draining") if s.state == "ready" else s for s in states]
 
 
-def endpoints_doc(states: list[InstanceState], *, launcher: dict, run_dir: str, job: str) -> dict:
+def endpoints_doc(states: list[InstanceState], *, launcher: dict, run_dir: str, job: str,
+                  routers: list[dict] = ()) -> dict:
     records = []
     for s in states:
         rec = {k: v for k, v in asdict(s).items() if k not in ("log_tail", "node_rank")}
@@ -91,7 +92,7 @@ def endpoints_doc(states: list[InstanceState], *, launcher: dict, run_dir: str, 
         records.append(rec)
     return {"schema": SCHEMA, "job": job, "run_dir": run_dir, "launcher": launcher,
             "ready": sum(s.state == "ready" for s in states), "total": len(states),
-            "instances": records}
+            "instances": records, "routers": list(routers)}
 
 
 def endpoints_txt(states: list[InstanceState]) -> str:
@@ -159,6 +160,7 @@ class EndpointsFile:
                          "state": "staging", "exit_code": None, "started_at": now,
                          "updated_at": now, "heartbeat_at": now, "heartbeat_interval": interval}
         self.states: list[InstanceState] = []
+        self.routers: list[dict] = []  # one record per model's router (launch.router)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,14 +170,17 @@ class EndpointsFile:
         self.mirror = None
 
     def update(self, states: list[InstanceState] | None = None, *, state: str | None = None,
-               exit_code: int | None = None, must_write: bool = False) -> None:
-        """A change: new instance states and/or launcher state, written at once. A failed
-        write (full or stalled file system) is reported once and does not stop the launch
-        (OSError only with must_write): readers then see the heartbeat go stale, which says
-        "do not trust this file", until a later write succeeds."""
+               exit_code: int | None = None, routers: list[dict] | None = None,
+               must_write: bool = False) -> None:
+        """A change: new instance states, routers and/or launcher state, written at once. A
+        failed write (full or stalled file system) is reported once and does not stop the
+        launch (OSError only with must_write): readers then see the heartbeat go stale, which
+        says "do not trust this file", until a later write succeeds."""
         with self._lock:
             if states is not None:
                 self.states = list(states)
+            if routers is not None:
+                self.routers = list(routers)
             if state is not None:
                 self.launcher["state"] = state
             if exit_code is not None:
@@ -183,10 +188,11 @@ class EndpointsFile:
             self.launcher["updated_at"] = self.clock()
             self._try_write(txt=True, must_write=must_write)
 
-    def finish(self, state: str, exit_code: int) -> None:
+    def finish(self, state: str, exit_code: int, routers: list[dict] | None = None) -> None:
         """The launcher ends: nothing is served any more. Stops the heartbeat."""
         self._stop.set()
-        self.update(none_serving(self.states), state=state, exit_code=exit_code)
+        self.update(none_serving(self.states), state=state, exit_code=exit_code,
+                    routers=routers)
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -222,7 +228,7 @@ class EndpointsFile:
     def _write(self, *, txt: bool) -> None:
         self.launcher["heartbeat_at"] = self.clock()
         doc = endpoints_doc(self.states, launcher=self.launcher, run_dir=self.run_dir,
-                            job=self.job)
+                            job=self.job, routers=self.routers)
         text = endpoints_txt(self.states) if txt else None
         if text is not None:  # first: once a reader sees the JSON of a change, the .txt has it too
             write_atomic(self.txt_path, text)

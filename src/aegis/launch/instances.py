@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, ModelConfig
+from ..layout import RunLayout
 from ..model_source import ModelSource
 from ..plan import Instance
 from ..platforms import Platform
@@ -124,8 +125,8 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
     return Part(instance_id=instance.id, served_name=instance.served_name, model=model.name,
                 node_index=node_index, node_host=hosts[node_index], node_rank=node_rank,
                 nnodes=nnodes, argv=tuple(argv), env=tuple(env), api_key_env=config.api_key_env,
-                script_path=str(Path(run_dir) / "instances" / f"{name}.sh"),
-                log_path=str(Path(run_dir) / "logs" / f"{name}.log"),
+                script_path=RunLayout(run_dir).instance_script(name),
+                log_path=RunLayout(run_dir).instance_log(name),
                 bind_host=bind_host or address, address=address, port=instance.port,
                 env_dir=runtime.env_dir, cache_dirs=tuple(writable_dirs(caches)))
 

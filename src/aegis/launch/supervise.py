@@ -3,7 +3,7 @@
 States: starting -> ready; an instance whose process exits during startup is failed at once
 (exit code + log tail); one that was ready and crashes is restarted after a backoff
 (backoff * 2**k seconds) up to max_restarts times, then failed. A ready instance is checked
-again every liveness_interval seconds (the same full probe); after LIVENESS_FAILURES failed
+again every liveness_interval seconds (the same full probe); after liveness_failures failed
 checks in a row it is taken as hung, stopped, and restarted like a crash. Multi-node instances are not
 restarted (their processes live on several ranks). Worker processes of a multi-node instance
 count as "ready" while they run; the head's readiness decides the instance.
@@ -20,7 +20,6 @@ from .processes import Running, bind_problem, stop_all, write_script
 from .readiness import Target, probe_round
 
 _WILDCARDS = ("0.0.0.0", "::", "")
-LIVENESS_FAILURES = 3  # consecutive failed checks of a ready instance before it counts as hung
 
 
 def probe_host(part: Part) -> str:
@@ -47,7 +46,7 @@ class LocalFleet:
     def __init__(self, parts: list[Part], *, startup_timeout: float, max_restarts: int,
                  restart_backoff: float = 2.0, api_key: str | None = None,
                  probe_timeout: float = 5.0, liveness_interval: float = 30.0,
-                 stop_grace: float = 15.0, log=lambda msg: None):
+                 stop_grace: float = 15.0, liveness_failures: int = 3, log=lambda msg: None):
         self.slots = [Slot(p) for p in parts]
         self.startup_timeout = startup_timeout
         self.max_restarts = max_restarts
@@ -56,6 +55,7 @@ class LocalFleet:
         self.probe_timeout = probe_timeout
         self.liveness_interval = liveness_interval
         self.stop_grace = stop_grace
+        self.liveness_failures = liveness_failures
         self.log = log
 
     # --- transitions ---
@@ -157,7 +157,7 @@ class LocalFleet:
             self._on_exit(slot, code, now)
             return
         slot.failed_checks += 1
-        if slot.failed_checks >= LIVENESS_FAILURES:
+        if slot.failed_checks >= self.liveness_failures:
             self._on_exit(slot, None, now, why=f"stopped answering ({result.detail})")
 
     # --- views ---

@@ -7,7 +7,7 @@ comes from the platform record (aurora -> pbs, frontier -> slurm), overridable b
 
 from __future__ import annotations
 
-from .base import JOB_STATES, Backend, SchedulerError, SchedulerNotFound
+from .base import JOB_STATES, Backend, SchedulerError, SchedulerNotFound, check_job_id
 from .pbs import PBSBackend
 from .slurm import SlurmBackend
 
@@ -22,4 +22,4 @@ def get_backend(name: str) -> Backend:
 
 
 __all__ = ["BACKENDS", "JOB_STATES", "Backend", "PBSBackend", "SchedulerError",
-           "SchedulerNotFound", "SlurmBackend", "get_backend"]
+           "SchedulerNotFound", "SlurmBackend", "check_job_id", "get_backend"]

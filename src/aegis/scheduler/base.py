@@ -14,13 +14,10 @@ from typing import Any, Mapping, Sequence
 
 from .. import __version__
 from ..config import Config, ConfigError
+from ..layout import RunLayout
 from ..plan import Plan
 from ..platforms import Platform
 from ..render import render_template
-
-CONFIG_NAME = "config.yaml"  # the resolved config inside a run directory
-SCRIPT_NAME = "job.sh"
-LOG_NAME = "job.log"  # the batch job's stdout+stderr
 
 # What state() returns, whatever the batch system calls it.
 JOB_STATES = ("queued", "held", "running", "exiting", "completed", "failed", "cancelled",
@@ -55,11 +52,6 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-def log_path(run_dir: str) -> str:
-    """The batch job's stdout+stderr inside its run directory."""
-    return f"{run_dir}/{LOG_NAME}"
-
-
 def one_line(text: str) -> str:
     return "; ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
@@ -90,7 +82,7 @@ class Backend:
             "plan": plan,
             "platform": platform,
             "run_dir": run_dir,
-            "config_path": f"{run_dir}/{CONFIG_NAME}",
+            "config_path": RunLayout(run_dir).config,
             "launcher_argv": platform.launcher_argv(plan.nodes_needed),
             "python": python,
             "model_lines": model_summaries(config, plan),
@@ -145,6 +137,11 @@ class Backend:
 
     def state(self, job_id: str) -> str:
         raise NotImplementedError
+
+    def run_dir_of(self, job_id: str) -> str | None:
+        """The directory the job was submitted from (aegis submits from its run directory),
+        when the batch system still knows the job."""
+        return None
 
     def cancel(self, job_id: str) -> None:
         check_job_id(job_id)

@@ -10,7 +10,8 @@ from typing import Sequence
 from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
-from .base import Backend, SchedulerError, check_job_id, log_path, one_line, run
+from ..layout import RunLayout
+from .base import Backend, SchedulerError, check_job_id, one_line, run
 
 # PBS one-letter job states -> aegis states (qstat -f prints "job_state = R").
 _STATES = {
@@ -60,7 +61,7 @@ class PBSBackend(Backend):
             lines.append(f"-A {config.account}")
         if config.queue:
             lines.append(f"-q {config.queue}")
-        lines += ["-j oe", f"-o {log_path(run_dir)}", *platform.directives]
+        lines += ["-j oe", f"-o {RunLayout(run_dir).job_log}", *platform.directives]
         return lines
 
     def submit_argv(self, script_path: str, env_names: Sequence[str],
@@ -69,7 +70,7 @@ class PBSBackend(Backend):
         # name, never on a command line or in the script.
         # -j/-o again on the command line: PBS-compatible wrappers (Slurm's qsub) pass their
         # own -o, which would override the script's #PBS -o.
-        log = log_path(os.path.dirname(os.path.abspath(script_path)))
+        log = RunLayout(os.path.dirname(os.path.abspath(script_path))).job_log
         argv = ["qsub", "-j", "oe", "-o", log]
         if env_names:
             argv += ["-v", ",".join(env_names)]
@@ -90,6 +91,16 @@ class PBSBackend(Backend):
             if result.returncode != 0:
                 raise SchedulerError(f"{' '.join(argv)} failed (exit {result.returncode}): "
                                      f"{one_line(result.stderr) or one_line(result.stdout)}")
+
+    def run_dir_of(self, job_id: str) -> str | None:
+        check_job_id(job_id)
+        result = run(["qstat", "-x", "-f", job_id])
+        if result.returncode != 0:
+            return None
+        # qstat -f folds long values onto indented continuation lines: join them first.
+        text = re.sub(r"\n\t", "", result.stdout)
+        match = re.search(r"PBS_O_WORKDIR=([^,\n]+)", text)
+        return match.group(1).strip() if match else None
 
     def state(self, job_id: str) -> str:
         check_job_id(job_id)

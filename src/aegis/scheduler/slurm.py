@@ -10,7 +10,8 @@ from typing import Sequence
 from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
-from .base import Backend, check_job_id, log_path, run
+from ..layout import RunLayout
+from .base import Backend, check_job_id, run
 
 _STATES = {
     "PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued",
@@ -47,7 +48,7 @@ class SlurmBackend(Backend):
             lines.append(f"-A {config.account}")
         if config.queue:
             lines.append(f"-p {config.queue}")
-        lines += [f"-o {log_path(run_dir)}", "--exclusive", *platform.directives]
+        lines += [f"-o {RunLayout(run_dir).job_log}", "--exclusive", *platform.directives]
         return lines
 
     def submit_argv(self, script_path: str, env_names: Sequence[str],
@@ -63,6 +64,14 @@ class SlurmBackend(Backend):
 
     def parse_job_id(self, stdout: str) -> str:
         return super().parse_job_id(stdout).split(";")[0]  # "123;cluster" on federations
+
+    def run_dir_of(self, job_id: str) -> str | None:
+        check_job_id(job_id)
+        if not which("scontrol"):
+            return None
+        result = run(["scontrol", "-o", "show", "job", job_id])
+        match = re.search(r"\bWorkDir=(\S+)", result.stdout) if result.returncode == 0 else None
+        return match.group(1) if match else None
 
     def state(self, job_id: str) -> str:
         check_job_id(job_id)

@@ -23,9 +23,9 @@ from ..launch.endpoints import write_atomic
 from ..launch.walltime import walltime_seconds
 from ..plan import Plan, make_plan
 from ..platforms import Platform
-from .base import CONFIG_NAME, SCRIPT_NAME, Backend, SchedulerError, SchedulerNotFound
+from ..layout import RunLayout
+from .base import Backend, SchedulerError, SchedulerNotFound
 
-JOB_ID_NAME = "job.id"
 _DIRECTIVE_SAFE_PATH = re.compile(DIRECTIVE_SAFE_PATH)
 
 
@@ -54,8 +54,13 @@ def run_dir_name(config: Config, now: _dt.datetime) -> str:
 
 def resolved_for_run(config: Config, run_dir: str) -> Config:
     """The config the launcher re-loads: relative endpoints_file pinned inside the run dir."""
-    endpoints = os.path.join(run_dir, os.path.expanduser(config.endpoints_file))
-    return config.replace(endpoints_file=os.path.normpath(endpoints))
+    return config.replace(endpoints_file=RunLayout(run_dir).endpoints(config.endpoints_file))
+
+
+def write_resolved_config(config: Config, layout: RunLayout) -> None:
+    """config.yaml in the run directory: what the launcher runs and `aegis status` reads."""
+    Path(layout.config).write_text(dump_yaml(resolved_for_run(config, layout.root).to_mapping()),
+                                   encoding="utf-8")
 
 
 def job_environment(config: Config, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str], list[str]]:
@@ -122,17 +127,17 @@ def _before_writing(config: Config, platform: Platform, backend: Backend, enviro
 def _submit_into(run_dir: Path, config: Config, platform: Platform, backend: Backend, plan: Plan,
                  names, env, warnings, python, *, chain: dict | None = None,
                  after: list[str] = ()) -> Submission:
+    layout = RunLayout(str(run_dir))
     script = backend.render(config, plan, platform, str(run_dir), python=python, chain=chain)
-    (run_dir / CONFIG_NAME).write_text(dump_yaml(resolved_for_run(config, str(run_dir))
-                                                 .to_mapping()), encoding="utf-8")
-    script_path = run_dir / SCRIPT_NAME
+    write_resolved_config(config, layout)
+    script_path = Path(layout.script)
     script_path.write_text(script, encoding="utf-8")
     script_path.chmod(0o755)
     try:
         job_id = backend.submit(str(script_path), names, env=env, cwd=str(run_dir), after=after)
     except SchedulerError as err:
         raise type(err)(f"{err} (run directory kept: {run_dir})") from None
-    (run_dir / JOB_ID_NAME).write_text(job_id + "\n", encoding="utf-8")
+    Path(layout.job_id).write_text(job_id + "\n", encoding="utf-8")
     return Submission(job_id=job_id, run_dir=str(run_dir), script_path=str(script_path),
                       warnings=tuple(warnings))
 
@@ -158,7 +163,7 @@ def generation_config(config: Config, platform: Platform, generation: int) -> Co
     from ..plan import INTERNAL_PORTS_PER_SLOT
 
     shifted = config.replace(
-        port_start=config.port_start + config.total_instances,
+        port_start=config.first_port + config.http_ports,
         internal_port_start=config.internal_port_start
         + platform.devices_per_node * INTERNAL_PORTS_PER_SLOT)
     try:

@@ -1,0 +1,327 @@
+"""A run you can hold: `aegis.submit(config) -> Run`, `Run.open(run_dir) -> Run`.
+
+A Run owns its directory (aegis.layout), its batch system and job id. It reads the job's state
+from the scheduler and every instance's state from the endpoints file, which the launcher
+rewrites on every change and on a heartbeat. A run started by `aegis launch` has no job id:
+its launcher's pid (on this host) and heartbeat tell whether it is alive.
+
+    run = aegis.submit("fleet.yaml")
+    run.wait_ready(timeout=1800)
+    url = run.router_url()          # one OpenAI-compatible URL per model
+    run.cancel()
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+from .launch.endpoints import launcher_alive, read_endpoints
+from .layout import RunLayout
+
+# Phases of a run, in order; failed and ended are final.
+PHASES = ("pending", "starting", "ready", "failed", "ended")
+_ENDED_JOB_STATES = ("completed", "failed", "cancelled")
+
+
+class RunError(RuntimeError):
+    """The run failed or ended, or cannot be acted on (exit 1)."""
+
+
+class WaitTimeout(RunError):
+    """wait_ready() ran out of time: the run may still come up."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One instance, or one model's router, as a client sees it."""
+
+    url: str  # OpenAI base URL, http://host:port/v1
+    model: str  # the served model name (what requests name)
+    node: str  # host name
+    state: str  # starting | ready | restarting | failed | stopped (instances); ready (routers)
+    id: int | None = None  # instance id; None for a router
+    restarts: int = 0
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Status:
+    run_dir: str
+    job_id: str | None
+    scheduler: str | None
+    job_state: str  # a scheduler state (aegis.scheduler.JOB_STATES), or for a launched run:
+    #                 running | ended | unknown
+    phase: str  # PHASES
+    reason: str  # why failed/ended, or what is awaited ("" when ready)
+    ready: int
+    total: int
+    instances: tuple[Endpoint, ...] = ()
+    routers: tuple[Endpoint, ...] = ()
+    launcher: dict[str, Any] | None = None  # pid, host, heartbeat, alive
+    endpoints_file: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["instances"] = [e.to_dict() for e in self.instances]
+        out["routers"] = [e.to_dict() for e in self.routers]
+        return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _this_host(host: str) -> bool:
+    return host in (socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1")
+
+
+class Run:
+    def __init__(self, layout: RunLayout, config: Config, *, job_id: str | None = None,
+                 backend=None):
+        self.layout = layout
+        self.config = config
+        self.job_id = job_id
+        self.backend = backend  # None: started by `aegis launch` (no batch job to ask)
+
+    # -- opening ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, run_dir: str | os.PathLike, *, scheduler: str | None = None) -> Run:
+        """The run in `run_dir` (made by `aegis submit` or `aegis launch`)."""
+        from .scheduler import check_job_id, get_backend
+
+        layout = RunLayout(os.path.abspath(os.fspath(run_dir)))
+        if not os.path.isdir(layout.root):
+            raise ConfigError(f"{run_dir}: no such run directory")
+        if not os.path.isfile(layout.config):
+            raise ConfigError(f"{run_dir}: not a run directory (no {os.path.basename(layout.config)}"
+                              "; made by aegis submit or aegis launch)")
+        config = load_config(layout.config)
+        job_id = None
+        try:
+            with open(layout.job_id, encoding="utf-8") as f:
+                job_id = check_job_id(f.read().strip())
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise ConfigError(f"{layout.job_id}: cannot read it ({err.strerror})") from None
+        backend = get_backend(scheduler or config.effective_scheduler) if job_id else None
+        return cls(layout, config, job_id=job_id, backend=backend)
+
+    @property
+    def run_dir(self) -> str:
+        return self.layout.root
+
+    @property
+    def endpoints_path(self) -> str:
+        return self.layout.endpoints(self.config.endpoints_file)
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_dir!r}, job_id={self.job_id!r})"
+
+    # -- reading ---------------------------------------------------------------------------
+    def _document(self) -> dict[str, Any] | None:
+        try:
+            return read_endpoints(self.endpoints_path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:
+            raise RunError(f"{self.endpoints_path}: unreadable endpoints file: {err}") from None
+
+    @staticmethod
+    def _launcher(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The launcher record plus `alive` (its pid, on this host; else its heartbeat) and
+        `heartbeat_age` in seconds."""
+        if not doc:
+            return None
+        info = dict(doc["launcher"])
+        now = time.time()
+        heartbeat = info.get("heartbeat_at")
+        age = now - heartbeat if isinstance(heartbeat, (int, float)) else None
+        pid, host = info.get("pid"), str(info.get("host", ""))
+        try:
+            alive = launcher_alive(doc, now)
+        except (KeyError, TypeError):
+            alive = False
+        if alive and isinstance(pid, int) and _this_host(host):
+            alive = _pid_alive(pid)  # killed outright: known at once, not after 3 heartbeats
+        info.update(alive=alive, heartbeat_age=None if age is None else round(age, 1))
+        return info
+
+    def state(self, min_ready: int | None = None) -> Status:
+        """The job state from the scheduler and every instance's from the endpoints file;
+        the phase counts the run ready with `min_ready` instances (default: all)."""
+        doc = self._document()
+        launcher = self._launcher(doc)
+        if self.backend is not None:
+            job_state = self.backend.state(self.job_id)
+        elif launcher is None:
+            job_state = "unknown"  # no heartbeat yet: the launcher may still be preparing
+        else:
+            job_state = "running" if launcher["alive"] else "ended"
+        records = (doc or {}).get("instances") or []
+        instances = tuple(Endpoint(
+            url=r.get("base_url", ""), model=r.get("served_name", r.get("model", "")),
+            node=str(r.get("host", "")), state=r.get("state", "unknown"), id=r.get("id"),
+            restarts=int(r.get("restarts") or 0), error=r.get("error", ""))
+            for r in records if isinstance(r, dict))
+        routers = tuple(Endpoint(url=r.get("url", ""), model=r.get("model", ""),
+                                 node=str(r.get("host", "")), state=r.get("state", "ready"),
+                                 error=r.get("error", ""))
+                        for r in (doc or {}).get("routers") or [] if isinstance(r, dict))
+        total = len(instances) or self.config.total_instances
+        ready = sum(e.state == "ready" for e in instances)
+        phase, reason = self._phase(job_state, launcher, instances, routers, total, ready,
+                                    doc is not None, min_ready)
+        return Status(run_dir=self.run_dir, job_id=self.job_id,
+                      scheduler=self.backend.name if self.backend else None,
+                      job_state=job_state, phase=phase, reason=reason, ready=ready, total=total,
+                      instances=instances, routers=routers, launcher=launcher,
+                      endpoints_file=self.endpoints_path)
+
+    def _phase(self, job_state, launcher, instances, routers, total, ready, have_file,
+               min_ready) -> tuple[str, str]:
+        need = total if min_ready is None else min(min_ready, total)
+        if job_state in ("queued", "held"):
+            return "pending", f"job {self.job_id} is {job_state}"
+        if job_state in _ENDED_JOB_STATES or job_state == "exiting":
+            return ("failed" if job_state == "failed" else "ended"), f"job {self.job_id} {job_state}"
+        if launcher is not None and not launcher["alive"]:
+            state, code = launcher.get("state"), launcher.get("exit_code")
+            if state == "failed":
+                return "failed", f"the launcher failed (exit code {code}; see {self.run_dir})"
+            if state == "stopped":
+                return "ended", f"the launcher stopped (exit code {code})"
+            return "ended", "the launcher is not running" + (
+                f" (last heartbeat {launcher['heartbeat_age']:.0f}s ago)"
+                if launcher.get("heartbeat_age") is not None else "")
+        if job_state == "unknown" and self.backend is not None:
+            return "ended", f"the batch system does not know job {self.job_id}"
+        if launcher is not None and launcher.get("state") == "staging":
+            return "starting", "staging model sources"
+        failed = sum(e.state == "failed" for e in instances)
+        if failed > total - need:
+            return "failed", f"{failed} of {total} instance(s) failed; {need} needed"
+        if not have_file:
+            return "starting", "no endpoints file yet"
+        if ready < need:
+            return "starting", f"{ready} of {need} instance(s) ready"
+        settled = {r.model for r in routers if r.state in ("ready", "failed", "stopped")}
+        missing = [m for m in self.config.routed_models if m not in settled
+                   and any(e.model == m and e.state == "ready" for e in instances)]
+        if missing:
+            return "starting", f"router of {', '.join(missing)} not up yet"
+        return "ready", ""
+
+    def endpoints(self, model: str | None = None, *, ready_only: bool = True) -> list[Endpoint]:
+        """The instances (ready ones unless ready_only=False), of one served model or all."""
+        found = [e for e in self.state().instances
+                 if (model is None or e.model == model) and (e.state == "ready" or not ready_only)]
+        if model is not None and not found and model not in self.models():
+            raise ConfigError(f"--model {model!r}: this run serves {', '.join(self.models())}")
+        return found
+
+    def routers(self) -> list[Endpoint]:
+        return list(self.state().routers)
+
+    def router_url(self, model: str | None = None) -> str:
+        """The routed URL of `model` (may be omitted when the run serves one model)."""
+        routers = {r.model: r.url for r in self.routers() if r.state == "ready"}
+        if model is None:
+            if len(self.models()) != 1:
+                raise ConfigError(f"this run serves {len(self.models())} models; name one "
+                                  f"({', '.join(self.models())})")
+            model = self.models()[0]
+        if model not in self.models():
+            raise ConfigError(f"--model {model!r}: this run serves {', '.join(self.models())}")
+        if model not in routers:
+            why = ("router is off for it (router: false, or fewer than 2 instances)"
+                   if model not in self.config.routed_models else "its router is not up yet")
+            raise RunError(f"no router URL for {model!r}: {why}")
+        return routers[model]
+
+    def models(self) -> list[str]:
+        return [m.served_name for m in self.config.models]
+
+    # -- waiting and stopping ----------------------------------------------------------------
+    def wait_ready(self, timeout: float | None = None, min_ready: int | None = None, *,
+                   interval: float = 1.0, on_change=None) -> Status:
+        """Block until `min_ready` instances (default: all) and the routers are up.
+
+        Raises RunError when the run failed or ended, WaitTimeout after `timeout` seconds.
+        `on_change(status)` is called whenever the phase or ready count changes."""
+        if min_ready is not None and min_ready < 1:
+            raise ConfigError(f"--min-ready {min_ready}: must be >= 1")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            status = self.state(min_ready)
+            phase, reason = status.phase, status.reason
+            if on_change and (phase, status.ready) != last:
+                on_change(status)
+                last = (phase, status.ready)
+            if phase == "ready":
+                return status
+            if phase in ("failed", "ended"):
+                raise RunError(f"run {phase}: {reason}")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"not ready after {timeout:g}s: {reason}")
+            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+            time.sleep(max(0.0, wait))
+
+    def cancel(self) -> str:
+        """Cancel the batch job, or stop a launched run's launcher (SIGTERM; it cleans up).
+        Returns what was done, one line."""
+        if self.backend is not None:
+            self.backend.cancel(self.job_id)
+            return f"cancelled job {self.job_id}"
+        launcher = self._launcher(self._document())
+        if launcher is None:
+            raise RunError(f"{self.run_dir}: no launcher recorded in {self.endpoints_path} yet; "
+                           "stop `aegis launch` with Ctrl-C or SIGTERM")
+        pid, host = launcher.get("pid"), str(launcher.get("host", ""))
+        if not launcher["alive"]:
+            return f"the launcher (pid {pid} on {host}) is not running; nothing to stop"
+        if not (isinstance(pid, int) and _this_host(host)):
+            raise RunError(f"the launcher runs on {host} (pid {pid}); run aegis cancel there")
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return f"the launcher (pid {pid}) had already ended"
+        return f"sent SIGTERM to the launcher (pid {pid} on {host})"
+
+
+def submit(config: Config | str | os.PathLike, **overrides: Any) -> Run:
+    """Render, write and submit a run (like `aegis submit`); `config` is a Config or a YAML
+    path, `overrides` config keys on top."""
+    from .platforms import get_platform
+    from .scheduler import get_backend
+    from .scheduler import submit as submission
+
+    if not isinstance(config, Config):
+        config = load_config(os.fspath(config), overrides)
+    elif overrides:
+        config = config.replace(**overrides)
+    backend = get_backend(config.effective_scheduler)
+    result = submission.submit(config, get_platform(config.platform), backend)
+    run = Run.open(result.run_dir)
+    run.warnings = result.warnings
+    return run

@@ -1,0 +1,165 @@
+"""One routed endpoint per model: `aegis launch` with stand-in servers and the real vllm-router
+(PyPI, installed by the test extra), driven through the OpenAI SDK.
+
+- 200 requests through the router reach every ready instance;
+- a SIGSTOPped instance leaves the rotation within a few seconds (the router's tuned health
+  checks) and comes back after SIGCONT; a killed one is taken out by the launcher, restarted
+  and put back; no request fails beyond those in flight when it stopped or died.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from aegis.launch.router import router_command
+from aegis.run import Run
+from test_launch_run import Run as LaunchRun
+from test_launch_run import _no_strays, processes_with  # noqa: F401 (autouse: no strays)
+
+DETECT = 5.0  # seconds a stopped or killed instance may keep being chosen
+
+
+def _client(url: str, timeout: float):
+    import openai
+
+    return openai.OpenAI(base_url=url, api_key="none", timeout=timeout, max_retries=0)
+
+
+def _served_by(client, model: str) -> str:
+    return client.completions.create(model=model, prompt="hi", max_tokens=1).system_fingerprint
+
+
+class Load:
+    """Client threads sending completions through the router; records (sent, port or None)."""
+
+    def __init__(self, url: str, model: str, threads: int = 6, timeout: float = 2.0):
+        self.client = _client(url, timeout)
+        self.model = model
+        self.results: list[tuple[float, float, str | None]] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _loop(self):
+        while not self.stop.is_set():
+            sent = time.monotonic()
+            try:
+                who = _served_by(self.client, self.model)
+            except Exception:  # a failed request: recorded as None
+                who = None
+            self.results.append((sent, time.monotonic(), who))
+            time.sleep(0.02)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def between(self, start: float, end: float) -> list[tuple[float, float, str | None]]:
+        return [r for r in self.results if start <= r[0] < end]
+
+
+def _open_when_there(run_dir, timeout: float) -> Run:
+    deadline = time.monotonic() + timeout
+    while not (run_dir / "config.yaml").exists():
+        assert time.monotonic() < deadline, f"{run_dir} never appeared"
+        time.sleep(0.1)
+    return Run.open(run_dir)
+
+
+def _instance_pid(port: int) -> int:
+    (line,) = [p for p in processes_with(f"--port {port} ") if "standin_vllm" in p]
+    return int(line.split(":", 1)[0])
+
+
+def test_router_spreads_requests_and_follows_stopped_and_killed_instances(tmp_path):
+    assert router_command(), "vllm-router is not installed (pip install -e '.[test]')"
+    launch = LaunchRun(tmp_path, [{"name": "m", "served_model_name": "m", "instances": 3}],
+                       restart_backoff=0.2)
+    proc = launch.start()
+    try:
+        run = _open_when_there(launch.run_dir, timeout=30)
+        status = run.wait_ready(timeout=60)
+        ports = [launch.port + k for k in range(3)]
+        assert [e.url for e in status.instances] == [f"http://127.0.0.1:{p}/v1" for p in ports]
+        url = run.router_url("m")
+        assert url == f"http://127.0.0.1:{launch.port + 3}/v1"
+
+        # 200 requests through the router, 8 at a time: every instance serves, none fails
+        client = _client(url, timeout=10)
+        with ThreadPoolExecutor(8) as pool:
+            served = Counter(pool.map(lambda _: _served_by(client, "m"), range(200)))
+        assert sum(served.values()) == 200
+        assert set(served) == {f"standin-{p}" for p in ports}, served
+
+        stopped, killed = ports[0], ports[1]
+        with Load(url, "m") as load:
+            time.sleep(1)
+            pid = _instance_pid(stopped)
+            os.kill(pid, signal.SIGSTOP)
+            t_stop = time.monotonic()
+            time.sleep(DETECT + 3)
+            os.kill(pid, signal.SIGCONT)
+            t_cont = time.monotonic()
+            time.sleep(4)
+            os.kill(_instance_pid(killed), signal.SIGKILL)
+            t_kill = time.monotonic()
+            # the launcher restarts it (backoff 0.2 s) and gives it back to the router
+            run.wait_ready(timeout=30)
+            t_back = time.monotonic()
+            time.sleep(3)
+        out_of_rotation = load.between(t_stop + DETECT, t_cont)
+        assert out_of_rotation, "no request was sent while the instance was stopped"
+        assert all(who not in (None, f"standin-{stopped}") for _, _, who in out_of_rotation), \
+            Counter(who for _, _, who in out_of_rotation)
+        assert f"standin-{stopped}" in {who for _, _, who in load.between(t_cont + 3, t_kill)}
+        after_kill = load.between(t_kill + DETECT, t_back)
+        assert all(who not in (None, f"standin-{killed}") for _, _, who in after_kill)
+        assert f"standin-{killed}" in {who for _, _, who in load.between(t_back + 1, 1e18)}
+        # failures only among requests in flight when an instance stopped or died
+        failed = [sent for sent, _, who in load.results if who is None]
+        assert all(t_stop - 2.5 <= t < t_stop + DETECT or t_kill - 2.5 <= t < t_kill + DETECT
+                   for t in failed), failed
+        restarted = [e for e in run.state().instances if e.url.endswith(f":{killed}/v1")]
+        assert restarted[0].restarts == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert launch.leftovers() == []
+    assert not processes_with(f"--port {launch.port + 3}"), "the router outlived the run"
+    routers = Run.open(launch.run_dir).state().routers
+    assert [r.state for r in routers] == ["stopped"]
+
+
+def test_no_router_for_a_single_instance_unless_asked(tmp_path):
+    launch = LaunchRun(tmp_path, [{"name": "m", "served_model_name": "m"}])
+    res = launch.launch("--once")
+    assert res.returncode == 0, res.stderr
+    assert launch.endpoints()["routers"] == []
+    (tmp_path / "b").mkdir()
+    forced = LaunchRun(tmp_path / "b", [{"name": "m", "served_model_name": "m"}], router=True)
+    proc = forced.start()
+    try:
+        run = _open_when_there(forced.run_dir, timeout=30)
+        run.wait_ready(timeout=30)
+        assert _served_by(_client(run.router_url(), 10), "m") == f"standin-{forced.port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert forced.leftovers() == []

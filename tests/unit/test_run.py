@@ -1,0 +1,303 @@
+"""aegis.Run and the commands over it (status, wait, endpoints, cancel, submit --wait), against
+stand-in batch commands and hand-written endpoints files. The launcher writing those files for
+real is covered in test_launch_run.py (stand-in servers, real vllm-router)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import aegis
+from aegis.cli import EXIT_TIMEOUT, main
+from aegis.config import ConfigError, load_config
+from aegis.layout import RunLayout
+from aegis.launch.endpoints import STALE_AFTER
+from aegis.run import Run, RunError, WaitTimeout
+
+from conftest import EXAMPLES
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def instance(i: int, state: str = "ready", model: str = "m", port: int = 8000) -> dict:
+    return {"id": i, "model": model, "served_name": model, "node": 0, "host": "n1",
+            "port": port + i, "state": state, "log": f"/x/instance-{i:04d}.log", "restarts": 0,
+            "exit_code": None, "error": "" if state != "failed" else "exited with code 3",
+            "base_url": f"http://n1:{port + i}/v1"}
+
+
+def write_doc(run_dir: Path, instances: list[dict], routers=(), launcher=None) -> None:
+    doc = {"schema": 1, "job": "j", "run_dir": str(run_dir), "ready": sum(i["state"] == "ready"
+                                                             for i in instances),
+           "total": len(instances), "instances": instances, "routers": list(routers)}
+    doc["launcher"] = launcher or launcher_record()
+    (run_dir / "endpoints.json").write_text(json.dumps(doc))
+
+
+def launcher_record(pid=None, host=None, heartbeat=None, state="serving") -> dict:
+    return {"pid": os.getpid() if pid is None else pid,
+            "host": socket.gethostname() if host is None else host, "ranks": 1,
+            "state": state, "exit_code": None, "started_at": time.time(),
+            "updated_at": time.time(),
+            "heartbeat_at": time.time() if heartbeat is None else heartbeat,
+            "heartbeat_interval": 5.0}
+
+
+def launched_run(tmp_path: Path, instances=2, pid=None, host=None, heartbeat=None,
+                 **config) -> Path:
+    """A run directory as `aegis launch` leaves it (config.yaml, no job.id)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(json.dumps(
+        {"platform": "local", "model": "m", "instances": instances, **config}))
+    launcher = launcher_record(pid, host, heartbeat)
+    write_doc(run_dir, [instance(i) for i in range(instances)],
+              routers=[{"model": "m", "url": "http://n1:9000/v1", "host": "n1", "state": "ready",
+                        "workers": instances}] if instances >= 2 else [],
+              launcher=launcher)
+    return run_dir
+
+
+def submitted_run(tmp_path, monkeypatch, fake_batch, job_id="88") -> Path:
+    monkeypatch.chdir(tmp_path)
+    fake_batch.answer("sbatch", out=f"{job_id}\n")
+    result = invoke("submit", "-c", str(EXAMPLES / "frontier.yaml"))
+    assert result.exit_code == 0, result.stderr
+    (run_dir,) = (tmp_path / "aegis-runs").iterdir()
+    return run_dir
+
+
+# ------------------------------------------------------------------ Run
+
+
+def test_layout_is_the_one_definition_of_run_paths():
+    layout = RunLayout("/r")
+    assert (layout.script, layout.job_id, layout.job_log, layout.config) == (
+        "/r/job.sh", "/r/job.id", "/r/job.log", "/r/config.yaml")
+    assert layout.endpoints() == "/r/endpoints.json"
+    assert layout.endpoints("sub/e.json") == "/r/sub/e.json"
+    assert layout.endpoints("/abs/e.json") == "/abs/e.json"
+    assert layout.instance_log("instance-0001") == "/r/logs/instance-0001.log"
+    assert layout.router_log("org/M 1") == "/r/logs/router-org-M-1.log"
+
+
+def test_open_submitted_run_reads_job_and_endpoints(tmp_path, monkeypatch, fake_batch):
+    run_dir = submitted_run(tmp_path, monkeypatch, fake_batch)
+    run = Run.open(run_dir)
+    assert (run.job_id, run.backend.name) == ("88", "slurm")
+    fake_batch.answer("squeue", out="PENDING\n")
+    st = run.state()
+    assert (st.job_state, st.phase, st.ready, st.total) == ("queued", "pending", 0, 9)
+    fake_batch.answer("squeue", out="RUNNING\n")
+    assert run.state().phase == "starting"
+    small, big = "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.3-70B-Instruct"
+    instances = [instance(i, model=small) for i in range(8)] + [instance(8, model=big)]
+    write_doc(run_dir, instances)
+    # frontier.yaml: 8 instances of one model (a router, awaited) and 1 of another (none)
+    assert run.state().reason == f"router of {small} not up yet"
+    write_doc(run_dir, instances, routers=[{"model": small, "url": "http://n1:9/v1",
+                                            "host": "n1", "state": "ready"}])
+    st = run.state()
+    assert (st.phase, st.ready) == ("ready", 9), st.reason
+    assert [e.url for e in run.endpoints(big)] == ["http://n1:8008/v1"]
+    assert run.router_url(small) == "http://n1:9/v1"
+    with pytest.raises(ConfigError, match="serves 2 models; name one"):
+        run.router_url()
+    with pytest.raises(RunError, match="router is off for it"):
+        run.router_url(big)
+    fake_batch.answer("squeue", out="")
+    fake_batch.answer("sacct", out="CANCELLED by 0\n")
+    assert (run.state().phase, run.state().job_state) == ("ended", "cancelled")
+
+
+def test_open_rejects_what_is_not_a_run_directory(tmp_path):
+    with pytest.raises(ConfigError, match="no such run directory"):
+        Run.open(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        Run.open(tmp_path)
+
+
+def test_launched_run_is_alive_while_its_launcher_pid_is(tmp_path):
+    run = Run.open(launched_run(tmp_path))
+    st = run.state()
+    assert (run.job_id, st.job_state, st.phase, st.launcher["alive"]) == (None, "running",
+                                                                          "ready", True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run_dir = launched_run(tmp_path / "b", pid=dead.pid)
+    st = Run.open(run_dir).state()
+    assert (st.job_state, st.phase) == ("ended", "ended")
+    assert st.reason.startswith("the launcher is not running")
+
+
+def test_launched_run_on_another_host_is_judged_by_its_heartbeat(tmp_path):
+    fresh = Run.open(launched_run(tmp_path / "a", pid=1, host="elsewhere")).state()
+    assert fresh.phase == "ready"
+    stale = Run.open(launched_run(tmp_path / "b", pid=1, host="elsewhere",
+                                  heartbeat=time.time() - STALE_AFTER * 5 - 1)).state()
+    assert stale.phase == "ended" and "last heartbeat" in stale.reason
+
+
+def test_phase_counts_failed_instances_against_min_ready(tmp_path):
+    run_dir = launched_run(tmp_path, instances=3, router=False)
+    doc = json.loads((run_dir / "endpoints.json").read_text())
+    doc["instances"][2] = instance(2, "failed")
+    doc["instances"][1] = instance(1, "starting")
+    (run_dir / "endpoints.json").write_text(json.dumps(doc))
+    run = Run.open(run_dir)
+    assert run.state().phase == "failed"  # all 3 needed, 1 failed
+    assert run.state(min_ready=2).phase == "starting"
+    assert run.state(min_ready=1).phase == "ready"
+    with pytest.raises(RunError, match="1 of 3 instance\\(s\\) failed"):
+        run.wait_ready(timeout=5)
+    assert run.wait_ready(timeout=5, min_ready=1).ready == 1
+
+
+def test_wait_ready_times_out_and_reports_progress(tmp_path):
+    run_dir = launched_run(tmp_path, instances=2)
+    doc = json.loads((run_dir / "endpoints.json").read_text())
+    doc["instances"][1]["state"] = "starting"
+    (run_dir / "endpoints.json").write_text(json.dumps(doc))
+    seen = []
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout, match="not ready after 0.3s: 1 of 2 instance"):
+        Run.open(run_dir).wait_ready(timeout=0.3, interval=0.05, on_change=seen.append)
+    assert time.monotonic() - t0 < 3
+    assert [s.phase for s in seen] == ["starting"]
+
+
+def test_router_is_awaited_before_ready_and_named_in_errors(tmp_path):
+    run_dir = launched_run(tmp_path, instances=2)
+    doc = json.loads((run_dir / "endpoints.json").read_text())
+    doc["routers"][0]["state"] = "starting"
+    (run_dir / "endpoints.json").write_text(json.dumps(doc))
+    run = Run.open(run_dir)
+    assert run.state().reason == "router of m not up yet"
+    with pytest.raises(RunError, match="its router is not up yet"):
+        run.router_url("m")
+    with pytest.raises(ConfigError, match="this run serves m"):
+        run.router_url("other")
+    doc["routers"][0].update(state="failed", error="vllm-router not found")
+    (run_dir / "endpoints.json").write_text(json.dumps(doc))
+    assert run.state().phase == "ready"  # a failed router is reported, not awaited forever
+
+
+def test_cancel_a_launched_run_sends_sigterm_to_its_launcher(tmp_path):
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = Run.open(launched_run(tmp_path, pid=launcher.pid))
+        assert run.cancel() == f"sent SIGTERM to the launcher (pid {launcher.pid} on " \
+                               f"{socket.gethostname()})"
+        assert launcher.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        launcher.kill()
+    elsewhere = Run.open(launched_run(tmp_path / "b", pid=1, host="elsewhere"))
+    with pytest.raises(RunError, match="the launcher runs on elsewhere"):
+        elsewhere.cancel()
+
+
+def test_aegis_submit_returns_a_run(tmp_path, monkeypatch, fake_batch):
+    monkeypatch.chdir(tmp_path)
+    fake_batch.answer("sbatch", out="99\n")
+    run = aegis.submit(str(EXAMPLES / "frontier.yaml"), run_dir=str(tmp_path / "runs"))
+    assert isinstance(run, aegis.Run) and run.job_id == "99"
+    assert Path(run.run_dir).parent == tmp_path / "runs"
+    assert load_config(run.layout.config).endpoints_file == run.endpoints_path
+
+
+# ------------------------------------------------------------------ commands
+
+
+def test_status_json_schema(tmp_path):
+    result = invoke("status", str(launched_run(tmp_path)), "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert set(doc) == {"run_dir", "job_id", "scheduler", "job_state", "phase", "reason",
+                        "ready", "total", "instances", "routers", "launcher", "endpoints_file"}
+    assert set(doc["instances"][0]) == {"url", "model", "node", "state", "id", "restarts",
+                                        "error"}
+    assert doc["routers"][0]["url"] == "http://n1:9000/v1"
+
+
+def test_status_table(tmp_path):
+    result = invoke("status", str(launched_run(tmp_path)))
+    lines = result.stdout.splitlines()
+    assert lines[0] == "launched run: running; 2/2 instance(s) ready; ready"
+    assert lines[1].split() == ["MODEL", "NODE", "URL", "STATE", "RESTARTS"]
+    assert lines[2].split() == ["m", "n1", "http://n1:8000/v1", "ready", "0"]
+    assert lines[4].split() == ["m", "n1", "http://n1:9000/v1", "router", "ready"]
+
+
+def test_wait_exit_codes(tmp_path):
+    ready = invoke("wait", str(launched_run(tmp_path / "a")), "--timeout", "5")
+    assert (ready.exit_code, ready.stdout) == (0, "http://n1:9000/v1\n")
+    no_router = invoke("wait", str(launched_run(tmp_path / "b", instances=1)))
+    assert (no_router.exit_code, no_router.stdout) == (0, "http://n1:8000/v1\n")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ended = invoke("wait", str(launched_run(tmp_path / "c", pid=dead.pid)))
+    assert ended.exit_code == 1
+    assert ended.stderr.splitlines()[-1].startswith("aegis: error: run ended: the launcher is")
+    run_dir = launched_run(tmp_path / "d")
+    write_doc(run_dir, [instance(0), instance(1, "starting")],
+              routers=[{"model": "m", "url": "http://n1:9000/v1", "state": "ready"}],
+              launcher=launcher_record())
+    slow = invoke("wait", str(run_dir), "--timeout", "0.2")
+    assert slow.exit_code == EXIT_TIMEOUT == 3
+    assert "not ready after 0.2s" in slow.stderr
+    assert invoke("wait", str(run_dir), "--min-ready", "1").exit_code == 0
+
+
+def test_endpoints_command(tmp_path):
+    run_dir = str(launched_run(tmp_path))
+    plain = invoke("endpoints", run_dir)
+    assert plain.stdout == "http://n1:8000/v1\nhttp://n1:8001/v1\n"
+    routed = invoke("endpoints", run_dir, "--router")
+    assert routed.stdout == "http://n1:9000/v1\n"
+    records = json.loads(invoke("endpoints", run_dir, "--json", "--model", "m").stdout)
+    assert [r["url"] for r in records] == ["http://n1:8000/v1", "http://n1:8001/v1"]
+    wrong = invoke("endpoints", run_dir, "--model", "nope")
+    assert (wrong.exit_code, wrong.stderr) == (
+        2, "aegis: error: --model 'nope': this run serves m\n")
+
+
+def test_cancel_submitted_run_and_bare_job_id(tmp_path, monkeypatch, fake_batch):
+    run_dir = submitted_run(tmp_path, monkeypatch, fake_batch, job_id="123")
+    result = invoke("cancel", str(run_dir))
+    assert result.exit_code == 0 and fake_batch.argv("scancel") == ["123"]
+    # a job id whose run directory the batch system names: the run's own view
+    fake_batch.answer("scontrol", out=f"JobId=123 JobState=RUNNING WorkDir={run_dir}\n")
+    fake_batch.answer("squeue", out="RUNNING\n")
+    status = invoke("status", "123", "--scheduler", "slurm")
+    assert status.stdout.startswith("job 123 (slurm): running; 0/9")
+
+
+def test_submit_wait_times_out_or_fails_with_the_job(tmp_path, monkeypatch, fake_batch):
+    monkeypatch.chdir(tmp_path)
+    fake_batch.answer("sbatch", out="5\n")
+    fake_batch.answer("squeue", out="RUNNING\n")
+    slow = invoke("submit", "-c", str(EXAMPLES / "frontier.yaml"), "--wait", "--timeout", "0.2")
+    assert slow.exit_code == 3 and slow.stdout == ""
+    fake_batch.answer("squeue", out="")
+    fake_batch.answer("sacct", out="FAILED\n")
+    failed = invoke("submit", "-c", str(EXAMPLES / "frontier.yaml"), "--wait")
+    assert failed.exit_code == 1
+    assert failed.stderr.splitlines()[-1] == "aegis: error: run failed: job 5 failed"
+
+
+def test_run_commands_on_a_missing_directory_are_bad_input(tmp_path):
+    for command in ("status", "wait", "endpoints", "cancel"):
+        result = invoke(command, str(tmp_path / "gone"))
+        assert result.exit_code == 2, command
+        assert result.stderr == f"aegis: error: {tmp_path / 'gone'}: no such run directory\n"
