@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..layout import RunLayout
 from .endpoints import InstanceState
-from .processes import _die_with_launcher, _signal_group, port_in_use
+from .processes import KEEPER_MARGIN, kept, port_in_use
 
 ROUTER_COMMAND = "vllm-router"
 # Health checks every second, out after 2 failures, back after 1 success (measured: a
@@ -33,6 +33,7 @@ ROUTER_COMMAND = "vllm-router"
 HEALTH_ARGS = ("--health-check-interval-secs", "1", "--health-check-timeout-secs", "2",
                "--health-failure-threshold", "2", "--health-success-threshold", "1")
 CALL_TIMEOUT = 10.0  # one add/remove/list call
+STOP_GRACE = 5.0  # seconds between TERM and KILL when stopping a router
 START_TIMEOUT = 30.0  # the router answering /health after it was started
 
 
@@ -97,10 +98,11 @@ class Routers:
     def _start(self, r: _Router, command: str) -> None:
         os.makedirs(os.path.dirname(r.log_path), exist_ok=True)
         with open(r.log_path, "ab") as log:
+            # under a keeper, like the instances: nothing of it outlives the launcher
             r.proc = subprocess.Popen(
-                router_argv(command, self.host, r.port, self.extra_args),
+                kept(router_argv(command, self.host, r.port, self.extra_args), STOP_GRACE),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_launcher, close_fds=True)
+                start_new_session=True, close_fds=True)
         r.started = time.monotonic()
 
     # -- rank 0's tick -----------------------------------------------------------------------
@@ -199,7 +201,7 @@ class Routers:
                 self.log(f"router for {model}: {type(e).__name__}: {e}")
                 time.sleep(0.5)
 
-    def close(self, grace: float = 5.0) -> None:
+    def close(self) -> None:
         if self._closed:
             return
         self._closed = True
@@ -209,15 +211,14 @@ class Routers:
                 if r.state != "failed":
                     r.state, r.workers = "stopped", set()
         procs = [r.proc for r in self.routers.values() if r.proc is not None]
+        for p in procs:  # the keeper: TERM, STOP_GRACE, KILL to the router and its children
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + STOP_GRACE + KEEPER_MARGIN
         for p in procs:
-            _signal_group(p.pid, 15)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-            time.sleep(0.05)
-        for p in procs:
-            _signal_group(p.pid, 9)
             try:
-                p.wait(timeout=5)
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pass
+                p.kill()
+                p.wait()
         self._thread.join(timeout=CALL_TIMEOUT + 1)
