@@ -53,8 +53,10 @@ def run_dir_name(config: Config, now: _dt.datetime) -> str:
 
 
 def resolved_for_run(config: Config, run_dir: str) -> Config:
-    """The config the launcher re-loads: relative endpoints_file pinned inside the run dir."""
-    return config.replace(endpoints_file=RunLayout(run_dir).endpoints(config.endpoints_file))
+    """The config the launcher re-loads: relative endpoints_file pinned inside the run dir,
+    the ports pinned (what the script's comments and `aegis plan` said)."""
+    return config.replace(endpoints_file=RunLayout(run_dir).endpoints(config.endpoints_file),
+                          port_start=config.first_port)
 
 
 def write_resolved_config(config: Config, layout: RunLayout) -> None:
