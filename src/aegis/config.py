@@ -669,10 +669,14 @@ class _Problems:
     """Collects every problem of a config, so one run reports them all (one line each)."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # the first MAX_PROBLEMS_SHOWN
+        self.count = 0
 
-    def add(self, line: str) -> None:
-        self.lines.append(line)
+    def add(self, line: str | Callable[[], str]) -> None:
+        """A problem; a callable is only formatted when it will be shown (hints cost time)."""
+        self.count += 1
+        if len(self.lines) < MAX_PROBLEMS_SHOWN:
+            self.lines.append(line() if callable(line) else line)
 
     def check(self, key: Key, value: Any, path: str, source: str | None) -> Any:
         try:
@@ -682,12 +686,10 @@ class _Problems:
             return None
 
     def raise_any(self) -> None:
-        lines = self.lines[:MAX_PROBLEMS_SHOWN]
-        if len(self.lines) > MAX_PROBLEMS_SHOWN:
-            lines.append(f"config: {len(self.lines) - MAX_PROBLEMS_SHOWN} more problems not "
-                         "shown")
-        if lines:
-            raise ConfigError("\n".join(lines))
+        more = self.count - len(self.lines)
+        if self.count:
+            raise ConfigError("\n".join(
+                self.lines + ([f"config: {more} more problems not shown"] if more else [])))
 
 
 def _parse_model(entry: Any, path: str, overrides: dict[str, Any], ignored: list[str],
@@ -704,14 +706,14 @@ def _parse_model(entry: Any, path: str, overrides: dict[str, Any], ignored: list
         entry["model"] = entry.pop(_MODEL_NAME_ALIAS)
     names = [k.name for k in MODEL_KEYS]
     values: dict[str, Any] = {}
-    known_before = len(problems.lines)
+    known_before = problems.count
     for name, value in entry.items():
         sub = f"{path}.{name}" if path else str(name)
         if name in LEGACY_MODEL_KEYS:
             ignored.append(sub)
             continue
         if name not in names:
-            problems.add(_unknown(path, name, names))
+            problems.add(lambda: _unknown(path, name, names))
             continue
         values[name] = value
     values.update(overrides)
@@ -725,7 +727,7 @@ def _parse_model(entry: Any, path: str, overrides: dict[str, Any], ignored: list
         sub = f"{path}.{name}" if path else name
         fields_[key.field_name] = problems.check(key, value, sub,
                                                  key.flag if name in overrides else None)
-    return ModelConfig(**fields_) if len(problems.lines) == known_before else None
+    return ModelConfig(**fields_) if problems.count == known_before else None
 
 
 def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
@@ -755,7 +757,7 @@ def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
         elif name == "models":
             continue
         elif name not in _BY_NAME:
-            problems.add(_unknown("", name, allowed_top))
+            problems.add(lambda: _unknown("", name, allowed_top))
         elif _BY_NAME[name].scope == "model":
             single_model[name] = value
         else:
