@@ -94,6 +94,12 @@ CASES = [
     ("startup-timeout-flag-nan", None, ["--model", "m", "--startup-timeout", "nan"],
      ["startup_timeout (--startup-timeout): nan is out of range; must be > 0 and <= 604800 "
       "seconds"]),
+    *[(f"timing-key-{key}-{text}", f"model: m\n{key}: {text}\n", [],
+       [f"{key}: {shown} is out of range; must be > 0 and <= {limit} seconds"])
+      for key, limit in (("restart_backoff", 3600), ("stop_grace", 3600),
+                         ("poll_interval", 1), ("probe_timeout", 3600),
+                         ("liveness_interval", 86400))
+      for text, shown in ((".nan", "nan"), (".inf", "inf"), ("0", "0"))],
     *[(f"instance-env-{var}", f"model: m\ninstance_env: {{{var}: '0'}}\n", [],
        [f"instance_env: {var} is set by aegis for every instance from the plan's devices; "
         "devices follow from tensor_parallel_size"])
