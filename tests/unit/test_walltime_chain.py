@@ -210,3 +210,35 @@ def test_a_pbs_generation_releases_its_successor_and_mirrors_its_endpoints(tmp_p
     assert "next generation: job 202.pbs01 may start at" in res.stderr
     doc = json.loads((chain_dir / "endpoints.json").read_text())
     assert doc["generation"] == 1 and doc["launcher"]["state"] == "stopped"
+
+
+def test_draining_takes_the_instances_out_of_the_router(tmp_path):
+    from aegis.launch.router import router_command
+
+    assert router_command(), "vllm-router is not installed (scripts/setup-dev)"
+    run = Run(tmp_path, [{"name": "org/tiny", "instances": 2, "served_model_name": "tiny"}],
+              walltime="00:00:30", drain_seconds=8)
+    proc = run.start(env={**_env(), "AEGIS_JOB_START": str(int(time.time()))})
+    try:
+        serving = run.wait_endpoints(lambda d: d["launcher"]["state"] == "serving"
+                                     and d["routers"] and d["routers"][0]["workers"] == 2,
+                                     timeout=25)
+        router = serving["routers"][0]
+        workers_url = f"http://{router['host']}:{router['port']}/list_workers"
+        before = urllib.request.urlopen(workers_url, timeout=5).read().decode()
+        assert all(f":{i['port']}" in before for i in serving["instances"]), before
+        drained = run.wait_endpoints(lambda d: d["launcher"]["state"] == "draining", timeout=25)
+        assert drained["ready"] == 0
+        deadline = time.monotonic() + 5  # the router is told at once; allow its reply
+        while time.monotonic() < deadline:
+            after = urllib.request.urlopen(workers_url, timeout=5).read().decode()
+            if not any(f":{i['port']}" in after for i in serving["instances"]):
+                break
+            time.sleep(0.1)
+        assert not any(f":{i['port']}" in after for i in serving["instances"]), after
+        _, err = proc.communicate(timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert run.leftovers() == []
