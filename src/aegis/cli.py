@@ -333,10 +333,13 @@ def _open_run(run: str, scheduler: str | None, platform: str | None):
         return Run.open(run, scheduler=scheduler)
     if os.sep in run or run.startswith("."):
         raise ConfigError(f"{run}: no such run directory")
-    job_id = check_job_id(run)
-    if scheduler is None and platform is not None:
-        scheduler = get_platform(platform).scheduler
-    backend = get_backend(scheduler or _scheduler_on_path())
+    try:
+        job_id = check_job_id(run)
+        if scheduler is None and platform is not None:
+            scheduler = get_platform(platform).scheduler
+        backend = get_backend(scheduler or _scheduler_on_path())
+    except ConfigError as err:  # a mistyped run directory lands here too: say both
+        raise ConfigError(f"{run}: no such run directory; as a {err}") from None
     run_dir = backend.run_dir_of(job_id)
     if run_dir and os.path.isdir(run_dir) and os.path.isfile(os.path.join(run_dir, "config.yaml")):
         return Run.open(run_dir, scheduler=backend.name)
@@ -449,13 +452,13 @@ def endpoints(run: str, scheduler: str | None, platform: str | None, model: str 
 
     run_ = _need_run(_open_run(run, scheduler, platform), "aegis endpoints")
     if routed:
+        if model:
+            run_.router_url(model)  # a model the run does not serve, or no router: one line
         models = [model] if model else run_.models()
         records = [r for r in run_.routers() if r.model in models and r.state == "ready"]
         if not records:
             raise RunError(f"no router is up for {', '.join(models)} (aegis status {run} "
                            "says why)")
-        if model:
-            run_.router_url(model)  # a model the run does not serve: one clear line
     else:
         records = run_.endpoints(model)
     if as_json:

@@ -232,8 +232,8 @@ def test_bare_job_id_asks_the_batch_system_on_path(fake_batch, present, expected
         assert (result.exit_code, result.stdout) == (0, "running\n" if expected == "pbs" else "queued\n")
     else:
         assert result.exit_code == 2
-        assert result.stderr == (f"aegis: error: job id: {expected}; say which with "
-                                 "--scheduler pbs|slurm\n")
+        assert result.stderr == (f"aegis: error: 7: no such run directory; as a job id: "
+                                 f"{expected}; say which with --scheduler pbs|slurm\n")
 
 
 def test_cancel_failure_exit_1(fake_batch):

@@ -267,9 +267,10 @@ def test_endpoints_command(tmp_path):
     assert routed.stdout == "http://n1:9000/v1\n"
     records = json.loads(invoke("endpoints", run_dir, "--json", "--model", "m").stdout)
     assert [r["url"] for r in records] == ["http://n1:8000/v1", "http://n1:8001/v1"]
-    wrong = invoke("endpoints", run_dir, "--model", "nope")
-    assert (wrong.exit_code, wrong.stderr) == (
-        2, "aegis: error: --model 'nope': this run serves m\n")
+    for routed_flag in ((), ("--router",)):  # the same line with or without --router
+        wrong = invoke("endpoints", run_dir, "--model", "nope", *routed_flag)
+        assert (wrong.exit_code, wrong.stderr) == (
+            2, "aegis: error: --model 'nope': this run serves m\n")
 
 
 def test_cancel_submitted_run_and_bare_job_id(tmp_path, monkeypatch, fake_batch):
@@ -301,3 +302,11 @@ def test_run_commands_on_a_missing_directory_are_bad_input(tmp_path):
         result = invoke(command, str(tmp_path / "gone"))
         assert result.exit_code == 2, command
         assert result.stderr == f"aegis: error: {tmp_path / 'gone'}: no such run directory\n"
+
+
+def test_a_mistyped_run_name_is_named_as_such(fake_batch):
+    # no "/" in it, so it could be a job id; the error still says no run directory has the name
+    result = invoke("status", "aegis-2026O101-101500")
+    assert (result.exit_code, result.stderr) == (
+        2, "aegis: error: aegis-2026O101-101500: no such run directory; as a job id: both qstat "
+        "and squeue are on PATH; say which with --scheduler pbs|slurm\n")
