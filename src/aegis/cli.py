@@ -30,6 +30,10 @@ def _warn(message: str) -> None:
     click.echo(f"aegis: warning: {message}", err=True)
 
 
+# click >= 8.2 raises this (a UsageError whose message is the whole help) for a bare group.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class AegisGroup(click.Group):
     """Turns every known failure into one line on stderr and an exit code."""
 
@@ -43,6 +47,9 @@ class AegisGroup(click.Group):
         except click.exceptions.Abort:
             click.echo("aegis: aborted", err=True)
             code = EXIT_FAILED
+        except _NO_ARGS_IS_HELP as err:  # a bare `aegis`: the help as it is, not squeezed
+            click.echo(err.format_message(), err=True)
+            code = err.exit_code
         except click.ClickException as err:  # bad flags: click's own message, one line
             click.echo(f"aegis: error: {' '.join(err.format_message().split())}", err=True)
             code = err.exit_code

@@ -24,6 +24,14 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+def test_bare_aegis_prints_the_help_readably():
+    result = invoke()
+    assert result.exit_code != 0 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Usage: ") and "Commands:" in lines
+    assert any(line.split()[:1] == ["status"] for line in lines)
+
+
 def test_every_config_key_has_a_flag_on_submit_and_plan():
     for command in ("submit", "plan"):
         params = {p.name: p for p in main.commands[command].params}
