@@ -596,3 +596,31 @@ def test_sigkilled_launcher_during_the_node_prewarm_leaves_nothing(tmp_path):
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
+
+
+def test_a_killed_keeper_leaves_nothing_either(tmp_path):
+    """SIGKILL of a keeper (not the launcher): its instance's leader dies with it and the
+    launcher, a subreaper, removes the rest, then restarts the instance."""
+    run = Run(tmp_path, [{"name": "m", "extra_vllm_args": FAMILY}])
+    proc = run.start("--stop-grace", "2", quiet=True)
+    try:
+        run.wait_endpoints(lambda d: d["ready"] == 1)
+        _wait_family(run, 1)
+        first = set(marked_processes(run.token))
+        keepers = [p for p, c in marked_processes(run.token).items() if "keeper.py" in c]
+        assert len(keepers) == 1
+        os.kill(keepers[0], signal.SIGKILL)
+        run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
+                           and d["instances"][0]["state"] == "ready")
+        _wait_family(run, 1)
+        time.sleep(0.5)
+        alive = marked_processes(run.token)
+        assert len(processes_with(run.token)) == 5 and not (first - {proc.pid}) & set(alive), alive
+        zombies = [pid for pid in alive if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"]
+        assert zombies == []
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert run.leftovers() == []

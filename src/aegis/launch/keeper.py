@@ -15,8 +15,9 @@ It starts COMMAND in a new session and then waits for one of:
 - the launcher dies (the parent-death signal SIGTERM, or getppid() no longer --parent,
   checked every half second): the same, with the grace cut to DEATH_GRACE seconds so that
   everything is gone within 10 s.
-The instance's leader gets SIGKILL as its own parent-death signal, should the keeper itself
-be killed.
+Should the keeper itself be killed, the instance's leader gets SIGKILL (its own parent-death
+signal), and the launcher removes the rest: it is a subreaper too, so they are re-parented to
+it, and each carries AEGIS_KEEPER=<keeper pid> in its environment (processes.remove_strays).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ PR_SET_CHILD_SUBREAPER = 36
 DEATH_GRACE = 5.0  # seconds between TERM and KILL once the launcher is gone
 EXIT_DONE = 0.5  # seconds the leftovers of a leader that exited get before KILL
 POLL = 0.5  # seconds between checks of the parent
+KEEPER_ENV = "AEGIS_KEEPER"  # set to the keeper's pid in the environment of its instance
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -129,7 +131,10 @@ class Keeper:
             try:
                 os.setsid()
                 _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-                os.execvp(argv[0], argv)  # handled signals are reset to default by exec
+                # every descendant inherits the mark: should this keeper be killed, the
+                # launcher (a subreaper too) finds what it left by it
+                env = {**os.environ, KEEPER_ENV: str(self.me)}
+                os.execvpe(argv[0], argv, env)  # handled signals are reset to default by exec
             except OSError as e:
                 os.write(2, f"aegis keeper: cannot run {argv[0]}: {e.strerror}\n".encode())
             os._exit(127)

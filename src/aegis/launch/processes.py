@@ -24,6 +24,44 @@ KEEPER_ARGV = (sys.executable, "-I", "-S", keeper.__file__)
 KEEPER_MARGIN = 5.0  # seconds the launcher waits for a keeper beyond its grace before KILL
 
 
+def adopt_orphans(on: bool) -> None:
+    """Make this process a child subreaper (or stop being one): processes whose keeper was
+    killed are then re-parented here, where remove_strays finds and reaps them."""
+    keeper._prctl(keeper.PR_SET_CHILD_SUBREAPER, int(on))
+
+
+def _marked_by(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for var in f.read().split(b"\0"):
+                if var.startswith(keeper.KEEPER_ENV.encode() + b"="):
+                    return int(var.split(b"=", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def remove_strays(dead_keepers: set[int]) -> None:
+    """KILL every process left by the instances of keepers that were killed (their mark in
+    the environment), and reap those re-parented to this process."""
+    for _ in range(100):  # a process may fork while we kill: repeat until none is left
+        strays = [int(e) for e in os.listdir("/proc")
+                  if e.isdigit() and _marked_by(int(e)) in dead_keepers]
+        if not strays:
+            return
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+        for pid in strays:  # ours once re-parented here (this process is a subreaper)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
 def kept(argv: list[str], grace: float) -> list[str]:
     """argv run under a keeper: nothing it starts outlives the launcher. Stop it with SIGTERM
     to the keeper (TERM, `grace` seconds, KILL to every descendant)."""
@@ -83,14 +121,21 @@ class Running:
                 stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
         self.started = time.monotonic()
         self.stopped = False
+        self.strays_removed = False
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def exit_code(self) -> int | None:
-        """The keeper's status: the instance leader's (128+N for signal N), once all is gone."""
-        return self.proc.poll()
+        """The keeper's status: the instance leader's (128+N for signal N), once all is gone.
+        A keeper killed by a signal (negative status) could not clean up: its strays are
+        removed here."""
+        code = self.proc.poll()
+        if code is not None and code < 0 and not self.strays_removed:
+            self.strays_removed = True
+            remove_strays({self.proc.pid})
+        return code
 
     def stop(self) -> None:
         """Ask the keeper to stop the instance (TERM to every descendant, `grace`, KILL); does
@@ -123,3 +168,4 @@ def stop_all(running: list[Running]) -> None:
         except subprocess.TimeoutExpired:
             r.proc.kill()
             r.proc.wait()
+        r.exit_code()  # removes the strays of a keeper that was killed

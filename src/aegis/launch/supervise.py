@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .endpoints import InstanceState
 from .instances import Part
-from .processes import Running, bind_problem, stop_all, write_script
+from .processes import Running, adopt_orphans, bind_problem, stop_all, write_script
 from .readiness import Target, probe_round
 
 _WILDCARDS = ("0.0.0.0", "::", "")
@@ -61,6 +61,7 @@ class LocalFleet:
     # --- transitions ---
 
     def start_all(self) -> None:
+        adopt_orphans(True)  # until stop(): what a killed keeper leaves comes to us
         for slot in self.slots:
             write_script(slot.part)
         now = time.monotonic()
@@ -184,3 +185,4 @@ class LocalFleet:
 
     def stop(self) -> None:
         stop_all([s.running for s in self.slots if s.running is not None])
+        adopt_orphans(False)
