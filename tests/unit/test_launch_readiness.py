@@ -1,9 +1,12 @@
 """The readiness check against the stand-in: each condition it requires, and wait_ready."""
 
+import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,3 +103,97 @@ def test_wait_ready_sees_late_starters_dead_processes_and_deadline(standin):
     assert res["dead"].detail == "exited with code 3"
     assert res["stuck"].detail == "not ready in time; last check: /health answered 503"
     assert 2.5 <= elapsed < 4.5
+
+
+# --- any conforming HTTP server: the standard library's, in each framing it can use ---
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    framing = "length"  # length | chunked | close (no length: the body ends with the connection)
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._send(200, b"")
+        elif self.path == "/v1/models":
+            self._send(200, json.dumps({"object": "list", "data": [{"id": "m"}]}).encode())
+        else:
+            self._send(404, b"{}")
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ok = req["model"] == "m" and req["max_tokens"] == 1
+        self._send(200 if ok else 400, json.dumps({"choices": [{"text": "hi"}]}).encode())
+
+    def _send(self, status, body):
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if self.framing == "chunked":
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for piece in (body[:3], body[3:]):
+                if piece:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.framing == "close":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("protocol, framing", [
+    ("HTTP/1.0", "length"),   # a new connection per request
+    ("HTTP/1.0", "close"),    # no Content-Length: the body ends when the server closes
+    ("HTTP/1.1", "length"),   # keep-alive: the three checks share one connection
+    ("HTTP/1.1", "chunked"),
+    ("HTTP/1.1", "close"),
+])
+def test_any_conforming_http_server_is_understood(protocol, framing):
+    handler = type("Handler", (_Handler,), {"protocol_version": protocol, "framing": framing})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    connections = []
+    real_handle = server.process_request
+
+    def counting(request, address):
+        connections.append(address)
+        real_handle(request, address)
+
+    server.process_request = counting
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = _probe(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.ready, result.detail
+    reuse = protocol == "HTTP/1.1" and framing != "close"
+    assert len(connections) == (1 if reuse else 3), connections
+
+
+def test_a_server_that_answers_garbage_is_not_ready():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+
+        def answer(payload):
+            conn, _ = sock.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(payload)
+
+        for payload, expected in [
+            (b"SSH-2.0-OpenSSH_9.6\r\n", "127.0.0.1:%d: " % port),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnope!", None),
+        ]:
+            threading.Thread(target=answer, args=(payload,), daemon=True).start()
+            result = probe_round([Target("k", "127.0.0.1", port, "m")], timeout=2)["k"]
+            assert not result.ready
+            if expected:
+                assert result.detail.startswith(expected), result.detail

@@ -1,17 +1,27 @@
 """Is an instance really serving? /health 200, its name in /v1/models, a 1-token completion.
 
 vLLM answers /health 200 while its engine is about to die (measured), so only an answered
-completion counts. Probes run concurrently on one asyncio loop with a tiny HTTP/1.1 client
-(no new dependencies; thousands of endpoints per round on one core).
+completion counts. Probes run concurrently on one asyncio loop with aiohttp, one client
+session per round whose pool keeps each server's connection alive across its three checks.
+
+Why aiohttp (not httpx): its HTTP parser is C (llhttp), so thousands of probes per round stay
+cheap on the launcher's one core (benchmarks/bench_readiness.py); it speaks HTTP/1.0 and 1.1,
+keep-alive or not, chunked or close-delimited bodies, as servers choose; and it ignores
+HTTP(S)_PROXY unless told otherwise, which matters on sites that set a proxy for the outside
+world: probes go to node addresses directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+MAX_BODY = 4 << 20  # bytes of a response a probe reads at most (a model list, a completion)
+COMPLETION_TIMEOUT = 30.0  # the first completion of a fresh engine can be slow (warm-up)
 
 
 @dataclass(frozen=True)
@@ -29,120 +39,77 @@ class Probe:
     detail: str  # why not ready ("" when ready)
 
 
-class _HTTPError(Exception):
+class _BodyTooLarge(Exception):
     pass
 
 
-class _Connection:
-    """HTTP/1.1 with keep-alive: the three checks of one probe share a connection (one TCP
-    handshake instead of three), reconnecting when the server closes it."""
+async def _request(session, method: str, url: str, timeout: float, **kw) -> tuple[int, bytes]:
+    import aiohttp
 
-    def __init__(self, host: str, port: int, timeout: float):
-        self.host, self.port, self.timeout = host, port, timeout
-        self.reader = self.writer = None
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.reader = self.writer = None
-
-    async def request(self, method: str, path: str, *, body: bytes | None = None,
-                      headers: dict[str, str] | None = None,
-                      timeout: float | None = None) -> tuple[int, bytes]:
-        return await asyncio.wait_for(self._request(method, path, body, headers or {}),
-                                      timeout or self.timeout)
-
-    async def _request(self, method, path, body, headers) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                 "Accept: application/json", *(f"{k}: {v}" for k, v in headers.items())]
-        if body is not None:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b""))
-        await self.writer.drain()
-        reader = self.reader
-        status_line = await reader.readline()
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[1].isdigit():
-            raise _HTTPError(f"bad status line {status_line[:60]!r}")
-        status = int(parts[1])
-        length, chunked, close = None, False, False
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "transfer-encoding" and "chunked" in value:
-                chunked = True
-            elif name == "connection" and value == "close":
-                close = True
-        if chunked:
-            data = b""
-            while True:
-                size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    await reader.readline()
-                    break
-                data += await reader.readexactly(size)
-                await reader.readline()
-        elif length is not None:
-            data = await reader.readexactly(length)
-        else:
-            data = await reader.read()
-            close = True
-        if close:
-            await self.close()
-        return status, data
+    async with session.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout),
+                               allow_redirects=False, **kw) as resp:
+        data = bytearray()
+        async for chunk in resp.content.iter_chunked(64 << 10):
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise _BodyTooLarge(f"{url} answered more than {MAX_BODY} bytes")
+        return resp.status, bytes(data)
 
 
-async def probe(target: Target, timeout: float = 5.0) -> Probe:
-    """One readiness check; never raises."""
+async def probe(session, target: Target, timeout: float = 5.0) -> Probe:
+    """One readiness check with an aiohttp session; never raises."""
+    import aiohttp
+
     auth = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     where = f"{target.host}:{target.port}"
-    conn = _Connection(target.host, target.port, timeout)
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    base = f"http://{host}:{target.port}"
     try:
-        status, _ = await conn.request("GET", "/health")
+        status, _ = await _request(session, "GET", f"{base}/health", timeout)
         if status != 200:
             return Probe(False, f"/health answered {status}")
-        status, data = await conn.request("GET", "/v1/models", headers=auth)
+        status, data = await _request(session, "GET", f"{base}/v1/models", timeout, headers=auth)
         if status != 200:
             return Probe(False, f"/v1/models answered {status}")
         names = {m.get("id") for m in json.loads(data).get("data", [])}
         if target.served_name not in names:
             return Probe(False, f"/v1/models does not list {target.served_name!r} "
                                 f"(has {sorted(n for n in names if n)})")
-        body = json.dumps({"model": target.served_name, "prompt": "Hello", "max_tokens": 1,
-                           "temperature": 0}).encode()
-        # The first completion of a fresh engine can be slow (warm-up): allow longer.
-        status, data = await conn.request("POST", "/v1/completions", body=body, headers=auth,
-                                          timeout=max(timeout, 30.0))
+        body = {"model": target.served_name, "prompt": "Hello", "max_tokens": 1,
+                "temperature": 0}
+        status, data = await _request(session, "POST", f"{base}/v1/completions",
+                                      max(timeout, COMPLETION_TIMEOUT), json=body, headers=auth)
         if status != 200:
-            return Probe(False, f"1-token completion answered {status}: {data[:200].decode(errors='replace')}")
+            return Probe(False, f"1-token completion answered {status}: "
+                                f"{data[:200].decode(errors='replace')}")
         if not json.loads(data).get("choices"):
             return Probe(False, "1-token completion returned no choices")
         return Probe(True, "")
-    except ConnectionRefusedError:
-        return Probe(False, f"connection refused on {where}")
-    except asyncio.TimeoutError:
+    except aiohttp.ClientConnectorError as e:
+        if e.os_error is not None and e.os_error.errno == errno.ECONNREFUSED:
+            return Probe(False, f"connection refused on {where}")
+        return Probe(False, f"{where}: cannot connect: {e.os_error or e}")
+    except asyncio.TimeoutError:  # aiohttp's timeouts are asyncio.TimeoutError too
         return Probe(False, f"no answer from {where} within {timeout:g}s")
-    except (OSError, _HTTPError, asyncio.IncompleteReadError, ValueError, AttributeError) as e:
+    except (aiohttp.ClientError, OSError, _BodyTooLarge, ValueError, AttributeError,
+            TypeError) as e:  # a broken answer: not JSON, not the expected shape, cut off
         return Probe(False, f"{where}: {type(e).__name__}: {e}")
-    finally:
-        await conn.close()
 
 
 async def _probe_all(targets: list[Target], timeout: float, concurrency: int) -> list[Probe]:
+    import aiohttp
+
     gate = asyncio.Semaphore(concurrency)
+    # One pooled connection per server at a time (its three checks run in turn); no cookies.
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=1)
+    async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                     headers={"Accept": "application/json"}) as session:
 
-    async def one(t: Target) -> Probe:
-        async with gate:
-            return await probe(t, timeout)
+        async def one(t: Target) -> Probe:
+            async with gate:
+                return await probe(session, t, timeout)
 
-    return await asyncio.gather(*(one(t) for t in targets))
+        return await asyncio.gather(*(one(t) for t in targets))
 
 
 def probe_round(targets: Iterable[Target], *, timeout: float = 5.0,
