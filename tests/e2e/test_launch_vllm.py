@@ -235,3 +235,70 @@ def test_sigkilled_launcher_leaves_no_vllm_process(vllm_venv, tiny_model, tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         vllm_env.kill_marked(token)
+
+
+def _served_requests(log: Path) -> int:
+    """Completions an instance answered (uvicorn's access lines in its log)."""
+    return len(re.findall(r'"POST /v1/completions HTTP/1\.1" 200', log.read_text(errors="replace")))
+
+
+@pytest.mark.timeout(STARTUP_TIMEOUT + 300)
+def test_launch_wait_and_complete_through_the_router(vllm_venv, tiny_model, tmp_path):
+    """What a user does on real vLLM: `aegis launch` (2 instances, so a router) ->
+    `aegis wait` prints the router's URL -> completions through it reach both instances ->
+    SIGTERM -> nothing left, the router included."""
+    from openai import OpenAI
+
+    token = uuid.uuid4().hex
+    port_start = free_port_block(3)  # 2 instances, then the router
+    config = _write_config(tmp_path, models={}, vllm_venv=vllm_venv, port_start=port_start,
+                           extra_args=vllm_env.VLLM_CPU_ARGS)
+    data = yaml.safe_load(config.read_text())
+    data["models"] = [{"model": "tiny", "model_source": str(tiny_model), "instances": 2,
+                       "extra_vllm_args": list(vllm_env.VLLM_CPU_ARGS)}]
+    config.write_text(yaml.safe_dump(data))
+    run_dir = tmp_path / "run"
+    launcher_log = tmp_path / "launcher.log"
+    proc = _start_launcher(tmp_path, config, run_dir, launcher_log, token)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "config.yaml").exists():  # the launcher made its run directory
+            assert time.monotonic() < deadline and proc.poll() is None, _tail(launcher_log)
+            time.sleep(0.2)
+        wait = subprocess.run([*aegis_argv(), "wait", str(run_dir), "--timeout",
+                               str(STARTUP_TIMEOUT)], capture_output=True, text=True,
+                              timeout=STARTUP_TIMEOUT + 60)
+        assert wait.returncode == 0, f"{wait.stderr}\n{_tail(launcher_log)}"
+        router = wait.stdout.strip()
+        assert router == f"http://127.0.0.1:{port_start + 2}/v1", wait.stdout
+        doc = json.loads((run_dir / "endpoints.json").read_text())
+        logs = [Path(inst["log"]) for inst in doc["instances"]]
+        before = [_served_requests(log) for log in logs]
+        client = OpenAI(base_url=router, api_key="unused", timeout=120, max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        for _ in range(10):
+            reply = client.completions.create(model="tiny", prompt="hello world", max_tokens=4,
+                                              temperature=0, extra_body={"ignore_eos": True})
+            assert reply.usage.completion_tokens == 4 and reply.choices[0].text
+        chat = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=4,
+            extra_body={"ignore_eos": True})
+        assert chat.choices[0].message.content
+        served = [_served_requests(log) - b for log, b in zip(logs, before)]
+        assert sum(served) == 10 and all(n >= 3 for n in served), served  # round robin
+
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=90)
+        assert code == SIGTERM_EXIT, f"launcher exit {code}:\n{_tail(launcher_log)}"
+        left = vllm_env.wait_gone(token, timeout=10)
+        assert not left, f"processes left after the launcher stopped: {left}"
+        final = json.loads((run_dir / "endpoints.json").read_text())
+        assert [r["state"] for r in final["routers"]] == ["stopped"], final
+        status = json.loads(subprocess.run([*aegis_argv(), "status", str(run_dir), "--json"],
+                                           capture_output=True, text=True).stdout)
+        assert status["phase"] == "ended" and status["ready"] == 0, status
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        vllm_env.kill_marked(token)
