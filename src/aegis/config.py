@@ -975,7 +975,29 @@ def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{path}: config file not found") from None
     except (OSError, UnicodeDecodeError, FileTooLarge) as err:
         raise ConfigError(f"{path}: cannot read config file: {why_unreadable(err)}") from None
-    return from_mapping(parse_yaml(text, str(path)), overrides)
+    data = parse_yaml(text, str(path))
+    return from_mapping(_paths_beside(data, os.path.dirname(os.path.abspath(path))), overrides)
+
+
+PATH_KEYS = ("model_source", "env_source", "container")  # read from the config file's place
+
+
+def _paths_beside(data: Any, base: str) -> Any:
+    """Relative paths in the file (model_source, env_source, container) resolve against the
+    file's directory, so a config runs from any working directory. Flags stay relative to
+    the working directory; ~ and $VARS are left as written."""
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value and not value.startswith(("/", "~", "$")):
+            return os.path.normpath(os.path.join(base, value))
+        return value
+
+    if not isinstance(data, dict):
+        return data
+    data = {k: resolved(v) if k in PATH_KEYS else v for k, v in data.items()}
+    if isinstance(data.get("models"), list):
+        data["models"] = [{k: resolved(v) if k in PATH_KEYS else v for k, v in m.items()}
+                          if isinstance(m, dict) else m for m in data["models"]]
+    return data
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

@@ -310,3 +310,86 @@ def test_a_mistyped_run_name_is_named_as_such(fake_batch):
     assert (result.exit_code, result.stderr) == (
         2, "aegis: error: aegis-2026O101-101500: no such run directory; as a job id: both qstat "
         "and squeue are on PATH; say which with --scheduler pbs|slurm\n")
+
+
+def test_relative_paths_in_a_config_resolve_beside_it(tmp_path, monkeypatch):
+    (tmp_path / "conf").mkdir()
+    config = tmp_path / "conf" / "c.yaml"
+    config.write_text("platform: local\nmodels:\n  - model: a\n    model_source: ../m/a\n"
+                      "  - model: b\n    model_source: /abs/b\n")
+    monkeypatch.chdir("/")
+    models = load_config(str(config)).models
+    assert [m.model_source for m in models] == [str(tmp_path / "m" / "a"), "/abs/b"]
+    # a flag is relative to where you are, as any command-line path
+    single = load_config(None, {"model": "a", "model_source": "rel", "platform": "local"})
+    assert single.models[0].model_source == "rel"
+
+
+def test_launch_local_example_runs_from_any_directory(tmp_path, monkeypatch):
+    """examples/launch-local.yaml, with the stand-in for vllm, launched from an unrelated
+    directory: its model_source resolves beside the repository, its ports are free ones."""
+    from test_launch_run import ENV, STANDIN
+
+    example = EXAMPLES / "launch-local.yaml"
+    assert load_config(str(example)).models[0].model_source == str(
+        EXAMPLES.parent / "build" / "tiny-llama")
+    model = tmp_path / "tiny"  # a plain model directory is enough for the stand-in
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with socket.socket() as squatter:  # 8000 taken: the launch must look further
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", 8000))
+            squatter.listen()
+        except OSError:
+            pass  # taken already, by someone else: as good
+        result = subprocess.run(
+            [sys.executable, "-m", "aegis", "launch", "-c", str(example), "--once",
+             "--run-dir", "run", "--model-source", str(model), "--hf-home", str(tmp_path / "hf"),
+             "--vllm-command", f"{sys.executable} {STANDIN} serve"],
+            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "run" / "endpoints.json").read_text())
+    ports = [i["port"] for i in doc["instances"]]
+    assert 8000 not in ports and ports[1] == ports[0] + 1
+    assert doc["routers"][0]["port"] == ports[0] + 2
+    assert "2/2 instances ready" in result.stderr
+
+
+def test_progress_names_the_loading_instances_and_failures_show_their_log_tail(tmp_path, capsys):
+    from aegis.config import from_mapping
+    from aegis.launch.board import Board
+    from aegis.launch.endpoints import EndpointsFile, InstanceState
+    from aegis.plan import make_plan
+    from aegis.platforms import get_platform
+
+    config = from_mapping({"platform": "local", "model": "m", "instances": 2, "router": False})
+    endpoints = EndpointsFile(tmp_path / "endpoints.json", run_dir=str(tmp_path), job="j", ranks=1)
+    lines: list[str] = []
+    board = Board(config, make_plan(config, get_platform("local")), endpoints,
+                  layout=RunLayout(str(tmp_path)), router_host="127.0.0.1",
+                  router_node="127.0.0.1", log=lines.append)
+
+    def state(i, s, **kw):
+        return InstanceState(id=i, model="m", served_name="m", node=0, host="h", port=8000 + i,
+                             state=s, log=f"/logs/instance-{i:04d}.log", **kw)
+
+    board.starting()
+    board.update({0: [state(0, "ready"), state(1, "starting")]})
+    board.next_progress = 0  # due now
+    board.progress()
+    assert len(lines) == 1 and lines[0].startswith("1/2 ready after ")
+    assert lines[0].endswith(f"loading: instance-0001 (logs: {tmp_path}/logs)")
+    board.progress()
+    assert len(lines) == 1  # not again before the interval
+    board.update({0: [state(0, "ready"), state(1, "failed", exit_code=3, error="exited with "
+                                                 "code 3 during startup",
+                                                 log_tail=("Traceback ...", "OOM"))]})
+    err = capsys.readouterr().err
+    assert "instance 1 (m) on h:8001 failed (exit code 3): exited with code 3" in err
+    assert "  | OOM" in err
+    board.update({0: [state(0, "ready"), state(1, "failed", exit_code=3, error="x",
+                                                 log_tail=("OOM",))]})
+    assert "failed" not in capsys.readouterr().err  # each failure is shown once
+    doc = json.loads((tmp_path / "endpoints.json").read_text())
+    assert [i["state"] for i in doc["instances"]] == ["ready", "failed"]
