@@ -27,7 +27,7 @@ def test_expand_slurm_nodelist(nodelist, expected):
 ])
 def test_bad_slurm_nodelists_are_one_line_errors(bad, word):
     with pytest.raises(AllocationError, match="SLURM_JOB_NODELIST") as e:
-        expand_slurm_nodelist(bad)
+        expand_slurm_nodelist(bad, "SLURM_JOB_NODELIST")
     assert word in str(e.value) and "\n" not in str(e.value)
 
 
@@ -84,3 +84,32 @@ def test_node_ranges_up_to_the_cap_expand_and_beyond_it_are_counted_not_built():
         expand_slurm_nodelist(f"a[1-{MAX_NODES}],b[1-{MAX_NODES}]")
     assert expand_slurm_nodelist("x[08-10]y[1,3]") == ["x08y1", "x08y3", "x09y1", "x09y3",
                                                        "x10y1", "x10y3"]
+
+
+def test_each_batch_system_knows_its_jobs_nodes_and_id():
+    from aegis.scheduler import PBSBackend, SlurmBackend, job_id_in
+
+    files = {"/pbs/nodes": "x1\nx1\nx2\n"}
+    pbs = PBSBackend().nodes_in({"PBS_NODEFILE": "/pbs/nodes"}, files.__getitem__)
+    assert (pbs.nodes, pbs.source) == (("x1", "x2"), "PBS_NODEFILE")
+    slurm = SlurmBackend().nodes_in({"SLURM_JOB_NODELIST": "n[1-3]"}, files.__getitem__)
+    assert (slurm.nodes, slurm.source) == (("n1", "n2", "n3"), "SLURM_JOB_NODELIST")
+    assert PBSBackend().nodes_in({}, files.__getitem__) is None
+    assert job_id_in({"PBS_JOBID": "7.pbs"}) == "7.pbs"
+    assert job_id_in({"SLURM_JOB_ID": "8"}) == "8" and job_id_in({}) is None
+
+
+def test_the_launcher_reads_no_batch_system_variable_itself():
+    """Adding a scheduler stays one module: launch/ asks aegis.scheduler, never PBS_*/SLURM_*."""
+    import re
+    from pathlib import Path
+
+    import aegis.launch
+
+    found = []
+    for path in Path(aegis.launch.__file__).parent.glob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if re.search(r"""["'](PBS|SLURM)_[A-Z_]+["']""", code):
+                found.append(f"{path.name}:{n}: {line.strip()}")
+    assert not found, found

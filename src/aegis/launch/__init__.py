@@ -48,8 +48,8 @@ PROG = "aegis launch"
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 # Set in the environment of the ranks `aegis launch` starts, so they never start another job.
 RANK_MARKER = "AEGIS_LAUNCH_RANKS"
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
-              "SLURM_STEP_NUM_TASKS")
+# What MPI launchers set in every rank; each batch system adds its own (Backend.rank_count_vars).
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 
 
 class UsageError(Exception):
@@ -137,7 +137,9 @@ def prepare(config: Config, options: LaunchOptions, env, config_path: str | None
 def under_mpi(env) -> bool:
     if env.get(RANK_MARKER):
         return True
-    for var in _SIZE_VARS:
+    from ..scheduler import BACKENDS
+
+    for var in (*_SIZE_VARS, *(v for b in BACKENDS.values() for v in b.rank_count_vars)):
         try:
             if int(env.get(var, "0")) > 1:
                 return True
@@ -231,8 +233,9 @@ class _StopFlag:
 
 
 def _job_id(env) -> str:
-    return (env.get("PBS_JOBID") or env.get("SLURM_JOB_ID")
-            or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    from ..scheduler import job_id_in
+
+    return (job_id_in(env) or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
 
 
 def _run_rank(prepared: Prepared) -> int:

@@ -1,7 +1,9 @@
-"""Which nodes this job has, in rank order. Pure parsing plus one small reader of the environment.
+"""Which nodes this job has, in rank order. Pure parsing; where a batch job lists its nodes is
+the batch system's knowledge (aegis.scheduler: Backend.nodes_in).
 
-Sources, first match wins: --nodes, --nodefile, PBS_NODEFILE, SLURM_JOB_NODELIST, the local
-machine (every "node" is 127.0.0.1, so 2-4 MPI ranks on one host can play nodes).
+Sources, first match wins: --nodes, --nodefile, the batch job's list (PBS_NODEFILE,
+SLURM_JOB_NODELIST), the local machine (every "node" is 127.0.0.1, so 2-4 MPI ranks on one
+host can play nodes).
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import why_unreadable
 from ..plan import MAX_NODES
 
 LOCAL_HOST = "127.0.0.1"
@@ -106,7 +107,7 @@ def _expand_one(pattern: str, whole: str, source: str) -> list[str]:
     return hosts
 
 
-def expand_slurm_nodelist(nodelist: str, source: str = "SLURM_JOB_NODELIST") -> list[str]:
+def expand_slurm_nodelist(nodelist: str, source: str = "node list") -> list[str]:
     """Slurm's compact host list -> host names: 'node[1-3,5],gpu-[01-02]' -> node1..node5, gpu-01, gpu-02."""
     text = nodelist.strip()
     if not text:
@@ -134,19 +135,12 @@ def find_allocation(*, nodes: str | None, nodefile_text: str | None, nodefile_na
         if not hosts:
             raise AllocationError(f"--nodefile {nodefile_name}: no host names in it")
         return Allocation(tuple(hosts), f"--nodefile {nodefile_name}")
-    if env.get("PBS_NODEFILE"):
-        path = env["PBS_NODEFILE"]
-        try:
-            text = read_file(path)
-        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or too large
-            raise AllocationError(f"PBS_NODEFILE {path}: cannot read it ({why_unreadable(e)})"
-                                  ) from None
-        hosts = parse_nodefile(text, f"PBS_NODEFILE {path}")
-        if not hosts:
-            raise AllocationError(f"PBS_NODEFILE {path}: no host names in it")
-        return Allocation(tuple(hosts), "PBS_NODEFILE")
-    if env.get("SLURM_JOB_NODELIST"):
-        return Allocation(tuple(expand_slurm_nodelist(env["SLURM_JOB_NODELIST"])), "SLURM_JOB_NODELIST")
+    from ..scheduler import BACKENDS  # each batch system knows where its job lists its nodes
+
+    for backend in BACKENDS.values():
+        allocation = backend().nodes_in(env, read_file)
+        if allocation is not None:
+            return allocation
     return Allocation((LOCAL_HOST,) * max(1, local_count), "local machine")
 
 

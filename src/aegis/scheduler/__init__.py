@@ -14,6 +14,11 @@ from .slurm import SlurmBackend
 BACKENDS: dict[str, type[Backend]] = {"pbs": PBSBackend, "slurm": SlurmBackend}
 
 
+def job_id_in(env) -> str | None:
+    """Inside a batch job: its id, from whichever batch system runs it."""
+    return next((i for b in BACKENDS.values() if (i := b().job_id_in(env))), None)
+
+
 def get_backend(name: str) -> Backend:
     try:
         return BACKENDS[name]()
@@ -22,4 +27,4 @@ def get_backend(name: str) -> Backend:
 
 
 __all__ = ["BACKENDS", "JOB_STATES", "Backend", "PBSBackend", "SchedulerError",
-           "SchedulerNotFound", "SlurmBackend", "check_job_id", "get_backend"]
+           "SchedulerNotFound", "SlurmBackend", "check_job_id", "get_backend", "job_id_in"]

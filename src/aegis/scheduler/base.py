@@ -64,6 +64,10 @@ class Backend:
     state_command = ""  # its presence on PATH says which batch system a login node has
     directive_prefix = ""
     env_transport = ""  # how named variables reach the job, for the script's comment
+    # The in-job side: the variable holding this job's id, and variables that say the
+    # process is one task of a parallel step (a rank), not the batch script itself.
+    job_id_var = ""
+    rank_count_vars: tuple[str, ...] = ()
 
     # -- pure ------------------------------------------------------------------------------
     def render(self, config: Config, plan: Plan, platform: Platform, run_dir: str,
@@ -114,6 +118,16 @@ class Backend:
     def parse_job_id(self, stdout: str) -> str:
         lines = [line.strip() for line in stdout.splitlines() if line.strip()]
         return lines[-1] if lines else ""
+
+    # -- inside the job ---------------------------------------------------------------------
+    def job_id_in(self, env) -> str | None:
+        """This job's id when running inside one of this batch system's jobs."""
+        return env.get(self.job_id_var) or None
+
+    def nodes_in(self, env, read_file):
+        """The job's nodes in rank order (an aegis.launch.allocation.Allocation), or None
+        outside such a job. `read_file(path) -> str` is injected so this stays testable."""
+        raise NotImplementedError
 
     # -- side effects ----------------------------------------------------------------------
     def available(self) -> bool:

@@ -48,6 +48,7 @@ class PBSBackend(Backend):
     state_command = "qstat"
     submit_command = "qsub"
     directive_prefix = "#PBS"
+    job_id_var = "PBS_JOBID"
     env_transport = "qsub -v NAME"
 
     def directives(self, config: Config, plan: Plan, platform: Platform,
@@ -91,6 +92,24 @@ class PBSBackend(Backend):
             if result.returncode != 0:
                 raise SchedulerError(f"{' '.join(argv)} failed (exit {result.returncode}): "
                                      f"{one_line(result.stderr) or one_line(result.stdout)}")
+
+    def nodes_in(self, env, read_file):
+        """PBS_NODEFILE: one line per rank slot; each host once, in file order."""
+        from ..config import why_unreadable
+        from ..launch.allocation import Allocation, AllocationError, parse_nodefile
+
+        path = env.get("PBS_NODEFILE")
+        if not path:
+            return None
+        try:
+            text = read_file(path)
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8, or too large
+            raise AllocationError(f"PBS_NODEFILE {path}: cannot read it ({why_unreadable(e)})"
+                                  ) from None
+        hosts = parse_nodefile(text, f"PBS_NODEFILE {path}")
+        if not hosts:
+            raise AllocationError(f"PBS_NODEFILE {path}: no host names in it")
+        return Allocation(tuple(hosts), "PBS_NODEFILE")
 
     def run_dir_of(self, job_id: str) -> str | None:
         check_job_id(job_id)

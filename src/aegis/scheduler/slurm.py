@@ -39,6 +39,8 @@ class SlurmBackend(Backend):
     state_command = "squeue"
     submit_command = "sbatch"
     directive_prefix = "#SBATCH"
+    job_id_var = "SLURM_JOB_ID"
+    rank_count_vars = ("SLURM_STEP_NUM_TASKS",)  # set in an srun step, not in the batch script
     env_transport = "sbatch --export=ALL"
 
     def directives(self, config: Config, plan: Plan, platform: Platform,
@@ -64,6 +66,16 @@ class SlurmBackend(Backend):
 
     def parse_job_id(self, stdout: str) -> str:
         return super().parse_job_id(stdout).split(";")[0]  # "123;cluster" on federations
+
+    def nodes_in(self, env, read_file):
+        """SLURM_JOB_NODELIST, Slurm's compact host list, expanded."""
+        from ..launch.allocation import Allocation, expand_slurm_nodelist
+
+        nodelist = env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            return None
+        return Allocation(tuple(expand_slurm_nodelist(nodelist, "SLURM_JOB_NODELIST")),
+                          "SLURM_JOB_NODELIST")
 
     def run_dir_of(self, job_id: str) -> str | None:
         check_job_id(job_id)
