@@ -163,3 +163,32 @@ def test_no_router_for_a_single_instance_unless_asked(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert forced.leftovers() == []
+
+
+def test_two_models_get_two_routers_beside_a_foreign_one(tmp_path):
+    """Attack: vllm-router's metrics exporter defaults to port 29000, so a second router on
+    the node (another model, another run) died with "Address already in use". Each router
+    gets a port of its own; a foreign listener on 29000 changes nothing."""
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            squatter.bind(("127.0.0.1", 29000))
+            squatter.listen()
+        except OSError:
+            pass  # already taken by someone else: the same attack
+        launch = LaunchRun(tmp_path, [{"name": "a", "served_model_name": "a", "instances": 2},
+                                      {"name": "b", "served_model_name": "b", "instances": 2}])
+        proc = launch.start()
+        try:
+            run = _open_when_there(launch.run_dir, timeout=30)
+            run.wait_ready(timeout=60)
+            for model in ("a", "b"):
+                answered = {_served_by(_client(run.router_url(model), 10), model)
+                            for _ in range(4)}
+                assert len(answered) == 2, (model, answered)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+    assert launch.leftovers() == []

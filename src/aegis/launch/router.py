@@ -43,9 +43,22 @@ def router_command() -> str | None:
     return beside if os.access(beside, os.X_OK) else shutil.which(ROUTER_COMMAND)
 
 
-def router_argv(command: str, host: str, port: int, extra: tuple[str, ...] = ()) -> list[str]:
+def router_argv(command: str, host: str, port: int, metrics_port: int,
+                extra: tuple[str, ...] = ()) -> list[str]:
+    # Its Prometheus exporter listens on 29000 unless told otherwise: a second router on the
+    # node (two models, or another run) then dies with "Address already in use".
     return [command, "--host", host, "--port", str(port), "--policy", "round_robin",
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
             *HEALTH_ARGS, *extra]
+
+
+def free_local_port() -> int:
+    """A port nothing listens on now, from the kernel (for a router's metrics exporter)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_url(state: InstanceState, address: str | None = None) -> str:
@@ -100,7 +113,8 @@ class Routers:
         with open(r.log_path, "ab") as log:
             # under a keeper, like the instances: nothing of it outlives the launcher
             r.proc = subprocess.Popen(
-                kept(router_argv(command, self.host, r.port, self.extra_args), STOP_GRACE),
+                kept(router_argv(command, self.host, r.port, free_local_port(), self.extra_args),
+                     STOP_GRACE),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True)
         r.started = time.monotonic()
