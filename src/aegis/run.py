@@ -9,6 +9,10 @@ its launcher's pid (on this host) and heartbeat tell whether it is alive.
     run.wait_ready(timeout=1800)
     url = run.router_url()          # one OpenAI-compatible URL per model
     run.cancel()
+
+A chain directory (`aegis submit --chain N`) opens as its newest serving generation: the job
+named in the chain's endpoints file, whose endpoints that file mirrors; cancel() cancels
+every generation.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from .config import Config, ConfigError, load_config
 from .launch.endpoints import launcher_alive, read_endpoints
+from .launch.chain import CHAIN_NAME
 from .layout import RunLayout
 
 # Phases of a run, in order; failed and ended are final.
@@ -101,6 +106,8 @@ class Run:
         self.config = config
         self.job_id = job_id
         self.backend = backend  # None: started by `aegis launch` (no batch job to ask)
+        self.chain_dir: str | None = None  # set when opened from a chain directory
+        self.chain_jobs: list[str] = []  # every generation's job id, in order
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -111,6 +118,9 @@ class Run:
         layout = RunLayout(os.path.abspath(os.fspath(run_dir)))
         if not os.path.isdir(layout.root):
             raise ConfigError(f"{run_dir}: no such run directory")
+        if not os.path.isfile(layout.config) and os.path.isfile(
+                os.path.join(layout.root, CHAIN_NAME)):
+            return cls._open_chain(layout.root, scheduler)
         if not os.path.isfile(layout.config):
             raise ConfigError(f"{run_dir}: not a run directory (no {os.path.basename(layout.config)}"
                               "; made by aegis submit or aegis launch)")
@@ -126,12 +136,36 @@ class Run:
         backend = get_backend(scheduler or config.effective_scheduler) if job_id else None
         return cls(layout, config, job_id=job_id, backend=backend)
 
+    @classmethod
+    def _open_chain(cls, chain_dir: str, scheduler: str | None) -> Run:
+        """The generation the chain's endpoints file names (the first before any wrote it)."""
+        import json
+
+        try:
+            with open(os.path.join(chain_dir, CHAIN_NAME), encoding="utf-8") as f:
+                generations = json.load(f)["generations"]
+            runs = {int(g["generation"]): (str(g["job_id"]), g["run_dir"]) for g in generations}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{chain_dir}/{CHAIN_NAME}: unreadable chain record: {err}") from None
+        if not runs:
+            raise ConfigError(f"{chain_dir}/{CHAIN_NAME}: no generation recorded")
+        try:
+            current = int(read_endpoints(os.path.join(chain_dir, "endpoints.json"))["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            current = min(runs)
+        run = cls.open(runs.get(current, runs[min(runs)])[1], scheduler=scheduler)
+        run.chain_dir = chain_dir
+        run.chain_jobs = [runs[g][0] for g in sorted(runs)]
+        return run
+
     @property
     def run_dir(self) -> str:
         return self.layout.root
 
     @property
     def endpoints_path(self) -> str:
+        if self.chain_dir:  # the chain's file: it names the newest generation serving
+            return os.path.join(self.chain_dir, "endpoints.json")
         return self.layout.endpoints(self.config.endpoints_file)
 
     def __repr__(self) -> str:
@@ -290,6 +324,19 @@ class Run:
     def cancel(self) -> str:
         """Cancel the batch job, or stop a launched run's launcher (SIGTERM; it cleans up).
         Returns what was done, one line."""
+        if self.chain_jobs and self.backend is not None:  # every generation, queued or not
+            from .scheduler import SchedulerError
+
+            done, failed = [], []
+            for job in self.chain_jobs:
+                try:
+                    self.backend.cancel(job)
+                    done.append(job)
+                except SchedulerError as err:  # most often: that generation already ended
+                    failed.append(f"{job} ({err})")
+            if not done:
+                raise RunError(f"cannot cancel the chain's jobs: {'; '.join(failed)}")
+            return f"cancelled jobs {', '.join(done)}"
         if self.backend is not None:
             self.backend.cancel(self.job_id)
             return f"cancelled job {self.job_id}"

@@ -242,3 +242,28 @@ def test_draining_takes_the_instances_out_of_the_router(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err
     assert run.leftovers() == []
+
+
+def test_run_open_on_a_chain_names_the_newest_serving_generation(tmp_path, recorder):
+    from aegis.run import Run as HeldRun
+
+    result = CliRunner().invoke(main, ["submit", "-c", str(_chain_config(tmp_path)),
+                                       "--chain", "3"])
+    assert result.exit_code == 0, result.output
+    (chain_dir,) = (tmp_path / "runs").iterdir()
+    first = HeldRun.open(chain_dir)  # nothing written yet: the first generation
+    assert (first.job_id, first.chain_jobs) == ("101", ["101", "102", "103"])
+    doc = {"generation": 2, "job": "102", "run_dir": str(chain_dir / "gen-2"), "ready": 1,
+           "total": 1, "routers": [],
+           "launcher": {"pid": 1, "host": "elsewhere", "ranks": 1, "state": "serving",
+                        "heartbeat_at": time.time(), "heartbeat_interval": 5},
+           "instances": [{"id": 0, "model": "m", "served_name": "m", "node": 0, "host": "n2",
+                          "port": 8001, "state": "ready", "url": "http://n2:8001/v1",
+                          "base_url": "http://n2:8001/v1"}]}
+    (chain_dir / "endpoints.json").write_text(json.dumps(doc))
+    run = HeldRun.open(chain_dir)
+    assert run.job_id == "102" and run.run_dir == str(chain_dir / "gen-2")
+    assert run.endpoints_path == str(chain_dir / "endpoints.json")
+    assert [e.url for e in run.endpoints()] == ["http://n2:8001/v1"]
+    assert run.cancel() == "cancelled jobs 101, 102, 103"
+    assert recorder("scancel") == [["101"], ["102"], ["103"]]
