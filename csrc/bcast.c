@@ -556,7 +556,7 @@ static int read_data(ctx *x, const entry *en, int64_t at, char *dst, int64_t n, 
 {
     /* a file source: src_fd is that file (its name on the wire may differ) */
     int fd = x->dir_source ? openat(x->src_fd, en->path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
-                           : dup(x->src_fd);
+                           : fcntl(x->src_fd, F_DUPFD_CLOEXEC, 0);
     if (fd < 0) {
         set_error(e, AEGIS_E_SOURCE, "cannot open %s: %s", en->path, strerror(errno));
         return -1;
@@ -803,12 +803,13 @@ static void wait_event(ctx *x, int64_t seen, int64_t us)
     pthread_mutex_unlock(&x->mu);
 }
 
-/* While MPI has work in flight: a few bare polls, then sleeps of 10 us doubling to 1 ms
- * (a helper event ends a sleep early). */
-static void backoff(ctx *x, int64_t seen, int idle)
+/* While MPI has work in flight: a few bare polls, then short sleeps while a transfer is
+ * likely moving (multi-step broadcasts progress only inside our MPI_Test calls), longer ones
+ * the longer nothing completes; a helper event ends a sleep early. */
+static void backoff(ctx *x, int64_t seen, int idle, int64_t waited_ms)
 {
-    if (idle >= 8)
-        wait_event(x, seen, min64(10LL << min64(idle - 8, 7), 1000));
+    if (idle >= 4)
+        wait_event(x, seen, waited_ms < 10 ? 20 : waited_ms < 100 ? 100 : 1000);
 }
 
 /* Completes n requests; AEGIS_E_STALL when the other ranks do not answer in time. */
@@ -826,7 +827,7 @@ static int mpi_wait(ctx *x, MPI_Request *req, int n)
         pthread_mutex_lock(&x->mu);
         int64_t seen = x->events;
         pthread_mutex_unlock(&x->mu);
-        backoff(x, seen, idle);
+        backoff(x, seen, idle, now_ms() - since);
     }
 }
 
@@ -1027,7 +1028,7 @@ static int transfer(ctx *x)
             }
             if (now_ms() - mpi_since > x->mpi_stall_ms)
                 return give_up(x, AEGIS_E_STALL);
-            backoff(x, seen, idle++);
+            backoff(x, seen, idle++, now_ms() - mpi_since);
             continue;
         }
         wait_event(x, seen, 200000); /* only this rank's helpers can move things now */
