@@ -227,7 +227,7 @@ def _validate(source, dest, root, size, chunk_size, depth, writers, readers, max
         if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
             return f"{name} must be an integer in [{low}, {high}], got {value!r}"
     if -(-chunk_size // max_count) >= 65536:
-        return f"chunk_size / max_count must stay below 65536 MPI calls per chunk"
+        return "chunk_size / max_count must stay below 65536 MPI calls per chunk"
     if (not isinstance(stall_timeout, (int, float)) or isinstance(stall_timeout, bool)
             or not math.isfinite(stall_timeout) or not 0.001 <= stall_timeout <= 1e6):
         return f"stall_timeout must be a number of seconds in [0.001, 1e6], got {stall_timeout!r}"

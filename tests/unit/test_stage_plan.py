@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +59,19 @@ def test_index_of_one_file_and_refusals(tmp_path):
         scan(tmp_path)
     with pytest.raises(FileNotFoundError):
         scan(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--stall-timeout", "nan", "stall_timeout must be a number of seconds"),
+    ("--stall-timeout", "0", "--stall-timeout"),
+    ("--readers", "2", "readers must be an integer in [1, 1]"),
+])
+def test_stage_cli_refuses_bad_knobs_with_one_line(tmp_path, flag, value, message):
+    """One rank (no mpiexec): bad staging knobs exit 2 with one line, nothing created."""
+    (tmp_path / "src").mkdir()
+    run = subprocess.run([sys.executable, "-m", "aegis", "stage", "-q", flag, value,
+                          str(tmp_path / "src"), str(tmp_path / "dest")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) <= 3 and "Traceback" not in run.stderr
+    assert not (tmp_path / "dest").exists()
