@@ -8,7 +8,7 @@ sent straight to the instances (round robin by the client), on real vLLM, in one
 scripts/make-tiny-model) and, as for any model with 2+ instances, a router in front of them.
 Then rounds alternate direct / routed (so a warming cache or a neighbour's load favours
 neither): each round sends N completions (4 tokens, ignore_eos) with C in flight from an async
-client (httpx, one keep-alive pool per target). Reported: per-request latency p50/p99 and
+client (aiohttp, keep-alive connections). Reported: per-request latency p50/p99 and
 throughput for both, and the router's overhead as the p50 difference and the ratios.
 Logs on stderr; the table (or JSON) on stdout. Exit 1 if the run failed.
 """
@@ -42,7 +42,7 @@ def log(msg: str) -> None:
 
 async def _round(urls: list[str], requests: int, concurrency: int) -> tuple[list[float], float]:
     """`requests` completions spread over `urls` in turn, `concurrency` in flight."""
-    import httpx
+    import aiohttp  # installed with vllm-router (the router extra)
 
     body = {"model": "tiny", "prompt": "hello world", "max_tokens": 4, "temperature": 0,
             "ignore_eos": True}
@@ -50,16 +50,15 @@ async def _round(urls: list[str], requests: int, concurrency: int) -> tuple[list
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(urls[i % len(urls)])
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(
-            max_keepalive_connections=concurrency * len(urls))) as client:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
 
         async def worker():
             while not queue.empty():
                 url = queue.get_nowait()
                 t0 = time.perf_counter()
-                r = await client.post(f"{url}/completions", json=body)
-                r.raise_for_status()
-                assert r.json()["usage"]["completion_tokens"] == 4
+                async with session.post(f"{url}/completions", json=body) as r:
+                    r.raise_for_status()
+                    assert (await r.json())["usage"]["completion_tokens"] == 4
                 latencies.append(time.perf_counter() - t0)
 
         started = time.perf_counter()
