@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -410,6 +411,9 @@ def status(run: str, scheduler: str | None, platform: str | None, as_json: bool)
     if isinstance(opened, tuple):  # a job with no run directory: the scheduler's word only
         job_id, backend = opened
         state = backend.state(job_id)
+        if state == "unknown" and not run[:1].isdigit():
+            # job ids start with a digit: this was a run directory's name, and a mistyped one
+            raise ConfigError(f"{run}: no run directory or {backend.name} job has that name")
         click.echo(json.dumps({"job_id": job_id, "scheduler": backend.name, "job_state": state})
                    if as_json else state)
         return 0
@@ -430,21 +434,51 @@ def _wait(run, timeout: float | None, min_ready: int | None) -> int:
         click.echo(f"aegis: {st.phase}" + (f": {st.reason}" if st.reason else ""), err=True)
 
     st = run.wait_ready(timeout=timeout, min_ready=min_ready, on_change=progress)
-    for url in [r.url for r in st.routers if r.state == "ready"] or \
-            [e.url for e in st.instances if e.state == "ready"]:
+    for url in _urls(run.models(), st):
         click.echo(url)
     return 0
+
+
+def _urls(models: list[str], st) -> list[str]:
+    """Per model: its router's URL if up, else its ready instances' URLs."""
+    urls = []
+    for model in models:
+        routers = [r.url for r in st.routers if r.model == model and r.state == "ready"]
+        urls += routers or [e.url for e in st.instances if e.model == model and e.state == "ready"]
+    return urls
 
 
 @_run_command("wait")
 @_wait_options
 def wait(run: str, scheduler: str | None, platform: str | None, timeout: float | None,
          min_ready: int | None) -> int:
-    """Wait until RUN is ready; print its URLs (the routers', else every ready instance's).
+    """Wait until RUN is ready; print its URLs (per model: its router's, else its ready
+    instances').
 
     Exit 0 ready, 1 the run failed or ended, 3 timed out (the run keeps going)."""
+    if not os.path.isdir(run) and (os.sep in run or run.startswith(".")):
+        # `aegis launch --run-dir D &` may not have made D yet
+        deadline = None if timeout is None else time.monotonic() + timeout
+        _await_run_dir(run, deadline)
+        timeout = None if deadline is None else round(max(0.0, deadline - time.monotonic()), 1)
     return _wait(_need_run(_open_run(run, scheduler, platform), "aegis wait"), timeout,
                  min_ready)
+
+
+def _await_run_dir(run_dir: str, deadline: float | None, interval: float = 0.5) -> None:
+    """Until `run_dir` holds a run (its config, or a chain record); WaitTimeout at `deadline`."""
+    from .launch.chain import CHAIN_NAME
+    from .layout import CONFIG_NAME
+    from .run import WaitTimeout
+
+    click.echo(f"aegis: waiting for {run_dir} to appear", err=True)
+    while not any(os.path.isfile(os.path.join(run_dir, name))
+                  for name in (CONFIG_NAME, CHAIN_NAME)):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise WaitTimeout(f"{run_dir}: no such run directory yet (not made within "
+                              "--timeout)")
+        time.sleep(interval if deadline is None else
+                   max(0.0, min(interval, deadline - time.monotonic())))
 
 
 @_run_command("endpoints")
@@ -454,10 +488,18 @@ def wait(run: str, scheduler: str | None, platform: str | None, timeout: float |
               help="Full records as JSON (schema: docs/using-endpoints.md).")
 def endpoints(run: str, scheduler: str | None, platform: str | None, model: str | None,
               routed: bool, as_json: bool) -> int:
-    """Print RUN's ready endpoints, one URL per line (OpenAI base URLs, .../v1)."""
+    """Print RUN's ready endpoints, one URL per line (OpenAI base URLs, .../v1).
+
+    Exit 0 listed, 1 the run failed or ended (its launcher or job is gone: no URLs) or, with
+    --router, no router is up."""
     from .run import RunError
 
     run_ = _need_run(_open_run(run, scheduler, platform), "aegis endpoints")
+    st = run_.state()
+    if st.gone:  # like `wait` and --router: an ended run serves nothing
+        if model:
+            run_.endpoints(model)  # a model the run does not serve is still bad input
+        raise RunError(f"run {st.phase}: {st.reason}")
     if routed:
         if model:
             run_.router_url(model)  # a model the run does not serve, or no router: one line

@@ -74,11 +74,21 @@ class Status:
     launcher: dict[str, Any] | None = None  # pid, host, heartbeat, alive
     endpoints_file: str = ""
 
+    @property
+    def gone(self) -> bool:
+        """The job or the launcher is gone: nothing is served, whatever its last write said."""
+        return _gone(self.job_state, self.launcher) or self.phase == "ended"
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["instances"] = [e.to_dict() for e in self.instances]
         out["routers"] = [e.to_dict() for e in self.routers]
         return out
+
+
+def _gone(job_state: str, launcher: dict[str, Any] | None) -> bool:
+    return (launcher is not None and not launcher["alive"]) or \
+        job_state in _ENDED_JOB_STATES + ("exiting",)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -222,7 +232,8 @@ class Run:
                                  error=r.get("error", ""))
                         for r in (doc or {}).get("routers") or [] if isinstance(r, dict))
         total = len(instances) or self.config.total_instances
-        ready = sum(e.state == "ready" for e in instances)
+        # a dead launcher or an ended job serves nothing, whatever its last write said
+        ready = 0 if _gone(job_state, launcher) else sum(e.state == "ready" for e in instances)
         phase, reason = self._phase(job_state, launcher, instances, routers, total, ready,
                                     doc is not None, min_ready)
         return Status(run_dir=self.run_dir, job_id=self.job_id,
@@ -266,15 +277,21 @@ class Run:
         return "ready", ""
 
     def endpoints(self, model: str | None = None, *, ready_only: bool = True) -> list[Endpoint]:
-        """The instances (ready ones unless ready_only=False), of one served model or all."""
-        found = [e for e in self.state().instances
-                 if (model is None or e.model == model) and (e.state == "ready" or not ready_only)]
+        """The instances (ready ones unless ready_only=False: none once the run ended), of one
+        served model or all."""
+        st = self.state()
+        found = [e for e in st.instances if (model is None or e.model == model)
+                 and ((e.state == "ready" and not st.gone) or not ready_only)]
         if model is not None and not found and model not in self.models():
             raise ConfigError(f"--model {model!r}: this run serves {', '.join(self.models())}")
         return found
 
     def routers(self) -> list[Endpoint]:
-        return list(self.state().routers)
+        """Every model's router record (state "ready" only while the run is live)."""
+        st = self.state()
+        if st.gone:
+            return [replace(r, state="stopped") if r.state == "ready" else r for r in st.routers]
+        return list(st.routers)
 
     def router_url(self, model: str | None = None) -> str:
         """The routed URL of `model` (may be omitted when the run serves one model)."""

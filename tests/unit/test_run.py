@@ -298,10 +298,79 @@ def test_submit_wait_times_out_or_fails_with_the_job(tmp_path, monkeypatch, fake
 
 
 def test_run_commands_on_a_missing_directory_are_bad_input(tmp_path):
-    for command in ("status", "wait", "endpoints", "cancel"):
+    for command in ("status", "endpoints", "cancel"):  # wait waits for it: below
         result = invoke(command, str(tmp_path / "gone"))
         assert result.exit_code == 2, command
         assert result.stderr == f"aegis: error: {tmp_path / 'gone'}: no such run directory\n"
+
+
+def test_wait_waits_for_a_run_directory_launch_has_not_made_yet(tmp_path):
+    run_dir = tmp_path / "later" / "run"
+    late = invoke("wait", str(run_dir), "--timeout", "0.3")
+    assert late.exit_code == EXIT_TIMEOUT
+    assert late.stderr == (f"aegis: waiting for {run_dir} to appear\n"
+                           f"aegis: error: {run_dir}: no such run directory yet (not made "
+                           "within --timeout)\n")
+    maker = subprocess.Popen([sys.executable, "-c", f"""
+import json, os, socket, sys, time
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+import test_run
+time.sleep(0.5)
+test_run.launched_run(Path({str(tmp_path / "later")!r}), pid={os.getpid()})
+"""])
+    try:
+        result = invoke("wait", str(run_dir), "--timeout", "20")
+    finally:
+        maker.wait(timeout=20)
+    assert (result.exit_code, result.stdout) == (0, "http://n1:9000/v1\n"), result.stderr
+    assert result.stderr.splitlines()[0] == f"aegis: waiting for {run_dir} to appear"
+
+
+def test_wait_prints_each_models_router_else_its_instances(tmp_path):
+    run_dir = launched_run(tmp_path)
+    (run_dir / "config.yaml").write_text(json.dumps(
+        {"platform": "local", "models": [{"model": "a", "instances": 2},
+                                         {"model": "b", "instances": 2}]}))
+    write_doc(run_dir, [instance(0, model="a"), instance(1, model="a"),
+                        instance(2, model="b"), instance(3, model="b")],
+              routers=[{"model": "a", "url": "http://n1:9000/v1", "state": "ready"},
+                       {"model": "b", "url": "", "state": "failed", "error": "no router"}])
+    result = invoke("wait", str(run_dir), "--timeout", "5")
+    assert (result.exit_code, result.stdout) == (
+        0, "http://n1:9000/v1\nhttp://n1:8002/v1\nhttp://n1:8003/v1\n"), result.stderr
+
+
+def test_a_dead_launcher_serves_nothing(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run_dir = str(launched_run(tmp_path / "killed", pid=dead.pid))
+    stale = str(launched_run(tmp_path / "stale", pid=1, host="elsewhere",
+                             heartbeat=time.time() - STALE_AFTER * 5 - 1))
+    stopped = launched_run(tmp_path / "stopped")
+    write_doc(stopped, [instance(0, "stopped"), instance(1, "stopped")],
+              launcher=dict(launcher_record(), state="stopped", exit_code=0))
+    for run in (run_dir, stale, str(stopped)):
+        for flags in ((), ("--router",), ("--json",)):
+            listed = invoke("endpoints", run, *flags)
+            assert (listed.exit_code, listed.stdout) == (1, ""), (run, flags)
+            assert listed.stderr.startswith("aegis: error: run ended: the launcher ")
+        assert Run.open(run).endpoints() == []
+    status = invoke("status", run_dir).stdout.splitlines()[0]
+    assert status.startswith("launched run: ended; 0/2 instance(s) ready; ended (the launcher is "
+                             "not running")
+    wrong = invoke("endpoints", run_dir, "--model", "nope")
+    assert wrong.exit_code == 2
+
+
+def test_status_of_a_name_neither_a_directory_nor_a_job_is_bad_input(fake_batch):
+    fake_batch.answer("squeue", out="")
+    fake_batch.answer("sacct", out="")
+    fake_batch.answer("scontrol", out="")
+    result = invoke("status", "aegis-20261101-101500", "--scheduler", "slurm")
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        2, "", "aegis: error: aegis-20261101-101500: no run directory or slurm job has that "
+        "name\n")
 
 
 def test_a_mistyped_run_name_is_named_as_such(fake_batch):

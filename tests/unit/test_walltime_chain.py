@@ -244,7 +244,8 @@ def test_draining_takes_the_instances_out_of_the_router(tmp_path):
     assert run.leftovers() == []
 
 
-def test_run_open_on_a_chain_names_the_newest_serving_generation(tmp_path, recorder):
+def test_run_open_on_a_chain_names_the_newest_serving_generation(tmp_path, recorder,
+                                                                 monkeypatch):
     from aegis.run import Run as HeldRun
 
     result = CliRunner().invoke(main, ["submit", "-c", str(_chain_config(tmp_path)),
@@ -264,6 +265,8 @@ def test_run_open_on_a_chain_names_the_newest_serving_generation(tmp_path, recor
     run = HeldRun.open(chain_dir)
     assert run.job_id == "102" and run.run_dir == str(chain_dir / "gen-2")
     assert run.endpoints_path == str(chain_dir / "endpoints.json")
+    # the job is running (no squeue here: a job it does not know has ended, serving nothing)
+    monkeypatch.setattr(run.backend, "state", lambda job_id: "running")
     assert [e.url for e in run.endpoints()] == ["http://n2:8001/v1"]
     assert run.cancel() == "cancelled jobs 101, 102, 103"
     assert recorder("scancel") == [["101"], ["102"], ["103"]]
