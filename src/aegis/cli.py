@@ -456,8 +456,8 @@ def wait(run: str, scheduler: str | None, platform: str | None, timeout: float |
     instances').
 
     Exit 0 ready, 1 the run failed or ended, 3 timed out (the run keeps going)."""
-    if not os.path.isdir(run) and (os.sep in run or run.startswith(".")):
-        # `aegis launch --run-dir D &` may not have made D yet
+    if (os.sep in run or run.startswith(".")) and not (os.path.isdir(run) and os.listdir(run)):
+        # `aegis launch --run-dir D &` may not have made D (or written in it) yet
         deadline = None if timeout is None else time.monotonic() + timeout
         _await_run_dir(run, deadline)
         timeout = None if deadline is None else round(max(0.0, deadline - time.monotonic()), 1)

@@ -311,6 +311,9 @@ def test_wait_waits_for_a_run_directory_launch_has_not_made_yet(tmp_path):
     assert late.stderr == (f"aegis: waiting for {run_dir} to appear\n"
                            f"aegis: error: {run_dir}: no such run directory yet (not made "
                            "within --timeout)\n")
+    run_dir.mkdir(parents=True)  # made, its config not yet written: still waited for
+    assert invoke("wait", str(run_dir), "--timeout", "0.2").exit_code == EXIT_TIMEOUT
+    run_dir.rmdir()
     maker = subprocess.Popen([sys.executable, "-c", f"""
 import json, os, socket, sys, time
 sys.path.insert(0, {str(Path(__file__).parent)!r})
