@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .pids import pid_alive
+
 MANIFEST_NAME = ".aegis-manifest.json"
 DEFAULT_CHUNK_SIZE = 16 << 20
 DEFAULT_DEPTH = 4
@@ -128,8 +130,11 @@ def _extension():
             "for the MPI mpi4py uses: MPICC=/path/to/its/mpicc "
             "pip install --no-build-isolation --force-reinstall ."
         )
-    if (lib.AEGIS_E_ARGS, lib.AEGIS_E_WRITE, lib.AEGIS_E_STALL, lib.AEGIS_E_PREPARE,
-            lib.AEGIS_MAX_READERS) != (E_ARGS, E_WRITE, E_STALL, E_PREPARE, MAX_READERS):
+    names = ("AEGIS_E_ARGS", "AEGIS_E_WRITE", "AEGIS_E_STALL", "AEGIS_E_PREPARE",
+             "AEGIS_MAX_READERS")
+    # An extension built from older sources lacks some names: that is a stale build too.
+    if tuple(getattr(lib, n, None) for n in names) != (E_ARGS, E_WRITE, E_STALL, E_PREPARE,
+                                                       MAX_READERS):
         raise ImportError("aegis._bcast does not match aegis/bcast.py; reinstall aegis")
     return MPI, ffi, lib
 
@@ -320,18 +325,8 @@ def _remove_stale_siblings(dest: Path) -> None:
         prefix = _sibling(dest, kind, 1).name[:-1]
         for path in dest.parent.glob(glob.escape(prefix) + "*"):
             pid = path.name[len(prefix):]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 _rmtree(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _prepare_dest(dest: Path, tmp: Path, force: bool) -> None:

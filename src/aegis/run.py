@@ -28,6 +28,7 @@ from .config import Config, ConfigError, load_config
 from .launch.endpoints import launcher_alive, read_endpoints
 from .launch.chain import CHAIN_NAME
 from .layout import RunLayout
+from .pids import pid_alive
 
 # Phases of a run, in order; failed and ended are final.
 PHASES = ("pending", "starting", "ready", "failed", "ended")
@@ -89,20 +90,6 @@ class Status:
 def _gone(job_state: str, launcher: dict[str, Any] | None) -> bool:
     return (launcher is not None and not launcher["alive"]) or \
         job_state in _ENDED_JOB_STATES + ("exiting",)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _this_host(host: str) -> bool:
@@ -206,7 +193,7 @@ class Run:
         except (KeyError, TypeError):
             alive = False
         if alive and isinstance(pid, int) and _this_host(host):
-            alive = _pid_alive(pid)  # killed outright: known at once, not after 3 heartbeats
+            alive = pid_alive(pid)  # killed outright: known at once, not after 3 heartbeats
         info.update(alive=alive, heartbeat_age=None if age is None else round(age, 1))
         return info
 
