@@ -133,7 +133,8 @@ def compile_extension(root: Path, tmpdir: str, mpicc: str, verbose: bool = False
         library_dirs=flags["library_dirs"],
         libraries=flags["libraries"],
         extra_compile_args=["-O2", "-pthread", *flags["extra_compile_args"], *extra],
-        extra_link_args=["-pthread", *flags["extra_link_args"], *extra],
+        # -lrt: shm_open lives in librt before glibc 2.34 (SLES 15 on Aurora)
+        extra_link_args=["-pthread", *flags["extra_link_args"], "-lrt", *extra],
     )
     return Path(ffi.compile(tmpdir=tmpdir, verbose=verbose))
 

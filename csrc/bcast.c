@@ -4,10 +4,15 @@
  * entry's header and data offsets, GNU tar format) is a pure function of that index, so:
  *   - reader ranks (opts->readers, chunk k from readers[k % n]) fill any chunk with pread and
  *     generated headers, in pieces, from a pool of threads;
- *   - each chunk goes out with one MPI_Ibcast from its reader, preceded by a tiny
- *     MPI_Iallreduce carrying the reader's CRC32C and every rank's failure flag;
- *   - writer threads place each received piece with pwrite at the offset the index gives
- *     (files created and preallocated up front; modes, mtimes, symlinks at the end).
+ *   - the ranks of one host share one ring of chunk buffers in shared memory (one ring per
+ *     reader there); each ring's leader (its reader, or the host's lowest rank) receives a
+ *     chunk once with MPI_Ibcast among the leaders, and every rank of the ring writes its copy
+ *     straight from the shared buffer;
+ *   - per chunk: a ring barrier (every rank of the ring released the slot), the leaders'
+ *     broadcast, then a tiny MPI_Iallreduce over all ranks carrying the reader's CRC32C and
+ *     every rank's failure flag: its completion means every ring holds the chunk;
+ *   - writer threads place each piece with pwrite at the offset the index gives (files
+ *     created and preallocated up front; modes, mtimes, symlinks at the end).
  * Only the main thread calls MPI (MPI_THREAD_FUNNELED suffices) and it never spins: it tests
  * its requests and sleeps on a condition variable with a growing timeout; helpers block on
  * condition variables. A failure anywhere ends the stage on all ranks at the same chunk; a
@@ -27,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
@@ -196,8 +202,10 @@ typedef struct entry {
     char kind;        /* '0' regular file, '5' directory, '2' symlink */
 } entry;
 
-/* a ring slot: its buffer and the helpers' work on it (guarded by mu) */
-enum { S_FREE, S_FILL, S_READY, S_POSTED, S_DRAIN };
+/* a ring slot as this rank sees it: the (shared) buffer and the helpers' work on it
+ * (guarded by mu). FREE: this rank is done with it; HELD: it holds chunk k, which is on its
+ * way; FILL/READY: the reader fills it / has; DRAIN: the writer places it. */
+enum { S_FREE, S_HELD, S_FILL, S_READY, S_DRAIN };
 typedef struct slot {
     char *buf;
     int phase;
@@ -206,14 +214,17 @@ typedef struct slot {
     int64_t busy;   /* pieces claimed and not finished */
     uint32_t *part_crc;
     uint32_t crc;   /* the reader's CRC32C of this chunk */
-    int checked;
+    int check;      /* this writer checks the chunk against crc */
 } slot;
 
-/* the MPI side of chunk k, in inflight[k % depth] (main thread only) */
+/* the MPI side of chunk k, in flight[k % depth] (main thread only): each step runs on its
+ * own communicator, in chunk order, so all ranks post the same collectives in the same order */
 typedef struct inflight {
-    int64_t hdr[2]; /* Iallreduce(MAX): failure flag (size - rank), reader's CRC32C */
-    MPI_Request *req;
-    int n_req;
+    MPI_Request freed;   /* Ibarrier(ring): every rank of the ring released the slot */
+    MPI_Request *data;   /* Ibcast(leaders) of the chunk from its reader, in max_count pieces */
+    int n_data;
+    MPI_Request verdict; /* Iallreduce(world, MAX) of hdr */
+    int64_t hdr[2];      /* failure flag (size - rank), reader's CRC32C */
 } inflight;
 
 struct ctx;
@@ -227,10 +238,16 @@ typedef struct worker {
 } worker;
 
 typedef struct ctx {
-    MPI_Comm comm;
+    MPI_Comm comm;   /* all ranks: options, index, verdicts */
+    MPI_Comm ring;   /* the ranks sharing this rank's ring (MPI_COMM_NULL when alone) */
+    MPI_Comm net;    /* the rings' leaders: chunk data (MPI_COMM_NULL on other ranks) */
     const aegis_stage_opts *opts;
     aegis_stage_result *res;
     int rank, size, is_writer, is_reader, verify, depth, dir_source;
+    int ring_size, is_leader, leader, is_verifier, net_size;
+    int net_root[AEGIS_MAX_READERS]; /* reader i's rank among the leaders */
+    char *ring_mem;                  /* depth * chunk bytes, shared when ring_size > 1 */
+    char shm_name[64];               /* the leader's shared-memory name until unlinked */
     char host[128];
     int64_t chunk, piece, n_chunks, end_off, total, mpi_stall_ms;
     uint32_t stream_crc;
@@ -678,7 +695,7 @@ static int drain_piece(ctx *x, const char *src, int64_t a, int64_t b, local_erro
 static void finish_slot(ctx *x, slot *s)
 {
     uint32_t crc = 0;
-    if (x->verify) {
+    if (s->phase == S_FILL ? x->verify : s->check) {
         int64_t parts = (s->len + x->piece - 1) / x->piece;
         crc = s->part_crc[0];
         for (int64_t j = 1; j < parts; j++)
@@ -690,7 +707,7 @@ static void finish_slot(ctx *x, slot *s)
     } else {
         if (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM && x->opts->fault_rank == x->rank)
             crc ^= 1u;
-        if (x->verify && x->err.code == AEGIS_OK && crc != s->crc) {
+        if (s->check && x->err.code == AEGIS_OK && crc != s->crc) {
             local_error e = {0};
             set_error(&e, AEGIS_E_CHECKSUM, "CRC32C mismatch in chunk %lld: wrote %08x, "
                       "reader sent %08x", (long long)s->chunk, crc, s->crc);
@@ -730,6 +747,7 @@ static void *worker_main(void *arg)
         s->cursor += n;
         s->busy++;
         int filling = s->phase == S_FILL, skip = x->err.code != AEGIS_OK;
+        int sum = filling ? x->verify : s->check;
         char *buf = s->buf + rel;
         int64_t a = s->start + rel;
         w->busy_since_ms = now_ms();
@@ -741,7 +759,7 @@ static void *worker_main(void *arg)
         uint32_t crc = 0;
         if (!skip) { /* after a failure pieces are only counted off, so the ring drains */
             int rc = filling ? fill_piece(x, buf, a, a + n, &e) : drain_piece(x, buf, a, a + n, &e);
-            if (rc == 0 && x->verify)
+            if (rc == 0 && sum)
                 crc = crc_update(&x->crc, 0, buf, (size_t)n);
         }
 
@@ -901,63 +919,218 @@ static int owner_of(const ctx *x, int64_t k) { return x->opts->readers[k % x->op
 
 static int64_t chunk_len(const ctx *x, int64_t k) { return min64(x->chunk, x->total - k * x->chunk); }
 
-/* Posts chunk k: the failure/CRC reduction, then the data from its reader. */
-static int post(ctx *x, int64_t k, int64_t fail, uint32_t crc)
+/* Step 1 of chunk k: this rank released slot k % depth (no step when it has the ring alone). */
+static int post_freed(ctx *x, int64_t k)
+{
+    inflight *f = &x->flight[k % x->depth];
+    f->freed = MPI_REQUEST_NULL;
+    return x->ring == MPI_COMM_NULL || MPI_Ibarrier(x->ring, &f->freed) == MPI_SUCCESS ? 0 : -1;
+}
+
+/* Step 2 (leaders, when there are several rings): the chunk from its reader's ring to all. */
+static int post_data(ctx *x, int64_t k)
 {
     inflight *f = &x->flight[k % x->depth];
     char *buf = x->slots[k % x->depth].buf;
-    int owner = owner_of(x, k);
-    f->hdr[0] = fail;
-    f->hdr[1] = owner == x->rank ? (int64_t)crc : 0;
-    f->n_req = 0;
-    if (MPI_Iallreduce(MPI_IN_PLACE, f->hdr, 2, MPI_INT64_T, MPI_MAX, x->comm,
-                       &f->req[f->n_req++]) != MPI_SUCCESS)
-        return -1;
+    int root = x->net_root[k % x->opts->n_readers];
     int64_t len = chunk_len(x, k);
+    f->n_data = 0;
     for (int64_t off = 0; off < len; off += x->opts->max_count) {
         int count = (int)min64(len - off, x->opts->max_count);
-        if (MPI_Ibcast(buf + off, count, MPI_BYTE, owner, x->comm, &f->req[f->n_req++]) !=
+        if (MPI_Ibcast(buf + off, count, MPI_BYTE, root, x->net, &f->data[f->n_data++]) !=
             MPI_SUCCESS)
             return -1;
     }
     return 0;
 }
 
-static void assign(ctx *x, int64_t k)
+/* Step 3, every rank once its ring holds the chunk: failure flags and the reader's CRC. */
+static int post_verdict(ctx *x, int64_t k, int64_t fail, uint32_t crc)
 {
-    slot *s = &x->slots[k % x->depth];
-    s->chunk = k;
-    s->start = k * x->chunk;
-    s->len = chunk_len(x, k);
-    s->cursor = s->busy = 0;
-    s->crc = 0;
-    if (owner_of(x, k) == x->rank) {
-        s->phase = S_FILL;
-        pthread_cond_broadcast(&x->work_cv);
-    } else {
-        s->phase = S_READY;
-    }
+    inflight *f = &x->flight[k % x->depth];
+    f->hdr[0] = fail;
+    f->hdr[1] = owner_of(x, k) == x->rank ? (int64_t)crc : 0;
+    return MPI_Iallreduce(MPI_IN_PLACE, f->hdr, 2, MPI_INT64_T, MPI_MAX, x->comm,
+                          &f->verdict) == MPI_SUCCESS ? 0 : -1;
 }
 
 static int all_free(const ctx *x)
 {
     for (int i = 0; i < x->depth; i++)
-        if (x->slots[i].phase != S_FREE && x->slots[i].phase != S_READY)
+        if (x->slots[i].phase != S_FREE)
             return 0;
     return 1;
 }
 
-/* After chunk j reported a failure: every rank may have posted up to j + depth - 1, so all
- * post (garbage, nobody writes it) and complete exactly that far before sharing the error. */
-static int drain_after_failure(ctx *x, int64_t j, int64_t posted)
+/* How many chunks this rank has posted (_p) and completed (_d) of each step. */
+typedef struct steps {
+    int64_t freed_p, freed_d, data_p, data_d, verdict_p, verdict_d;
+    int64_t fail; /* the failed verdict's flag, once one came */
+} steps;
+
+static int moves_data(const ctx *x) { return x->is_leader && x->net_size > 1; }
+
+/* Each try_ takes its step for the next chunk if it can: 1 when it did, 0 when it cannot yet,
+ * -1 when MPI failed. The caller holds no lock. */
+
+/* 1. release the next slot to the ring (once failing, at once: its contents are garbage) */
+static int try_release(ctx *x, steps *st)
+{
+    int64_t k = st->freed_p;
+    if (k >= x->n_chunks || k >= st->verdict_d + x->depth)
+        return 0;
+    pthread_mutex_lock(&x->mu);
+    int ok = x->slots[k % x->depth].phase == S_FREE || x->err.code != AEGIS_OK;
+    pthread_mutex_unlock(&x->mu);
+    if (!ok)
+        return 0;
+    if (post_freed(x, k))
+        return -1;
+    st->freed_p++;
+    return 1;
+}
+
+/* the ring released the slot: its reader fills it, the others hold it for the chunk */
+static int try_claim(ctx *x, steps *st)
+{
+    int64_t k = st->freed_d;
+    int done = 0;
+    if (k >= st->freed_p)
+        return 0;
+    if (MPI_Test(&x->flight[k % x->depth].freed, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+        return -1;
+    if (!done)
+        return 0;
+    pthread_mutex_lock(&x->mu);
+    slot *s = &x->slots[k % x->depth];
+    if (s->phase == S_FREE) { /* not while a failed rank's helpers still count it off */
+        s->chunk = k;
+        s->start = k * x->chunk;
+        s->len = chunk_len(x, k);
+        s->cursor = s->busy = 0;
+        s->crc = 0;
+        s->phase = owner_of(x, k) == x->rank && !x->err.code ? S_FILL : S_HELD;
+        pthread_cond_broadcast(&x->work_cv);
+    }
+    pthread_mutex_unlock(&x->mu);
+    st->freed_d++;
+    return 1;
+}
+
+/* 2. leaders: send the filled chunk (its reader) or receive it into the ring */
+static int try_move(ctx *x, steps *st)
+{
+    int64_t k = st->data_p;
+    if (!moves_data(x) || k >= st->freed_d)
+        return 0;
+    pthread_mutex_lock(&x->mu);
+    int ok = x->slots[k % x->depth].phase != S_FILL || x->err.code != AEGIS_OK;
+    pthread_mutex_unlock(&x->mu);
+    if (!ok)
+        return 0;
+    if (post_data(x, k))
+        return -1;
+    st->data_p++;
+    return 1;
+}
+
+static int try_moved(ctx *x, steps *st)
+{
+    int64_t k = st->data_d;
+    int done = 0;
+    if (k >= st->data_p)
+        return 0;
+    inflight *f = &x->flight[k % x->depth];
+    if (MPI_Testall(f->n_data, f->data, &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
+        return -1;
+    st->data_d += done;
+    return done;
+}
+
+/* 3. this rank's ring holds the chunk: post the verdict with this rank's failure flag */
+static int try_vote(ctx *x, steps *st)
+{
+    int64_t k = st->verdict_p;
+    if (k >= (moves_data(x) ? st->data_d : st->freed_d))
+        return 0;
+    pthread_mutex_lock(&x->mu);
+    slot *s = &x->slots[k % x->depth];
+    int failing = x->err.code != AEGIS_OK;
+    int ok = s->phase != S_FILL || failing;
+    uint32_t crc = s->crc;
+    pthread_mutex_unlock(&x->mu);
+    if (!ok)
+        return 0;
+    if (post_verdict(x, k, failing ? x->size - x->rank : 0, crc))
+        return -1;
+    st->verdict_p++;
+    return 1;
+}
+
+/* every ring holds the chunk (or some rank failed): writers place it from the ring */
+static int try_place(ctx *x, steps *st)
+{
+    int64_t k = st->verdict_d;
+    int done = 0;
+    if (k >= st->verdict_p)
+        return 0;
+    inflight *f = &x->flight[k % x->depth];
+    if (MPI_Test(&f->verdict, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+        return -1;
+    if (!done)
+        return 0;
+    if (f->hdr[0]) {
+        st->fail = f->hdr[0];
+        return 1;
+    }
+    int64_t len = chunk_len(x, k);
+    x->stream_crc = aegis_crc32c_combine(x->stream_crc, (uint32_t)f->hdr[1], len);
+    __atomic_store_n(&x->res->bytes_done, k * x->chunk + len, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&x->mu);
+    slot *s = &x->slots[k % x->depth];
+    if (s->phase == S_HELD || s->phase == S_READY) {
+        if (x->is_writer && x->err.code == AEGIS_OK) {
+            s->phase = S_DRAIN;
+            s->crc = (uint32_t)f->hdr[1];
+            /* a transfer is checked once per ring that received it (its verifier), never
+             * where it was read; the checksum fault forces the check on its rank */
+            s->check = x->verify &&
+                       ((x->is_verifier && owner_of(x, k) != x->leader) ||
+                        (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM &&
+                         x->opts->fault_rank == x->rank));
+            s->cursor = s->busy = 0;
+            pthread_cond_broadcast(&x->work_cv);
+        } else {
+            s->phase = S_FREE;
+        }
+    }
+    pthread_mutex_unlock(&x->mu);
+    st->verdict_d++;
+    return 1;
+}
+
+/* After chunk j's verdict reported a failure: no rank can have posted a step of a chunk past
+ * j + depth - 1 (a slot is released only after its last verdict), so all post every step
+ * (garbage, nobody writes it) and complete exactly that far before sharing the error. */
+static int drain_after_failure(ctx *x, int64_t j, steps *st)
 {
     int64_t last = min64(j + x->depth - 1, x->n_chunks - 1);
-    for (; posted <= last; posted++)
-        if (post(x, posted, 0, 0) != 0)
+    for (; st->freed_p <= last; st->freed_p++)
+        if (post_freed(x, st->freed_p))
+            return give_up(x, AEGIS_E_MPI);
+    for (; moves_data(x) && st->data_p <= last; st->data_p++)
+        if (post_data(x, st->data_p))
+            return give_up(x, AEGIS_E_MPI);
+    for (; st->verdict_p <= last; st->verdict_p++)
+        if (post_verdict(x, st->verdict_p, 0, 0))
             return give_up(x, AEGIS_E_MPI);
     for (int64_t k = j + 1; k <= last; k++) {
         inflight *f = &x->flight[k % x->depth];
-        int rc = mpi_wait(x, f->req, f->n_req);
+        int rc = k >= st->freed_d ? mpi_wait(x, &f->freed, 1) : AEGIS_OK;
+        if (rc == AEGIS_OK && moves_data(x) && k >= st->data_d)
+            rc = mpi_wait(x, f->data, f->n_data);
+        if (rc == AEGIS_OK)
+            rc = mpi_wait(x, &f->verdict, 1);
         if (rc != AEGIS_OK)
             return give_up(x, rc);
     }
@@ -966,72 +1139,41 @@ static int drain_after_failure(ctx *x, int64_t j, int64_t posted)
 
 static int transfer(ctx *x)
 {
-    int64_t assigned = 0, posted = 0, done = 0, mpi_since = now_ms();
+    steps st = {0};
+    int64_t mpi_since = now_ms();
     int idle = 0;
-    while (done < x->n_chunks) {
+    int (*const step[])(ctx *, steps *) = {try_release, try_claim, try_move, try_moved,
+                                           try_vote, try_place};
+    while (st.verdict_d < x->n_chunks) {
         pthread_mutex_lock(&x->mu);
         check_stalled(x);
         int64_t seen = x->events;
-        int failing = x->err.code != AEGIS_OK;
-        if (!failing)
-            while (assigned < x->n_chunks && assigned < done + x->depth &&
-                   x->slots[assigned % x->depth].phase == S_FREE)
-                assign(x, assigned++);
-        /* once failing, the next chunk goes out at once (its buffer is garbage) to carry the
-         * failure flag to every rank */
-        slot *next = &x->slots[posted % x->depth];
-        int can_post = posted < x->n_chunks && posted < done + x->depth &&
-                       (failing || (posted < assigned && next->phase == S_READY));
-        if (can_post && !failing)
-            next->phase = S_POSTED;
-        uint32_t crc = next->crc;
         pthread_mutex_unlock(&x->mu);
-
-        if (can_post) {
-            if (post(x, posted, failing ? x->size - x->rank : 0, crc) != 0)
+        int moved = 0;
+        for (size_t i = 0; i < sizeof step / sizeof step[0]; i++) {
+            int rc = step[i](x, &st);
+            if (rc < 0)
                 return give_up(x, AEGIS_E_MPI);
-            posted++;
+            moved |= rc;
+        }
+        if (st.fail) {
+            int rc = drain_after_failure(x, st.verdict_d, &st);
+            return rc != AEGIS_OK ? rc : share_error(x, st.fail);
+        }
+        if (moved) {
             idle = 0;
             mpi_since = now_ms();
             continue;
         }
-        if (done < posted) {
-            inflight *f = &x->flight[done % x->depth];
-            int complete = 0;
-            if (MPI_Testall(f->n_req, f->req, &complete, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
-                return give_up(x, AEGIS_E_MPI);
-            if (complete) {
-                if (f->hdr[0]) {
-                    int rc = drain_after_failure(x, done, posted);
-                    return rc != AEGIS_OK ? rc : share_error(x, f->hdr[0]);
-                }
-                int64_t len = chunk_len(x, done);
-                x->stream_crc = aegis_crc32c_combine(x->stream_crc, (uint32_t)f->hdr[1], len);
-                __atomic_store_n(&x->res->bytes_done, done * x->chunk + len, __ATOMIC_RELAXED);
-                pthread_mutex_lock(&x->mu);
-                slot *s = &x->slots[done % x->depth];
-                if (s->phase == S_POSTED) {
-                    if (x->is_writer && x->err.code == AEGIS_OK) {
-                        s->phase = S_DRAIN;
-                        s->crc = (uint32_t)f->hdr[1];
-                        s->cursor = s->busy = 0;
-                        pthread_cond_broadcast(&x->work_cv);
-                    } else {
-                        s->phase = S_FREE;
-                    }
-                }
-                pthread_mutex_unlock(&x->mu);
-                done++;
-                idle = 0;
-                mpi_since = now_ms();
-                continue;
-            }
-            if (now_ms() - mpi_since > x->mpi_stall_ms)
-                return give_up(x, AEGIS_E_STALL);
-            backoff(x, seen, idle++, now_ms() - mpi_since);
+        int mpi_pending = st.freed_d < st.freed_p || st.data_d < st.data_p ||
+                          st.verdict_d < st.verdict_p;
+        if (!mpi_pending) {
+            wait_event(x, seen, 200000); /* only this rank's helpers can move things now */
             continue;
         }
-        wait_event(x, seen, 200000); /* only this rank's helpers can move things now */
+        if (now_ms() - mpi_since > x->mpi_stall_ms)
+            return give_up(x, AEGIS_E_STALL);
+        backoff(x, seen, idle++, now_ms() - mpi_since);
     }
     /* the writers place the last chunks */
     pthread_mutex_lock(&x->mu);
@@ -1121,14 +1263,16 @@ static int finish_tree(ctx *x, local_error *e)
 static int check_same_options(ctx *x)
 {
     const aegis_stage_opts *o = x->opts;
-    enum { N_FIXED = 11, N = N_FIXED + AEGIS_MAX_READERS };
+    enum { N_FIXED = 12, N = N_FIXED + AEGIS_MAX_READERS };
     static const char *names[N_FIXED] = {"chunk_size", "max_count", "max_index_bytes",
                                          "stall_timeout", "depth", "root", "readers",
-                                         "verify", "fault_rank", "fault_kind", "fault_after"};
+                                         "verify", "share_ring", "fault_rank", "fault_kind",
+                                         "fault_after"};
     int64_t mine[N], hi[N], lo[N];
     int64_t fixed[N_FIXED] = {o->chunk_size, o->max_count, o->max_index_bytes, o->stall_ms,
-                              o->depth, o->root, o->n_readers, o->verify != 0, o->fault_rank,
-                              o->fault_kind, o->fault_after};
+                              o->depth, o->root, o->n_readers, o->verify != 0,
+                              o->share_ring != 0, o->fault_rank, o->fault_kind,
+                              o->fault_after};
     memcpy(mine, fixed, sizeof fixed);
     for (int i = 0; i < AEGIS_MAX_READERS; i++)
         mine[N_FIXED + i] = i < o->n_readers ? o->readers[i] : -1;
@@ -1244,23 +1388,158 @@ static int open_ends(ctx *x, const char *src_dir, const char *dest_dir, local_er
     return 0;
 }
 
+/* Who shares a ring: the ranks of one host, split so that each ring holds at most one reader,
+ * which leads it (the others join the host's lowest reader, or its lowest rank when it has
+ * none). share_ring = 0 gives every rank its own ring. The leaders form x->net. Setup only,
+ * after every rank agreed: plain blocking calls. */
+static int join_ring(ctx *x)
+{
+    MPI_Comm host = MPI_COMM_NULL;
+    int color = x->rank, key = x->is_reader ? 0 : x->rank + 1, host_size = 1;
+    if (x->opts->share_ring) {
+        if (MPI_Comm_split_type(x->comm, MPI_COMM_TYPE_SHARED, x->rank, MPI_INFO_NULL, &host) !=
+            MPI_SUCCESS)
+            return -1;
+        MPI_Comm_size(host, &host_size);
+    }
+    if (host_size > 1) {
+        int mine[2] = {x->rank, x->is_reader}, *all = malloc(sizeof(int) * 2 * host_size);
+        int rc = all ? MPI_Allgather(mine, 2, MPI_INT, all, 2, MPI_INT, host) : MPI_ERR_NO_MEM;
+        if (rc == MPI_SUCCESS && !x->is_reader) {
+            color = all[0]; /* host ranks follow world ranks: the host's lowest rank */
+            for (int i = 0; i < host_size; i++)
+                if (all[2 * i + 1]) { /* its lowest reader, if any */
+                    color = all[2 * i];
+                    break;
+                }
+        }
+        free(all);
+        if (rc != MPI_SUCCESS || MPI_Comm_split(host, color, key, &x->ring) != MPI_SUCCESS) {
+            MPI_Comm_free(&host);
+            return -1;
+        }
+        MPI_Comm_free(&host);
+        MPI_Comm_size(x->ring, &x->ring_size);
+        if (x->ring_size == 1)
+            MPI_Comm_free(&x->ring);
+    } else if (host != MPI_COMM_NULL) {
+        MPI_Comm_free(&host);
+    }
+    x->ring_size = x->ring == MPI_COMM_NULL ? 1 : x->ring_size;
+    x->is_leader = x->ring == MPI_COMM_NULL;
+    x->leader = x->rank;
+    int verifier = x->is_writer ? x->rank : INT_MAX;
+    if (x->ring != MPI_COMM_NULL) {
+        int ring_rank;
+        MPI_Comm_rank(x->ring, &ring_rank);
+        x->is_leader = ring_rank == 0;
+        if (MPI_Bcast(&x->leader, 1, MPI_INT, 0, x->ring) != MPI_SUCCESS ||
+            MPI_Allreduce(MPI_IN_PLACE, &verifier, 1, MPI_INT, MPI_MIN, x->ring) != MPI_SUCCESS)
+            return -1;
+    }
+    x->is_verifier = verifier == x->rank; /* the ring's lowest writer */
+    if (MPI_Comm_split(x->comm, x->is_leader ? 0 : MPI_UNDEFINED, x->rank, &x->net) !=
+        MPI_SUCCESS)
+        return -1;
+    if (x->net == MPI_COMM_NULL)
+        return 0;
+    MPI_Comm_size(x->net, &x->net_size);
+    MPI_Group world, leaders; /* readers lead their rings: find them among the leaders */
+    MPI_Comm_group(x->comm, &world);
+    MPI_Comm_group(x->net, &leaders);
+    int rc = MPI_Group_translate_ranks(world, x->opts->n_readers, x->opts->readers, leaders,
+                                       x->net_root);
+    MPI_Group_free(&world);
+    MPI_Group_free(&leaders);
+    return rc == MPI_SUCCESS ? 0 : -1;
+}
+
+/* The ring's buffers: private memory for a ring of one; otherwise the leader creates a
+ * shared-memory object of the whole size (reserved up front, so a full /dev/shm is an error
+ * here, not a SIGBUS later), the others map it by name, and the leader unlinks the name once
+ * every rank agreed (unlink_ring). */
+static int map_ring(ctx *x, int64_t bytes, local_error *e)
+{
+    if (x->ring == MPI_COMM_NULL) {
+        if (!(x->ring_mem = malloc((size_t)bytes)))
+            set_error(e, AEGIS_E_NOMEM, "cannot allocate %lld bytes of chunk buffers",
+                      (long long)bytes);
+        return 0;
+    }
+    char name[sizeof x->shm_name] = "";
+    int fd = -1;
+    if (x->is_leader) {
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        snprintf(name, sizeof name, "/aegis-ring-%d-%lld", (int)getpid(),
+                 (long long)t.tv_sec * 1000000000LL + t.tv_nsec);
+        fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        int err = fd < 0 ? errno : posix_fallocate(fd, 0, bytes);
+        if (err == EOPNOTSUPP || err == EINVAL)
+            err = ftruncate(fd, bytes) == 0 ? 0 : errno;
+        if (err) {
+            set_error(e, AEGIS_E_NOMEM, "cannot reserve %lld bytes of shared memory (/dev/shm) "
+                      "for the chunk ring: %s; free /dev/shm or pass share_ring=False",
+                      (long long)bytes, strerror(err));
+            if (fd >= 0) {
+                close(fd);
+                shm_unlink(name);
+            }
+            fd = -1;
+            name[0] = 0;
+        }
+        snprintf(x->shm_name, sizeof x->shm_name, "%s", name);
+    }
+    MPI_Request req;
+    if (MPI_Ibcast(name, sizeof name, MPI_CHAR, 0, x->ring, &req) != MPI_SUCCESS)
+        return AEGIS_E_MPI;
+    int rc = mpi_wait(x, &req, 1);
+    if (rc != AEGIS_OK)
+        return rc;
+    name[sizeof name - 1] = 0;
+    if (!x->is_leader && name[0] && (fd = shm_open(name, O_RDWR | O_CLOEXEC, 0)) < 0)
+        set_error(e, AEGIS_E_NOMEM, "cannot open the shared chunk ring %s: %s", name,
+                  strerror(errno));
+    if (fd >= 0) {
+        void *p = mmap(NULL, (size_t)bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED)
+            set_error(e, AEGIS_E_NOMEM, "cannot map %lld bytes of the shared chunk ring: %s",
+                      (long long)bytes, strerror(errno));
+        else
+            x->ring_mem = p;
+        close(fd);
+    }
+    return 0;
+}
+
+static void unlink_ring(ctx *x)
+{
+    if (x->shm_name[0])
+        shm_unlink(x->shm_name);
+    x->shm_name[0] = 0;
+}
+
 static int allocate_ring(ctx *x, local_error *e)
 {
+    if (join_ring(x) != 0)
+        return give_up(x, AEGIS_E_MPI);
+    int rc = map_ring(x, (int64_t)x->depth * x->chunk, e);
+    if (rc != AEGIS_OK)
+        return give_up(x, rc);
     int64_t parts = (x->chunk + x->piece - 1) / x->piece;
-    int calls = (int)((x->chunk + x->opts->max_count - 1) / x->opts->max_count) + 1;
+    int calls = (int)((x->chunk + x->opts->max_count - 1) / x->opts->max_count);
     x->slots = calloc((size_t)x->depth, sizeof *x->slots);
     x->flight = calloc((size_t)x->depth, sizeof *x->flight);
     int ok = x->slots && x->flight;
     for (int i = 0; ok && i < x->depth; i++) {
-        x->slots[i].buf = malloc((size_t)x->chunk);
+        x->slots[i].buf = x->ring_mem ? x->ring_mem + (int64_t)i * x->chunk : NULL;
         x->slots[i].part_crc = calloc((size_t)parts, sizeof(uint32_t));
-        x->flight[i].req = calloc((size_t)calls, sizeof(MPI_Request));
-        ok = x->slots[i].buf && x->slots[i].part_crc && x->flight[i].req;
+        x->flight[i].data = calloc((size_t)calls, sizeof(MPI_Request));
+        ok = x->slots[i].part_crc && x->flight[i].data;
     }
     if (!ok)
-        set_error(e, AEGIS_E_NOMEM, "cannot allocate %d buffers of %lld bytes", x->depth,
-                  (long long)x->chunk);
-    return ok ? 0 : -1;
+        set_error(e, AEGIS_E_NOMEM, "cannot allocate the bookkeeping of %d chunks", x->depth);
+    return AEGIS_OK;
 }
 
 static int start_workers(ctx *x, local_error *e)
@@ -1289,6 +1568,7 @@ static int start_workers(ctx *x, local_error *e)
 
 static void cleanup(ctx *x)
 {
+    unlink_ring(x);
     pthread_mutex_lock(&x->mu);
     x->stop = 1;
     pthread_cond_broadcast(&x->work_cv);
@@ -1309,12 +1589,14 @@ static void cleanup(ctx *x)
         close(x->dst_fd);
     if (x->cap_fd >= 0)
         close(x->cap_fd);
-    for (int i = 0; x->slots && i < x->depth; i++) {
-        free(x->slots[i].buf);
+    for (int i = 0; x->slots && i < x->depth; i++)
         free(x->slots[i].part_crc);
-    }
     for (int i = 0; x->flight && i < x->depth; i++)
-        free(x->flight[i].req);
+        free(x->flight[i].data);
+    if (x->ring_mem && x->ring != MPI_COMM_NULL)
+        munmap(x->ring_mem, (size_t)x->depth * (size_t)x->chunk);
+    else
+        free(x->ring_mem);
     free(x->slots);
     free(x->flight);
     free(x->workers);
@@ -1324,8 +1606,10 @@ static void cleanup(ctx *x)
     pthread_cond_destroy(&x->work_cv);
     pthread_cond_destroy(&x->main_cv);
     pthread_mutex_destroy(&x->mu);
-    if (x->comm != MPI_COMM_NULL)
-        MPI_Comm_free(&x->comm);
+    MPI_Comm *comms[] = {&x->ring, &x->net, &x->comm};
+    for (int i = 0; i < 3; i++)
+        if (*comms[i] != MPI_COMM_NULL)
+            MPI_Comm_free(comms[i]);
 }
 
 static int run(ctx *x, const char *src_dir, const void *index, int64_t index_len,
@@ -1339,10 +1623,14 @@ static int run(ctx *x, const char *src_dir, const void *index, int64_t index_len
     fail(x, &e);
     if ((rc = agree(x)) != AEGIS_OK || (rc = receive_index(x, index, index_len)) != AEGIS_OK)
         return rc;
-    if (allocate_ring(x, &e) == 0 && open_ends(x, src_dir, dest_dir, &e) == 0)
+    if ((rc = allocate_ring(x, &e)) != AEGIS_OK)
+        return rc;
+    if (!e.code && open_ends(x, src_dir, dest_dir, &e) == 0)
         start_workers(x, &e);
     fail(x, &e);
-    if ((rc = agree(x)) != AEGIS_OK || (rc = transfer(x)) != AEGIS_OK)
+    rc = agree(x);
+    unlink_ring(x); /* every rank of the ring has it mapped, or the stage ends here */
+    if (rc != AEGIS_OK || (rc = transfer(x)) != AEGIS_OK)
         return rc;
     pthread_mutex_lock(&x->mu);
     int ok = x->err.code == AEGIS_OK;
@@ -1363,7 +1651,8 @@ int aegis_stage(void *comm_ptr, const char *src_dir, const void *index, int64_t 
         snprintf(res->cause, sizeof res->cause, "cannot allocate the staging context");
         return res->code;
     }
-    x->comm = MPI_COMM_NULL;
+    x->comm = x->ring = x->net = MPI_COMM_NULL;
+    x->net_size = x->ring_size = 1;
     x->src_fd = x->dst_fd = x->cap_fd = -1;
     x->opts = opts;
     x->res = res;

@@ -41,7 +41,9 @@ typedef struct aegis_stage_opts {
     int32_t n_readers;       /* chunk k is read and broadcast by readers[k % n_readers] */
     int32_t readers[256];
     int32_t is_writer;       /* this rank writes the tree into dest_dir (must exist) */
-    int32_t verify;          /* CRC32C of every chunk on the reader and on every writer */
+    int32_t verify;          /* CRC32C of every chunk on its reader, checked by one writer on
+                                every host that received it */
+    int32_t share_ring;      /* ranks of one host share one ring of chunk buffers (/dev/shm) */
     int32_t io_threads;      /* reader/writer threads on this rank (local, may differ) */
     int32_t fault_rank;      /* test hook: rank that injects fault_kind, -1 for none */
     int32_t fault_kind;      /* AEGIS_FAULT_* */

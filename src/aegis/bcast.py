@@ -400,20 +400,21 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
           depth: int = DEFAULT_DEPTH, writers: str = "node", readers: int = 1,
           verify: bool = True, force: bool = False, progress: bool = True,
           max_count: int = MAX_MPI_COUNT, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-          io_threads: int | None = None, _fault: tuple | None = None,
+          io_threads: int | None = None, share_ring: bool = True, _fault: tuple | None = None,
           _capture: str | None = None) -> StageResult:
     """Copy ``source`` (a directory, or one regular file) to ``dest`` on every node. Collective.
 
     - ``dest`` is a directory: a directory source's contents land in it; a file source lands
       as ``dest/<name>``. The root scans ``source``; reader ranks read it; writers ignore it.
     - Every rank must pass the same ``root``, ``chunk_size``, ``depth``, ``writers``,
-      ``readers``, ``verify``, ``max_count`` and ``stall_timeout``; otherwise every rank raises
+      ``readers``, ``verify``, ``max_count``, ``stall_timeout`` and ``share_ring``; otherwise every rank raises
       StagingError (code 1) before anything moves.
     - ``readers=k``: k ranks (the root first, then one per other node) each read a disjoint
       share of the stream (every k-th chunk) and broadcast it.
     - Atomic per writer: the tree is written into a hidden sibling
       ``.<dest>.aegis-tmp-<host>-<pid>`` (leftovers of killed runs on this host are removed by
-      the next stage, cached or not), checked (CRC32C of every chunk unless ``verify=False``),
+      the next stage, cached or not), checked (CRC32C of every chunk, by one writer on each
+      host that received it over MPI, unless ``verify=False``),
       gets the manifest ``dest/.aegis-manifest.json`` last, then is renamed onto ``dest``. On
       any error the temporary is removed and ``dest`` is left as it was.
     - Directories are staged with their mode plus ``u+rwx`` (a read-only source still gives a
@@ -426,7 +427,10 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
       StagingError unless ``force=True``, so a mistyped ``dest`` cannot delete user data.
     - ``writers="node"``: the lowest rank of each shared-memory node writes; ``"all"``: every
       rank writes its own ``dest`` (two writers on one host must not share a ``dest``).
-    - ``depth`` chunks of ``chunk_size`` bytes are in flight per rank; ``max_count`` caps the
+    - ``share_ring``: the ranks of one host share one ring of ``depth`` chunk buffers in
+      shared memory (``/dev/shm``), so a chunk crosses MPI once per host and each writer
+      copies it once; ``False`` gives every rank a private ring (MPI copies to each rank).
+    - ``depth`` chunks of ``chunk_size`` bytes are in flight per ring; ``max_count`` caps the
       elements per MPI call; ``io_threads`` reader/writer threads per rank (default: the
       node's cores shared by its ranks, 2 to 8).
     - ``stall_timeout``: a reader or writer thread stuck on one piece of I/O this many seconds
@@ -445,7 +449,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
 
     options = {"root": root, "chunk_size": chunk_size, "depth": depth, "writers": writers,
                "readers": readers, "verify": bool(verify), "max_count": max_count,
-               "stall_timeout": stall_timeout}
+               "stall_timeout": stall_timeout, "share_ring": bool(share_ring)}
     _check_same_options(comm, options, _validate(source, dest, root, size, chunk_size, depth,
                                                  writers, readers, max_count, stall_timeout,
                                                  io_threads))
@@ -502,7 +506,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
         _agree(comm, error)
         params = dict(root=root, chunk_size=chunk_size, depth=depth, readers=reader_ranks,
                       is_writer=is_writer, verify=verify, max_count=max_count,
-                      stall_timeout=stall_timeout,
+                      stall_timeout=stall_timeout, share_ring=bool(share_ring),
                       io_threads=io_threads or default_io_threads(ranks_here),
                       fault=_fault, capture=_capture if is_writer else None)
         transfer = _transfer(MPI, ffi, lib, comm, src_dir if rank in reader_ranks else None,
@@ -540,6 +544,7 @@ def _transfer(MPI, ffi, lib, comm, src_dir: str | None, index: bytes | None, tmp
     for i, reader in enumerate(params["readers"]):
         opts.readers[i] = reader
     opts.is_writer, opts.verify = int(params["is_writer"]), int(bool(params["verify"]))
+    opts.share_ring = int(params["share_ring"])
     opts.io_threads = params["io_threads"]
     opts.fault_rank = -1
     keep = []  # cffi buffers that must outlive the call

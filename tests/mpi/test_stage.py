@@ -457,7 +457,7 @@ def test_read_only_source_as_non_root_user(comm, shared_tmp):
 @pytest.mark.parametrize("option,values", [
     ("chunk_size", (CHUNK, 2 * CHUNK)), ("depth", (2, 3)), ("max_count", (1 << 20, 4096)),
     ("verify", (True, False)), ("writers", ("all", "node")), ("readers", (1, 2)),
-    ("root", (0, 1)), ("stall_timeout", (60, 61))])
+    ("root", (0, 1)), ("stall_timeout", (60, 61)), ("share_ring", (True, False))])
 def test_disagreeing_options_fail_everywhere(comm, shared_tmp, option, values):
     src = shared_tmp / "src"
     on_root_make(comm, lambda: make_random_tree(src, 6))
@@ -511,7 +511,7 @@ def test_malformed_index_is_refused_everywhere(comm, shared_tmp, index, what):
     tmp.mkdir()
     params = dict(root=0, chunk_size=CHUNK, depth=2, readers=[0], is_writer=True, verify=True,
                   max_count=bcast.MAX_MPI_COUNT, stall_timeout=10, io_threads=2, fault=None,
-                  capture=None)
+                  capture=None, share_ring=True)
     err = expect_failure(comm, lambda: bcast._transfer(
         MPI, ffi, lib, comm, str(shared_tmp), index if comm.rank == 0 else None, tmp, params,
         False, 0))
