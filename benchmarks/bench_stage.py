@@ -132,6 +132,8 @@ def main() -> int:
     parser.add_argument("--chunk-mib", type=int, default=bcast.DEFAULT_CHUNK_SIZE >> 20)
     parser.add_argument("--depth", type=int, default=bcast.DEFAULT_DEPTH)
     parser.add_argument("--serial-chunk-mib", type=int, default=1024)
+    parser.add_argument("--private-rings", action="store_true",
+                        help="stage(share_ring=False): every rank its own ring (MPI copies)")
     parser.add_argument("--cases", default="stage,cp,serial",
                         help="which cases to time (the table needs all three)")
     parser.add_argument("--json", default=None, help="also write the rows here (rank 0)")
@@ -169,7 +171,8 @@ def main() -> int:
             def run_stage():
                 if group != MPI.COMM_NULL:
                     bcast.stage(src, dests[group.rank], group, writers="all", progress=False,
-                                chunk_size=args.chunk_mib << 20, depth=args.depth)
+                                chunk_size=args.chunk_mib << 20, depth=args.depth,
+                                share_ring=not args.private_rings)
 
             def run_cp():
                 if rank == 0:
@@ -208,7 +211,8 @@ def main() -> int:
         gib = size / GiB
         cores = len(os.sched_getaffinity(0))
         print(f"\nstage benchmark: {gib:.2f} GiB tree, {cores} cores, best of {args.repeat}, "
-              f"chunk {args.chunk_mib} MiB x depth {args.depth}, serial chunk "
+              f"chunk {args.chunk_mib} MiB x depth {args.depth}, "
+              f"{'private' if args.private_rings else 'shared'} rings, serial chunk "
               f"{args.serial_chunk_mib} MiB, load avg {os.getloadavg()[0]:.1f}")
         print("| dest | n | stage() s | cp -r s | serial s | stage/cp | serial/stage | "
               "GB/s per dest stage | CPU-s/GiB/dest stage | cp -r | serial | CPU stage/cp | "
