@@ -33,7 +33,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/sendfile.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
@@ -248,8 +247,6 @@ typedef struct ctx {
     int ring_size, is_leader, leader, is_verifier, net_size;
     int net_root[AEGIS_MAX_READERS]; /* reader i's rank among the leaders */
     char *ring_mem;                  /* depth * chunk bytes, shared when ring_size > 1 */
-    int ring_fd;                     /* the memory file behind ring_mem */
-    int copy_mode;                   /* how place() copies: COPY_* (only ever downgraded) */
     char shm_name[64];               /* the leader's shared-memory name until unlinked */
     char host[128];
     int64_t chunk, piece, n_chunks, end_off, total, mpi_stall_ms;
@@ -644,43 +641,7 @@ static int fill_piece(ctx *x, char *dst, int64_t a, int64_t b, local_error *e)
     return 0;
 }
 
-enum { COPY_RANGE, COPY_SENDFILE, COPY_PWRITE };
-
-/* Writes n ring bytes (at src, offset roff in the ring file) to fd at off. In the kernel
- * where it can (copy_file_range, else sendfile: no copy through this process, as cp does),
- * else pwrite. Returns 0, or -1 with errno. */
-static int place(ctx *x, int fd, const char *src, int64_t roff, int64_t off, int64_t n)
-{
-    int mode = __atomic_load_n(&x->copy_mode, __ATOMIC_RELAXED);
-    for (int64_t done = 0; done < n;) {
-        size_t want = (size_t)min64(n - done, 1LL << 30);
-        loff_t in = roff + done, out = off + done;
-        ssize_t w;
-        if (mode == COPY_RANGE)
-            w = copy_file_range(x->ring_fd, &in, fd, &out, want, 0);
-        else if (mode == COPY_SENDFILE)
-            w = lseek(fd, out, SEEK_SET) < 0 ? -1 : sendfile(fd, x->ring_fd, &in, want);
-        else
-            w = pwrite(fd, src + done, want, out);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0 && mode != COPY_PWRITE &&
-            (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP ||
-             errno == EBADF)) { /* not between these files: the next way, for good */
-            __atomic_store_n(&x->copy_mode, ++mode, __ATOMIC_RELAXED);
-            continue;
-        }
-        if (w <= 0) {
-            if (w == 0)
-                errno = EIO; /* no progress */
-            return -1;
-        }
-        done += w;
-    }
-    return 0;
-}
-
-/* Writer: place the file data among stream bytes [a, b) (src) into the files. */
+/* Writer: place the file data among stream bytes [a, b) (src) with pwrite. */
 static int drain_piece(ctx *x, const char *src, int64_t a, int64_t b, local_error *e)
 {
     if (fault_here(x, AEGIS_FAULT_WRITE_ERROR, a)) {
@@ -709,11 +670,18 @@ static int drain_piece(ctx *x, const char *src, int64_t a, int64_t b, local_erro
             set_error(e, AEGIS_E_WRITE, "cannot open %s: %s", en->path, strerror(errno));
             return -1;
         }
-        if (place(x, fd, src + (lo - a), src + (lo - a) - x->ring_mem, lo - en->data_off,
-                  hi - lo) != 0) {
-            set_error(e, AEGIS_E_WRITE, "writing %s: %s", en->path, strerror(errno));
-            close(fd);
-            return -1;
+        for (int64_t done = 0; done < hi - lo;) {
+            ssize_t w = pwrite(fd, src + (lo - a) + done, (size_t)min64(hi - lo - done, 1LL << 30),
+                               lo - en->data_off + done);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0) {
+                set_error(e, AEGIS_E_WRITE, "writing %s: %s", en->path,
+                          w < 0 ? strerror(errno) : "no progress");
+                close(fd);
+                return -1;
+            }
+            done += w;
         }
         if (close(fd) != 0) {
             set_error(e, AEGIS_E_WRITE, "writing %s: %s", en->path, strerror(errno));
@@ -856,7 +824,8 @@ static void wait_event(ctx *x, int64_t seen, int64_t us)
 /* While MPI has work in flight: one bare poll, then sleeps: short ones while chunk data is
  * moving (a large broadcast progresses only inside our MPI_Test calls), else doubling from
  * 50 us to 1 ms, and 1 ms once nothing completed for 100 ms; a helper event ends a sleep
- * early. Every poll runs MPI's progress engine (~0.1 ms of CPU in a sandbox), so a waiting
+ * early. Every poll runs MPI's progress engine (about 0.1 ms of CPU in the gVisor sandbox we
+ * benchmark in), so a waiting
  * rank costs a few percent of a core. */
 static void backoff(ctx *x, int64_t seen, int idle, int64_t waited_ms, int data_moving)
 {
@@ -1494,77 +1463,62 @@ static int join_ring(ctx *x)
     return rc == MPI_SUCCESS ? 0 : -1;
 }
 
-/* Reserves the whole size up front, so a full /dev/shm is an error here, not a SIGBUS later. */
-static int reserve(int fd, int64_t bytes)
-{
-    int err = posix_fallocate(fd, 0, bytes);
-    if (err == EOPNOTSUPP || err == EINVAL)
-        err = ftruncate(fd, bytes) == 0 ? 0 : errno;
-    return err;
-}
-
-/* The ring's buffers are a memory file, mapped: writers can copy from it into their files in
- * the kernel (place). A ring of one rank is an anonymous memfd; a shared ring a POSIX
- * shared-memory object that the leader creates, the others open by name, and the leader
- * unlinks once every rank agreed (unlink_ring). */
+/* The ring's buffers: private memory for a ring of one; otherwise the leader creates a
+ * shared-memory object of the whole size (reserved up front, so a full /dev/shm is an error
+ * here, not a SIGBUS later), the others map it by name, and the leader unlinks the name once
+ * every rank agreed (unlink_ring). */
 static int map_ring(ctx *x, int64_t bytes, local_error *e)
 {
-    int fd = -1;
     if (x->ring == MPI_COMM_NULL) {
-        fd = memfd_create("aegis-ring", MFD_CLOEXEC);
-        int err = fd < 0 ? errno : reserve(fd, bytes);
-        if (err) {
-            set_error(e, AEGIS_E_NOMEM, "cannot reserve %lld bytes of memory for the chunk "
-                      "ring: %s", (long long)bytes, strerror(err));
-            if (fd >= 0)
-                close(fd);
-            return AEGIS_OK;
-        }
-    } else {
-        char name[sizeof x->shm_name] = "";
-        if (x->is_leader) {
-            struct timespec t;
-            clock_gettime(CLOCK_REALTIME, &t);
-            snprintf(name, sizeof name, "/aegis-ring-%d-%lld", (int)getpid(),
-                     (long long)t.tv_sec * 1000000000LL + t.tv_nsec);
-            fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-            int err = fd < 0 ? errno : reserve(fd, bytes);
-            if (err) {
-                set_error(e, AEGIS_E_NOMEM, "cannot reserve %lld bytes of shared memory "
-                          "(/dev/shm) for the chunk ring: %s; free /dev/shm or pass "
-                          "share_ring=False", (long long)bytes, strerror(err));
-                if (fd >= 0) {
-                    close(fd);
-                    shm_unlink(name);
-                }
-                fd = -1;
-                name[0] = 0;
-            }
-            snprintf(x->shm_name, sizeof x->shm_name, "%s", name);
-        }
-        MPI_Request req;
-        if (MPI_Ibcast(name, sizeof name, MPI_CHAR, 0, x->ring, &req) != MPI_SUCCESS)
-            return AEGIS_E_MPI;
-        int rc = mpi_wait(x, &req, 1);
-        if (rc != AEGIS_OK)
-            return rc;
-        name[sizeof name - 1] = 0;
-        if (!x->is_leader && name[0] && (fd = shm_open(name, O_RDWR | O_CLOEXEC, 0)) < 0)
-            set_error(e, AEGIS_E_NOMEM, "cannot open the shared chunk ring %s: %s", name,
-                      strerror(errno));
+        if (!(x->ring_mem = malloc((size_t)bytes)))
+            set_error(e, AEGIS_E_NOMEM, "cannot allocate %lld bytes of chunk buffers",
+                      (long long)bytes);
+        return 0;
     }
+    char name[sizeof x->shm_name] = "";
+    int fd = -1;
+    if (x->is_leader) {
+        struct timespec t;
+        clock_gettime(CLOCK_REALTIME, &t);
+        snprintf(name, sizeof name, "/aegis-ring-%d-%lld", (int)getpid(),
+                 (long long)t.tv_sec * 1000000000LL + t.tv_nsec);
+        fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        int err = fd < 0 ? errno : posix_fallocate(fd, 0, bytes);
+        if (err == EOPNOTSUPP || err == EINVAL)
+            err = ftruncate(fd, bytes) == 0 ? 0 : errno;
+        if (err) {
+            set_error(e, AEGIS_E_NOMEM, "cannot reserve %lld bytes of shared memory (/dev/shm) "
+                      "for the chunk ring: %s; free /dev/shm or pass share_ring=False",
+                      (long long)bytes, strerror(err));
+            if (fd >= 0) {
+                close(fd);
+                shm_unlink(name);
+            }
+            fd = -1;
+            name[0] = 0;
+        }
+        snprintf(x->shm_name, sizeof x->shm_name, "%s", name);
+    }
+    MPI_Request req;
+    if (MPI_Ibcast(name, sizeof name, MPI_CHAR, 0, x->ring, &req) != MPI_SUCCESS)
+        return AEGIS_E_MPI;
+    int rc = mpi_wait(x, &req, 1);
+    if (rc != AEGIS_OK)
+        return rc;
+    name[sizeof name - 1] = 0;
+    if (!x->is_leader && name[0] && (fd = shm_open(name, O_RDWR | O_CLOEXEC, 0)) < 0)
+        set_error(e, AEGIS_E_NOMEM, "cannot open the shared chunk ring %s: %s", name,
+                  strerror(errno));
     if (fd >= 0) {
         void *p = mmap(NULL, (size_t)bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        if (p == MAP_FAILED) {
-            set_error(e, AEGIS_E_NOMEM, "cannot map %lld bytes of the chunk ring: %s",
+        if (p == MAP_FAILED)
+            set_error(e, AEGIS_E_NOMEM, "cannot map %lld bytes of the shared chunk ring: %s",
                       (long long)bytes, strerror(errno));
-            close(fd);
-        } else {
+        else
             x->ring_mem = p;
-            x->ring_fd = fd;
-        }
+        close(fd);
     }
-    return AEGIS_OK;
+    return 0;
 }
 
 static void unlink_ring(ctx *x)
@@ -1648,10 +1602,10 @@ static void cleanup(ctx *x)
         free(x->slots[i].part_crc);
     for (int i = 0; x->flight && i < x->depth; i++)
         free(x->flight[i].data);
-    if (x->ring_mem)
+    if (x->ring_mem && x->ring != MPI_COMM_NULL)
         munmap(x->ring_mem, (size_t)x->depth * (size_t)x->chunk);
-    if (x->ring_fd >= 0)
-        close(x->ring_fd);
+    else
+        free(x->ring_mem);
     free(x->slots);
     free(x->flight);
     free(x->workers);
@@ -1708,7 +1662,7 @@ int aegis_stage(void *comm_ptr, const char *src_dir, const void *index, int64_t 
     }
     x->comm = x->ring = x->net = MPI_COMM_NULL;
     x->net_size = x->ring_size = 1;
-    x->src_fd = x->dst_fd = x->cap_fd = x->ring_fd = -1;
+    x->src_fd = x->dst_fd = x->cap_fd = -1;
     x->opts = opts;
     x->res = res;
     x->chunk = opts->chunk_size;
