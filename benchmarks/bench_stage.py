@@ -132,6 +132,8 @@ def main() -> int:
     parser.add_argument("--chunk-mib", type=int, default=bcast.DEFAULT_CHUNK_SIZE >> 20)
     parser.add_argument("--depth", type=int, default=bcast.DEFAULT_DEPTH)
     parser.add_argument("--serial-chunk-mib", type=int, default=1024)
+    parser.add_argument("--io-threads", type=int, default=None,
+                        help="stage()'s io_threads (default: its own choice)")
     parser.add_argument("--private-rings", action="store_true",
                         help="stage(share_ring=False): every rank its own ring (MPI copies)")
     parser.add_argument("--cases", default="stage,cp,serial",
@@ -172,7 +174,7 @@ def main() -> int:
                 if group != MPI.COMM_NULL:
                     bcast.stage(src, dests[group.rank], group, writers="all", progress=False,
                                 chunk_size=args.chunk_mib << 20, depth=args.depth,
-                                share_ring=not args.private_rings)
+                                share_ring=not args.private_rings, io_threads=args.io_threads)
 
             def run_cp():
                 if rank == 0:

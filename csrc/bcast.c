@@ -824,9 +824,8 @@ static void wait_event(ctx *x, int64_t seen, int64_t us)
 /* While MPI has work in flight: one bare poll, then sleeps: short ones while chunk data is
  * moving (a large broadcast progresses only inside our MPI_Test calls), else doubling from
  * 50 us to 1 ms, and 1 ms once nothing completed for 100 ms; a helper event ends a sleep
- * early. Every poll runs MPI's progress engine (about 0.1 ms of CPU in the gVisor sandbox we
- * benchmark in), so a waiting
- * rank costs a few percent of a core. */
+ * early. Every poll runs MPI's progress engine (about 0.1 ms of CPU in the sandbox we
+ * benchmark in), so a waiting rank costs a few percent of a core. */
 static void backoff(ctx *x, int64_t seen, int idle, int64_t waited_ms, int data_moving)
 {
     if (idle < 1)

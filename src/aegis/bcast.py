@@ -392,10 +392,10 @@ class _Progress:
 
 
 def default_io_threads(ranks_here: int) -> int:
-    """Reader/writer threads per rank: this node's cores shared by its ranks, 2 to 4 (more
-    threads writing one tree contend in the kernel: 8 cost twice the CPU of 2 per GiB on the
-    16-core benchmark machine, for 25% less wall time)."""
-    return max(2, min(4, len(os.sched_getaffinity(0)) // max(ranks_here, 1)))
+    """Reader/writer threads per rank: this node's cores shared by its ranks, 2 to 3. More
+    threads writing one tree contend in the kernel: on the 16-core benchmark machine 8 cost
+    twice the CPU per GiB of 2 for 25% less wall time; 3 is the best of both (docs/staging.md)."""
+    return max(2, min(3, len(os.sched_getaffinity(0)) // max(ranks_here, 1)))
 
 
 def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
