@@ -50,7 +50,7 @@ _CODE_NAMES = {
     4: "source read failed", 5: "write failed", 6: "checksum mismatch", 7: "MPI error",
     8: "thread start failed", 9: "stalled", 10: "preparation failed",
 }
-E_ARGS, E_SOURCE, E_WRITE, E_CHECKSUM, E_STALL, E_PREPARE = 1, 4, 5, 6, 9, 10
+E_ARGS, E_NOMEM, E_SOURCE, E_WRITE, E_CHECKSUM, E_STALL, E_PREPARE = 1, 2, 4, 5, 6, 9, 10
 
 _INDEX_MAGIC = b"AEGIDX01"
 _INDEX_ENTRY = struct.Struct("<B3xIqQIIII")  # kind, mode, mtime, size, uid, gid, path, link

@@ -260,12 +260,15 @@ class ByteSize(click.ParamType):
               help="Seconds a reader or writer may sit on one piece of I/O before the stage "
                    "fails on every rank.  [default: 300]")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check every writer's copy of each chunk against the reader's CRC32C.")
+              help="Check each chunk that crossed MPI against its reader's CRC32C.")
+@click.option("--share-ring/--no-share-ring", default=True, show_default=True,
+              help="Ranks on one host share one ring of chunk buffers in /dev/shm, so a chunk "
+                   "crosses MPI once per host; --no-share-ring if /dev/shm is too small.")
 @click.option("--force", is_flag=True, help="Stage again even if DEST is already up to date.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
           writers: str | None, readers: int | None, stall_timeout: float | None, verify: bool,
-          force: bool, quiet: bool) -> int:
+          share_ring: bool, force: bool, quiet: bool) -> int:
     """Copy SOURCE (a directory or one file) to node-local DEST on every node: read once,
     broadcast over MPI.
 
@@ -278,7 +281,7 @@ def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
               if value is not None}
     try:
         result = bcast.stage(source, dest, verify=verify, force=force, progress=not quiet,
-                             **tuning)
+                             share_ring=share_ring, **tuning)
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         raise ConfigError(f"stage: {err}") from None
     except bcast.StagingError as err:

@@ -64,6 +64,15 @@ def shared_tmp(comm):
 
 
 @pytest.fixture(autouse=True)
+def no_shared_ring_left():
+    """A stage's shared chunk ring (/dev/shm/aegis-ring-<leader pid>-*) is unlinked as soon as
+    its ranks mapped it, on success and on every failure."""
+    yield
+    left = [p.name for p in Path("/dev/shm").glob(f"aegis-ring-{os.getpid()}-*")]
+    assert not left, f"shared rings left in /dev/shm: {left}"
+
+
+@pytest.fixture(autouse=True)
 def no_children_left():
     """The staging core must reap every tar it starts, on success and on failure."""
     yield

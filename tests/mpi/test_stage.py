@@ -360,6 +360,49 @@ def test_many_readers_round_trip(comm, shared_tmp, readers):
     check_round_trip(comm, src, [dest])
 
 
+@pytest.mark.parametrize("writers", ["all", "node"])
+@pytest.mark.parametrize("readers", [1, 2])
+@pytest.mark.parametrize("share_ring", [True, False])
+def test_rings_round_trip(comm, shared_tmp, share_ring, readers, writers):
+    """The ranks of a host share one ring per reader there (share_ring) or each have their
+    own: every writer gets the exact tree whether its ring reads the chunk, receives it over
+    MPI, or only holds it for its writers (with readers=2 and writers="node", the second
+    reader's ring has no writer and relays nothing)."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=13 * CHUNK + 5))
+    dest = shared_tmp / f"dest{comm.rank}"
+    result = stage(src, dest, comm, chunk_size=CHUNK, depth=2, writers=writers,
+                   readers=readers, share_ring=share_ring, progress=False)
+    writer_ranks = [w.rank for w in result.writers]
+    assert writer_ranks == (list(range(comm.size)) if writers == "all" else [0])
+    assert dest.exists() == (comm.rank in writer_ranks)
+    comm.Barrier()
+    check_round_trip(comm, src, [dest] if comm.rank in writer_ranks else [])
+    sums = comm.allgather(result.checksum)
+    assert len(set(sums)) == 1 and sums[0] == f"{bcast.crc32c(capture_stream(comm, src, shared_tmp)):08x}"
+
+
+def capture_stream(comm, src: Path, tmp: Path) -> bytes:
+    """The raw tar stream of src as stage() sends it (captured by rank 0's writer)."""
+    cap = tmp / "stream.tar"
+    stage(src, tmp / f"cap{comm.rank}", comm, chunk_size=CHUNK, writers="all", progress=False,
+          _capture=str(cap) if comm.rank == 0 else None)
+    comm.Barrier()
+    return cap.read_bytes()
+
+
+def test_ring_too_big_for_dev_shm_fails_cleanly(comm, shared_tmp):
+    """A shared ring that /dev/shm cannot hold is refused up front (reserved, not faulted in
+    later as a SIGBUS): the same one-line error on every rank, nothing written, no ring left."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=CHUNK))
+    dest = shared_tmp / f"dest{comm.rank}"
+    err = expect_failure(comm, lambda: stage(src, dest, comm, chunk_size=1 << 40, depth=1,
+                                             writers="all", progress=False))
+    assert err.code == bcast.E_NOMEM and "/dev/shm" in err.cause and "share_ring" in err.cause
+    assert not dest.exists() and leftovers(shared_tmp) == []
+
+
 def test_captured_stream_extracts_identically_with_gnu_tar(comm, shared_tmp):
     """The wire is a tar stream: GNU tar (and Python's tarfile) extract the captured bytes to
     the same tree stage() wrote, and its CRC32C is the one stage() reports."""
