@@ -329,6 +329,19 @@ def _remove_stale_siblings(dest: Path) -> None:
                 _rmtree(path)
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def _remove_dead_rings() -> None:
+    """Shared chunk rings (SHM_DIR/aegis-ring-<leader pid>-<ns>) whose leader was killed in the
+    moment between creating and unlinking the name; another user's are left alone."""
+    for path in SHM_DIR.glob("aegis-ring-*-*"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def _prepare_dest(dest: Path, tmp: Path, force: bool) -> None:
     """Writer-side checks before any byte moves. Raises OSError/ValueError with a cause."""
     if dest.exists() or dest.is_symlink():
@@ -469,11 +482,14 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     src_dir = info.pop("src_dir")
 
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    is_writer = writers == "all" or node_comm.Get_rank() == 0
+    node_rank = node_comm.Get_rank()
+    is_writer = writers == "all" or node_rank == 0
     ranks_here = node_comm.Get_size()
     node_comm.Free()
 
     def look_at_dest():
+        if share_ring and node_rank == 0:
+            _remove_dead_rings()
         if not is_writer:
             return True, None
         _remove_stale_siblings(dest_path)  # also when nothing else happens (cached)

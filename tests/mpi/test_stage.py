@@ -403,6 +403,63 @@ def test_ring_too_big_for_dev_shm_fails_cleanly(comm, shared_tmp):
     assert not dest.exists() and leftovers(shared_tmp) == []
 
 
+def test_ring_of_a_killed_leader_is_removed(comm, shared_tmp):
+    """A leader SIGKILLed between creating its ring's name and unlinking it leaves
+    /dev/shm/aegis-ring-<pid>-*: the next stage on that host removes it, and keeps a live one."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    names = [bcast.SHM_DIR / f"aegis-ring-{dead.pid}-1{comm.rank}",
+             bcast.SHM_DIR / f"aegis-ring-{os.getpid()}-0{comm.rank}"]
+    for path in names:
+        path.write_bytes(b"x")
+    comm.Barrier()
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=CHUNK))
+    stage(src, shared_tmp / f"dest{comm.rank}", comm, chunk_size=CHUNK, writers="all",
+          progress=False)
+    comm.Barrier()
+    assert not names[0].exists() and names[1].exists()
+    names[1].unlink()
+
+
+def test_file_of_8_gib_and_more(comm, shared_tmp):
+    """Past 2^31, 2^32 and 2^33 bytes: 64-bit offsets all the way, and the size in the file's
+    tar header in GNU base-256 (octal stops at 8 GiB - 1), which GNU tar reads: it lists the
+    file and finds the next member after it. The source is sparse and the capture keeps
+    zeros as holes, so only the one writer's copy costs disk."""
+    src, size = shared_tmp / "src", (8 << 30) + 3
+    marks = {0: b"head", (1 << 31) - 2: b"2^31", (1 << 32) + 1: b"2^32", size - 3: b"end"}
+
+    def make():
+        src.mkdir()
+        with open(src / "huge.bin", "wb") as fh:
+            for at, mark in marks.items():
+                fh.seek(at)
+                fh.write(mark)
+        (src / "next.txt").write_text("after the huge one")
+    on_root_make(comm, make)
+    cap, dest = shared_tmp / "stream.tar", shared_tmp / "dest"
+    result = stage(src, dest, comm, writers="node", chunk_size=64 << 20, progress=False,
+                   _capture=str(cap) if comm.rank == 0 else None)
+    assert result.source_bytes >= size
+    if comm.rank == 0:
+        with open(dest / "huge.bin", "rb") as fh:
+            assert os.fstat(fh.fileno()).st_size == size
+            for at, mark in marks.items():
+                fh.seek(at)
+                assert fh.read(len(mark)) == mark
+            fh.seek(3 << 30)
+            assert fh.read(1 << 20) == bytes(1 << 20)
+        assert (dest / "next.txt").read_text() == "after the huge one"
+        listing = subprocess.run(["tar", "-tvf", str(cap)], capture_output=True, text=True,
+                                 check=True).stdout
+        assert str(size) in listing and "./next.txt" in listing
+        out = subprocess.run(["tar", "-xOf", str(cap), "./next.txt"], capture_output=True,
+                             check=True).stdout
+        assert out == b"after the huge one"
+    comm.Barrier()
+
+
 def test_captured_stream_extracts_identically_with_gnu_tar(comm, shared_tmp):
     """The wire is a tar stream: GNU tar (and Python's tarfile) extract the captured bytes to
     the same tree stage() wrote, and its CRC32C is the one stage() reports."""
