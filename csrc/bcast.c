@@ -994,16 +994,22 @@ static int moves_data(const ctx *x) { return x->is_leader && x->net_size > 1; }
 /* Each try_ takes its step for the next chunk if it can: 1 when it did, 0 when it cannot yet,
  * -1 when MPI failed. The caller holds no lock. */
 
-/* 1. release the next slot to the ring (once failing, at once: its contents are garbage) */
+/* Whether chunk k's slot is free (want_free) or not being filled; once this rank failed,
+ * always: its steps then go out at once, their contents garbage. */
+static int slot_allows(ctx *x, int64_t k, int want_free)
+{
+    pthread_mutex_lock(&x->mu);
+    int phase = x->slots[k % x->depth].phase;
+    int ok = x->err.code != AEGIS_OK || (want_free ? phase == S_FREE : phase != S_FILL);
+    pthread_mutex_unlock(&x->mu);
+    return ok;
+}
+
+/* 1. release the next slot to the ring */
 static int try_release(ctx *x, steps *st)
 {
     int64_t k = st->freed_p;
-    if (k >= x->n_chunks || k >= st->verdict_d + x->depth)
-        return 0;
-    pthread_mutex_lock(&x->mu);
-    int ok = x->slots[k % x->depth].phase == S_FREE || x->err.code != AEGIS_OK;
-    pthread_mutex_unlock(&x->mu);
-    if (!ok)
+    if (k >= x->n_chunks || k >= st->verdict_d + x->depth || !slot_allows(x, k, 1))
         return 0;
     if (post_freed(x, k))
         return -1;
@@ -1042,12 +1048,7 @@ static int try_claim(ctx *x, steps *st)
 static int try_move(ctx *x, steps *st)
 {
     int64_t k = st->data_p;
-    if (!moves_data(x) || k >= st->freed_d)
-        return 0;
-    pthread_mutex_lock(&x->mu);
-    int ok = x->slots[k % x->depth].phase != S_FILL || x->err.code != AEGIS_OK;
-    pthread_mutex_unlock(&x->mu);
-    if (!ok)
+    if (!moves_data(x) || k >= st->freed_d || !slot_allows(x, k, 0))
         return 0;
     if (post_data(x, k))
         return -1;
