@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 from packed_env import make_env, pack  # noqa: E402
+from harness import stop_launcher  # noqa: E402
 from ports import free_port_block  # noqa: E402
 
 TIMEOUT_S = 180
@@ -80,13 +80,7 @@ def time_to_ready(workdir: Path, settings: dict, instances: int, tag: str) -> fl
             time.sleep(0.02)
         raise RuntimeError(f"{tag}: not ready within {TIMEOUT_S} s")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_launcher(proc, timeout=30)
 
 
 def main() -> int:

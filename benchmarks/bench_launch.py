@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests" / d) for d in ("e2e", ".")]
 import vllm_env  # noqa: E402
-from harness import aegis_argv  # noqa: E402
+from harness import aegis_argv, stop_launcher  # noqa: E402
 
 TARGET_OVERHEAD_S = 3.0
 INSTANCES = 2
@@ -167,13 +167,7 @@ def launch(model: Path, port: int, work: Path, token: str) -> dict[str, float]:
                         ready[p] = time.monotonic() - t0
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop_launcher(proc, timeout=60)
         vllm_env.kill_marked(token)
 
 

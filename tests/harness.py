@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,19 @@ def wait_gone(token: str, timeout: float) -> dict[int, str]:
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.1)
+
+
+def stop_launcher(proc, timeout: float) -> None:
+    """SIGTERM a launcher still running (as a batch system would), SIGKILL its process group
+    if it has not exited within `timeout` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def kill_marked(token: str) -> None:

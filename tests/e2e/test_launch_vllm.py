@@ -78,6 +78,18 @@ def _start_launcher(tmp_path: Path, config: Path, run_dir: Path, launcher_log: P
                                 env=_launcher_env(tmp_path, token), start_new_session=True)
 
 
+def _sigterm_leaves_nothing(proc: subprocess.Popen, launcher_log: Path, token: str,
+                            run_dir: Path) -> dict:
+    """Stop the launcher as a batch system would (SIGTERM to it alone): it exits with
+    SIGTERM_EXIT, no process it started is left; returns the final endpoints.json."""
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=90)
+    assert code == SIGTERM_EXIT, f"launcher exit {code}:\n{_tail(launcher_log)}"
+    left = vllm_env.wait_gone(token, timeout=10)
+    assert not left, f"processes left after the launcher stopped: {left}"
+    return json.loads((run_dir / "endpoints.json").read_text())
+
+
 def _wait_endpoints(proc: subprocess.Popen, endpoints: Path, log: Path, want: int) -> dict:
     deadline = time.monotonic() + STARTUP_TIMEOUT + 60
     while time.monotonic() < deadline:
@@ -159,13 +171,7 @@ def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tiny_hub_
             # The chat template was applied: the prompt is longer than the bare message.
             assert chat.usage.prompt_tokens > len("hello".split())
 
-        # Stop the launcher as a batch system would: SIGTERM to the launcher alone.
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=90)
-        assert code == SIGTERM_EXIT, f"launcher exit {code}:\n{_tail(launcher_log)}"
-        left = vllm_env.wait_gone(token, timeout=10)
-        assert not left, f"processes left after the launcher stopped: {left}"
-        final = json.loads((run_dir / "endpoints.json").read_text())
+        final = _sigterm_leaves_nothing(proc, launcher_log, token, run_dir)
         assert [i["state"] for i in final["instances"]] == ["stopped", "stopped"], final
     finally:
         if proc.poll() is None:
@@ -287,12 +293,7 @@ def test_launch_wait_and_complete_through_the_router(vllm_venv, tiny_model, tmp_
         served = [_served_requests(log) - b for log, b in zip(logs, before)]
         assert sum(served) == 10 and all(n >= 3 for n in served), served  # round robin
 
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=90)
-        assert code == SIGTERM_EXIT, f"launcher exit {code}:\n{_tail(launcher_log)}"
-        left = vllm_env.wait_gone(token, timeout=10)
-        assert not left, f"processes left after the launcher stopped: {left}"
-        final = json.loads((run_dir / "endpoints.json").read_text())
+        final = _sigterm_leaves_nothing(proc, launcher_log, token, run_dir)
         assert [r["state"] for r in final["routers"]] == ["stopped"], final
         status = json.loads(subprocess.run([*aegis_argv(), "status", str(run_dir), "--json"],
                                            capture_output=True, text=True).stdout)

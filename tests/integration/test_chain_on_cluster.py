@@ -9,7 +9,6 @@ answer is measured (and printed), and no process of the first job is left.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time

@@ -198,7 +198,7 @@ def test_missing_container_runtime_is_one_line_exit_2(tmp_path):
     res = run.launch("--once", env=env)
     assert res.returncode == 2, res.stderr
     errors = [line for line in res.stderr.splitlines() if "error:" in line]
-    assert errors == [f"aegis launch: error: container: 'apptainer' not found on PATH on node 127.0.0.1"]
+    assert errors == ["aegis launch: error: container: 'apptainer' not found on PATH on node 127.0.0.1"]
 
 
 def test_vllm_command_missing_from_the_env_is_named(tmp_path):

@@ -16,7 +16,6 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 
 from aegis.launch.router import router_command
 from aegis.run import Run

@@ -7,7 +7,6 @@ import os
 import stat
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..platforms import Platform
-from .environment import CONTAINER_RUNTIME, Runtime, runtime_for, staged_dir, staged_file
+from .environment import Runtime, runtime_for, staged_dir, staged_file
 from .instances import render_prewarm, vllm_command_argv
 from .pernode import NodeStepError, prewarm_node, unpack_environment
 
