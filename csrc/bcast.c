@@ -718,7 +718,8 @@ static void finish_slot(ctx *x, slot *s)
         s->crc = crc;
         s->phase = S_READY;
     } else {
-        if (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM && x->opts->fault_rank == x->rank)
+        if (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM && x->opts->fault_rank == x->rank &&
+            s->start + s->len > x->opts->fault_after)
             crc ^= 1u;
         if (s->check && x->err.code == AEGIS_OK && crc != s->crc) {
             local_error e = {0};
@@ -834,17 +835,18 @@ static void wait_event(ctx *x, int64_t seen, int64_t us)
     pthread_mutex_unlock(&x->mu);
 }
 
-/* While MPI has work in flight: one bare poll, then sleeps: short ones while chunk data is
- * moving (a large broadcast progresses only inside our MPI_Test calls), else doubling from
- * 50 us to 1 ms, and 1 ms once nothing completed for 100 ms; a helper event ends a sleep
- * early. Every poll runs MPI's progress engine (about 0.1 ms of CPU in the sandbox we
- * benchmark in), so a waiting rank costs a few percent of a core. */
+/* While MPI has work in flight: one bare poll, then sleeps: 20 us while chunk data is moving
+ * (a large broadcast progresses only inside our MPI_Test calls), else doubling from 20 us up
+ * to about a quarter of a chunk's copy time at 4 GB/s (so small chunks keep the ring's
+ * barriers prompt, 16 MiB ones poll every ms), and 1 ms once nothing completed for 100 ms;
+ * a helper event ends a sleep early. Every poll runs MPI's progress engine (about 0.1 ms of
+ * CPU in the sandbox we benchmark in), so a waiting rank costs a few percent of a core. */
 static void backoff(ctx *x, int64_t seen, int idle, int64_t waited_ms, int data_moving)
 {
     if (idle < 1)
         return;
-    int64_t us = data_moving && waited_ms < 10 ? 20 : data_moving && waited_ms < 100 ? 100
-                 : min64(1000, 50LL << (idle < 6 ? idle - 1 : 5));
+    int64_t cap = data_moving ? (waited_ms < 10 ? 20 : 100) : min64(1000, x->chunk / 4096 / 4);
+    int64_t us = min64(cap < 20 ? 20 : cap, 20LL << (idle < 7 ? idle - 1 : 6));
     wait_event(x, seen, waited_ms >= 100 ? 1000 : us);
 }
 
@@ -1119,7 +1121,7 @@ static int try_place(ctx *x, steps *st)
             s->check = x->verify &&
                        ((x->is_verifier && owner_of(x, k) != x->leader) ||
                         (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM &&
-                         x->opts->fault_rank == x->rank));
+                         x->opts->fault_rank == x->rank && s->start + s->len > x->opts->fault_after));
             s->cursor = s->busy = 0;
             pthread_cond_broadcast(&x->work_cv);
         } else {
@@ -1476,6 +1478,13 @@ static int join_ring(ctx *x)
     return rc == MPI_SUCCESS ? 0 : -1;
 }
 
+static void unlink_ring(ctx *x)
+{
+    if (x->shm_name[0])
+        shm_unlink(x->shm_name);
+    x->shm_name[0] = 0;
+}
+
 /* The ring's buffers: private memory for a ring of one; otherwise the leader creates a
  * shared-memory object of the whole size (reserved up front, so a full /dev/shm is an error
  * here, not a SIGBUS later), the others map it by name, and the leader unlinks the name once
@@ -1531,14 +1540,13 @@ static int map_ring(ctx *x, int64_t bytes, local_error *e)
             x->ring_mem = p;
         close(fd);
     }
-    return 0;
-}
-
-static void unlink_ring(ctx *x)
-{
-    if (x->shm_name[0])
-        shm_unlink(x->shm_name);
-    x->shm_name[0] = 0;
+    /* every rank of the ring has it mapped (or failed to): the name can go at once, so a
+     * job killed from here on leaves nothing in /dev/shm */
+    if (MPI_Ibarrier(x->ring, &req) != MPI_SUCCESS)
+        return AEGIS_E_MPI;
+    rc = mpi_wait(x, &req, 1);
+    unlink_ring(x);
+    return rc;
 }
 
 static int allocate_ring(ctx *x, local_error *e)
@@ -1650,9 +1658,7 @@ static int run(ctx *x, const char *src_dir, const void *index, int64_t index_len
     if (!e.code && open_ends(x, src_dir, dest_dir, &e) == 0)
         start_workers(x, &e);
     fail(x, &e);
-    rc = agree(x);
-    unlink_ring(x); /* every rank of the ring has it mapped, or the stage ends here */
-    if (rc != AEGIS_OK || (rc = transfer(x)) != AEGIS_OK)
+    if ((rc = agree(x)) != AEGIS_OK || (rc = transfer(x)) != AEGIS_OK)
         return rc;
     pthread_mutex_lock(&x->mu);
     int ok = x->err.code == AEGIS_OK;

@@ -274,6 +274,57 @@ def _attempt(code: int, what: str, fn: Callable, *args) -> tuple[Any, tuple[int,
         return None, (code, f"{what}: {_describe(exc, what)}")
 
 
+class _Peers:
+    """stage()'s private duplicate of the caller's communicator. Each Python-level collective
+    first meets the other ranks in an Ibarrier waited on asleep, for at most `patience`
+    seconds: a rank that gave up or failed alone, raised, or was stopped ends the others with
+    StagingError code 9 instead of blocking them forever, and a retried stage() can never
+    match what an abandoned one left pending."""
+
+    def __init__(self, comm, patience: float):
+        self.raw = comm.Dup()
+        self.patience = patience
+
+    def Get_rank(self) -> int:
+        return self.raw.Get_rank()
+
+    def Get_size(self) -> int:
+        return self.raw.Get_size()
+
+    def _meet(self) -> None:
+        request, start, nap = self.raw.Ibarrier(), time.monotonic(), 0.0005
+        while not request.Test():
+            if time.monotonic() - start > self.patience:
+                raise StagingError(E_STALL, self.raw.Get_rank(), socket.gethostname(),
+                                   f"no answer from the other ranks for {self.patience:.0f} s "
+                                   "(a rank gave up or failed alone, or was stopped or killed)")
+            time.sleep(nap)
+            nap = min(2 * nap, 0.05)
+
+    def allgather(self, value):
+        self._meet()
+        return self.raw.allgather(value)
+
+    def bcast(self, value, root: int):
+        self._meet()
+        return self.raw.bcast(value, root=root)
+
+    def Split_type(self, *args, **kwargs):
+        self._meet()
+        return self.raw.Split_type(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _private(comm, stall_timeout):
+    """_Peers for one stage(), patient as long as the C core: twice the stall timeout + 5 s."""
+    valid = isinstance(stall_timeout, (int, float)) and math.isfinite(stall_timeout)
+    peers = _Peers(comm, 2 * (stall_timeout if valid else DEFAULT_STALL_TIMEOUT) + 5)
+    try:
+        yield peers
+    finally:
+        peers.raw.Free()
+
+
 def _agree(comm, error: tuple[int, str] | None) -> None:
     """Collective: raise the lowest failing rank's error on every rank, or return."""
     errors = comm.allgather(None if error is None else (error[0], socket.gethostname(), error[1]))
@@ -422,8 +473,8 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     - ``dest`` is a directory: a directory source's contents land in it; a file source lands
       as ``dest/<name>``. The root scans ``source``; reader ranks read it; writers ignore it.
     - Every rank must pass the same ``root``, ``chunk_size``, ``depth``, ``writers``,
-      ``readers``, ``verify``, ``max_count``, ``stall_timeout`` and ``share_ring``; otherwise every rank raises
-      StagingError (code 1) before anything moves.
+      ``readers``, ``verify``, ``max_count``, ``stall_timeout`` and ``share_ring``; otherwise
+      every rank raises StagingError (code 1) before anything moves.
     - ``readers=k``: k ranks (the root first, then one per other node) each read a disjoint
       share of the stream (every k-th chunk) and broadcast it.
     - Atomic per writer: the tree is written into a hidden sibling
@@ -449,106 +500,107 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
       elements per MPI call; ``io_threads`` reader/writer threads per rank (default: the
       node's cores shared by its ranks, 2 to 8).
     - ``stall_timeout``: a reader or writer thread stuck on one piece of I/O this many seconds
-      ends the stage on every rank (code 9); a rank whose peers stop answering gives up after
-      twice that plus 5 s.
+      ends the stage on every rank (code 9); a rank whose peers stop answering (in the C core
+      or in any agreement around it) gives up after twice that plus 5 s, code 9. ``stage()``
+      works on a private duplicate of ``comm``, so a retry never meets an abandoned stage.
     - Errors raise ``StagingError`` (``.code``, ``.rank``, ``.host``, ``.cause``) on every rank.
     - ``progress``: root logs bytes, GB/s and ETA to stderr every few seconds.
     """
     MPI, ffi, lib = _extension()
-    comm = MPI.COMM_WORLD if comm is None else comm
-    rank, size = comm.Get_rank(), comm.Get_size()
-    host = socket.gethostname()
-    t0 = time.monotonic()
-    source_path = Path(os.path.abspath(os.fspath(source))) if str(source) else Path("")
-    dest_path = Path(os.path.abspath(os.fspath(dest))) if str(dest) else Path("")
+    with _private(MPI.COMM_WORLD if comm is None else comm, stall_timeout) as comm:
+        rank, size = comm.Get_rank(), comm.Get_size()
+        host = socket.gethostname()
+        t0 = time.monotonic()
+        source_path = Path(os.path.abspath(os.fspath(source))) if str(source) else Path("")
+        dest_path = Path(os.path.abspath(os.fspath(dest))) if str(dest) else Path("")
 
-    options = {"root": root, "chunk_size": chunk_size, "depth": depth, "writers": writers,
-               "readers": readers, "verify": bool(verify), "max_count": max_count,
-               "stall_timeout": stall_timeout, "share_ring": bool(share_ring)}
-    _check_same_options(comm, options, _validate(source, dest, root, size, chunk_size, depth,
-                                                 writers, readers, max_count, stall_timeout,
-                                                 io_threads))
+        options = {"root": root, "chunk_size": chunk_size, "depth": depth, "writers": writers,
+                   "readers": readers, "verify": bool(verify), "max_count": max_count,
+                   "stall_timeout": stall_timeout, "share_ring": bool(share_ring)}
+        _check_same_options(comm, options, _validate(source, dest, root, size, chunk_size, depth,
+                                                     writers, readers, max_count, stall_timeout,
+                                                     io_threads))
 
-    # root: scan the source (the file index stays on root; the C core broadcasts it)
-    source_scan, error = None, None
-    if rank == root:
-        source_scan, error = _attempt(E_PREPARE, f"source {source_path}", scan, source_path)
-    _agree(comm, error)
-    shared = None
-    if rank == root:
-        shared = {**source_scan.info, "source": str(source_path),
-                  "src_dir": source_scan.src_dir}
-    info = comm.bcast(shared, root=root)
-    src_dir = info.pop("src_dir")
-
-    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    node_rank = node_comm.Get_rank()
-    is_writer = writers == "all" or node_rank == 0
-    ranks_here = node_comm.Get_size()
-    node_comm.Free()
-
-    def look_at_dest():
-        if share_ring and node_rank == 0:
-            _remove_dead_rings()
-        if not is_writer:
-            return True, None
-        _remove_stale_siblings(dest_path)  # also when nothing else happens (cached)
-        manifest = read_manifest(dest_path)
-        cached = (not force and manifest is not None
-                  and manifest.get("source") == info["source"]
-                  and manifest.get("fingerprint") == info["fingerprint"])
-        return cached, manifest
-
-    looked, error = _attempt(E_PREPARE, f"dest {dest_path}", look_at_dest)
-    _agree(comm, error)
-    cached_here, manifest = looked
-    roles = comm.allgather((host, rank, str(dest_path), is_writer, cached_here))
-    writer_infos = [WriterInfo(h, r, d, c) for h, r, d, w, c in roles if w]
-    reader_ranks = pick_readers([h for h, *_ in roles], root, readers)
-    if all(c for *_, c in roles):
-        return StageResult(info["source"], str(dest_path), 0, info["size"],
-                           time.monotonic() - t0, 0.0, True, manifest.get("checksum")
-                           if manifest else None, writer_infos, reader_ranks)
-
-    tmp = _sibling(dest_path, "tmp")
-
-    def prepare():
-        same_host = [d for h, r, d, w, _ in roles if w and h == host]
-        if same_host.count(str(dest_path)) > 1:
-            raise ValueError(f"dest {dest_path} is used by several writer ranks on {host}; "
-                             "give each rank its own dest with writers='all'")
-        _prepare_dest(dest_path, tmp, force)
-
-    try:
-        error = _attempt(E_PREPARE, f"dest {dest_path}", prepare)[1] if is_writer else None
+        # root: scan the source (the file index stays on root; the C core broadcasts it)
+        source_scan, error = None, None
+        if rank == root:
+            source_scan, error = _attempt(E_PREPARE, f"source {source_path}", scan, source_path)
         _agree(comm, error)
-        params = dict(root=root, chunk_size=chunk_size, depth=depth, readers=reader_ranks,
-                      is_writer=is_writer, verify=verify, max_count=max_count,
-                      stall_timeout=stall_timeout, share_ring=bool(share_ring),
-                      io_threads=io_threads or default_io_threads(ranks_here),
-                      fault=_fault, capture=_capture if is_writer else None)
-        transfer = _transfer(MPI, ffi, lib, comm, src_dir if rank in reader_ranks else None,
-                             source_scan.index if rank == root else None, tmp, params,
-                             progress and rank == root, info["size"])
+        shared = None
+        if rank == root:
+            shared = {**source_scan.info, "source": str(source_path),
+                      "src_dir": source_scan.src_dir}
+        info = comm.bcast(shared, root=root)
+        src_dir = info.pop("src_dir")
 
-        def finish():
-            manifest = {**info, "checksum": transfer["checksum"],
-                        "stream_bytes": transfer["bytes"], "staged_at": time.time()}
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-            _swap_into_place(tmp, dest_path)
+        node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        node_rank = node_comm.Get_rank()
+        is_writer = writers == "all" or node_rank == 0
+        ranks_here = node_comm.Get_size()
+        node_comm.Free()
 
-        error = _attempt(E_WRITE, f"dest {dest_path}", finish)[1] if is_writer else None
+        def look_at_dest():
+            if node_rank == 0:  # whatever this stage's share_ring: they are dead weight
+                _remove_dead_rings()
+            if not is_writer:
+                return True, None
+            _remove_stale_siblings(dest_path)  # also when nothing else happens (cached)
+            manifest = read_manifest(dest_path)
+            cached = (not force and manifest is not None
+                      and manifest.get("source") == info["source"]
+                      and manifest.get("fingerprint") == info["fingerprint"])
+            return cached, manifest
+
+        looked, error = _attempt(E_PREPARE, f"dest {dest_path}", look_at_dest)
         _agree(comm, error)
-    finally:
-        if is_writer:
-            _rmtree(tmp)  # a no-op once renamed into place
+        cached_here, manifest = looked
+        roles = comm.allgather((host, rank, str(dest_path), is_writer, cached_here))
+        writer_infos = [WriterInfo(h, r, d, c) for h, r, d, w, c in roles if w]
+        reader_ranks = pick_readers([h for h, *_ in roles], root, readers)
+        if all(c for *_, c in roles):
+            return StageResult(info["source"], str(dest_path), 0, info["size"],
+                               time.monotonic() - t0, 0.0, True, manifest.get("checksum")
+                               if manifest else None, writer_infos, reader_ranks)
 
-    seconds = time.monotonic() - t0
-    return StageResult(info["source"], str(dest_path), transfer["bytes"], info["size"],
-                       seconds, transfer["bytes"] / seconds if seconds > 0 else 0.0, False,
-                       transfer["checksum"],
-                       [dataclasses.replace(w, cached=False) for w in writer_infos],
-                       reader_ranks)
+        tmp = _sibling(dest_path, "tmp")
+
+        def prepare():
+            same_host = [d for h, r, d, w, _ in roles if w and h == host]
+            if same_host.count(str(dest_path)) > 1:
+                raise ValueError(f"dest {dest_path} is used by several writer ranks on {host}; "
+                                 "give each rank its own dest with writers='all'")
+            _prepare_dest(dest_path, tmp, force)
+
+        try:
+            error = _attempt(E_PREPARE, f"dest {dest_path}", prepare)[1] if is_writer else None
+            _agree(comm, error)
+            params = dict(root=root, chunk_size=chunk_size, depth=depth, readers=reader_ranks,
+                          is_writer=is_writer, verify=verify, max_count=max_count,
+                          stall_timeout=stall_timeout, share_ring=bool(share_ring),
+                          io_threads=io_threads or default_io_threads(ranks_here),
+                          fault=_fault, capture=_capture if is_writer else None)
+            transfer = _transfer(MPI, ffi, lib, comm.raw, src_dir if rank in reader_ranks else None,
+                                 source_scan.index if rank == root else None, tmp, params,
+                                 progress and rank == root, info["size"])
+
+            def finish():
+                manifest = {**info, "checksum": transfer["checksum"],
+                            "stream_bytes": transfer["bytes"], "staged_at": time.time()}
+                (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+                _swap_into_place(tmp, dest_path)
+
+            error = _attempt(E_WRITE, f"dest {dest_path}", finish)[1] if is_writer else None
+            _agree(comm, error)
+        finally:
+            if is_writer:
+                _rmtree(tmp)  # a no-op once renamed into place
+
+        seconds = time.monotonic() - t0
+        return StageResult(info["source"], str(dest_path), transfer["bytes"], info["size"],
+                           seconds, transfer["bytes"] / seconds if seconds > 0 else 0.0, False,
+                           transfer["checksum"],
+                           [dataclasses.replace(w, cached=False) for w in writer_infos],
+                           reader_ranks)
 
 
 def _transfer(MPI, ffi, lib, comm, src_dir: str | None, index: bytes | None, tmp: Path,

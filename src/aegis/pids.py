@@ -15,7 +15,9 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # another user's live process
     try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        # kill(0) also answers for a thread's id, which names no process
+        return fields["Tgid"].strip() == str(pid) and not fields["State"].strip().startswith("Z")
+    except (OSError, KeyError, ValueError):
         return True

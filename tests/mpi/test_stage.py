@@ -460,6 +460,56 @@ def test_file_of_8_gib_and_more(comm, shared_tmp):
     comm.Barrier()
 
 
+class _Leaves(BaseException):
+    """Not an Exception: like KeyboardInterrupt, it skips stage()'s own error agreement."""
+
+
+def test_a_rank_that_leaves_alone_cannot_hang_the_others(comm, shared_tmp, monkeypatch):
+    """The last rank stops right after its transfer (an interrupt, a peer that gave up alone):
+    the others, whose trees are complete, end with code 9 within twice the stall timeout plus
+    5 s instead of waiting forever; then a new stage() on the same ranks works (private
+    communicators: it cannot meet what the abandoned one left pending)."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=3 * CHUNK))
+    leaver = comm.size - 1
+    if comm.rank == leaver:
+        def leave(*args):
+            raise _Leaves()
+        monkeypatch.setattr(bcast, "_swap_into_place", leave)
+    dest = shared_tmp / f"dest{comm.rank}"
+    run = lambda: stage(src, dest, comm, chunk_size=CHUNK, writers="all",  # noqa: E731
+                        stall_timeout=1, progress=False)
+    start = time.monotonic()
+    if comm.rank == leaver:
+        with pytest.raises(_Leaves):
+            run()
+    else:
+        with pytest.raises(StagingError) as info:
+            run()
+        assert info.value.code == bcast.E_STALL and "no answer" in info.value.cause
+        assert time.monotonic() - start < 30
+        assert (dest / MANIFEST).exists()  # its own copy was complete and stays usable
+    monkeypatch.undo()
+    comm.Barrier()
+    again = stage(src, shared_tmp / f"again{comm.rank}", comm, chunk_size=CHUNK,
+                  writers="all", progress=False)
+    assert not again.cached
+    check_round_trip(comm, src, [shared_tmp / f"again{comm.rank}"])
+
+
+def test_late_checksum_mismatch(comm, shared_tmp):
+    """The checksum fault fires at its offset: a mismatch in a late chunk still ends every
+    rank, with nothing left behind."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=12 * CHUNK))
+    dest = shared_tmp / f"dest{comm.rank}"
+    err = expect_failure(comm, lambda: stage(src, dest, comm, chunk_size=CHUNK, writers="all",
+                                             progress=False,
+                                             _fault=("checksum", comm.size - 1, 9 * CHUNK)))
+    assert err.code == bcast.E_CHECKSUM and f"chunk {9}" in err.cause, err.cause
+    assert not dest.exists() and leftovers(shared_tmp) == []
+
+
 def test_captured_stream_extracts_identically_with_gnu_tar(comm, shared_tmp):
     """The wire is a tar stream: GNU tar (and Python's tarfile) extract the captured bytes to
     the same tree stage() wrote, and its CRC32C is the one stage() reports."""
