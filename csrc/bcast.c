@@ -1487,8 +1487,8 @@ static void unlink_ring(ctx *x)
 
 /* The ring's buffers: private memory for a ring of one; otherwise the leader creates a
  * shared-memory object of the whole size (reserved up front, so a full /dev/shm is an error
- * here, not a SIGBUS later), the others map it by name, and the leader unlinks the name once
- * every rank agreed (unlink_ring). */
+ * here, not a SIGBUS later), the others map it by name, and after a barrier over the ring
+ * (everyone mapped it, or failed to) the leader unlinks the name (unlink_ring). */
 static int map_ring(ctx *x, int64_t bytes, local_error *e)
 {
     if (x->ring == MPI_COMM_NULL) {
