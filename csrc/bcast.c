@@ -836,17 +836,19 @@ static void wait_event(ctx *x, int64_t seen, int64_t us)
 }
 
 /* While MPI has work in flight: one bare poll, then sleeps: 20 us while chunk data is moving
- * (a large broadcast progresses only inside our MPI_Test calls), else doubling from 20 us up
- * to about a quarter of a chunk's copy time at 4 GB/s (so small chunks keep the ring's
- * barriers prompt, 16 MiB ones poll every ms), and 1 ms once nothing completed for 100 ms;
- * a helper event ends a sleep early. Every poll runs MPI's progress engine (about 0.1 ms of
- * CPU in the sandbox we benchmark in), so a waiting rank costs a few percent of a core. */
+ * (a large broadcast progresses only inside our MPI_Test calls), else doubling from 50 us up
+ * to about a quarter of a chunk's copy time at 4 GB/s (1 ms for 16 MiB chunks; 20 us for
+ * small ones, whose ring barriers must stay prompt), and 1 ms once nothing completed for
+ * 100 ms; a helper event ends a sleep early. Every poll runs MPI's progress engine (about
+ * 0.1 ms of CPU in the sandbox we benchmark in), so a waiting rank costs a few percent of a
+ * core. */
 static void backoff(ctx *x, int64_t seen, int idle, int64_t waited_ms, int data_moving)
 {
     if (idle < 1)
         return;
     int64_t cap = data_moving ? (waited_ms < 10 ? 20 : 100) : min64(1000, x->chunk / 4096 / 4);
-    int64_t us = min64(cap < 20 ? 20 : cap, 20LL << (idle < 7 ? idle - 1 : 6));
+    cap = cap < 20 ? 20 : cap;
+    int64_t us = min64(cap, (cap < 50 ? 20LL : 50LL) << (idle < 6 ? idle - 1 : 5));
     wait_event(x, seen, waited_ms >= 100 ? 1000 : us);
 }
 
