@@ -244,9 +244,9 @@ typedef struct ctx {
     const aegis_stage_opts *opts;
     aegis_stage_result *res;
     int rank, size, is_writer, is_reader, verify, depth, dir_source;
-    int ring_size, is_leader, leader, is_verifier, net_size;
+    int is_leader, leader, is_verifier, net_size;
     int net_root[AEGIS_MAX_READERS]; /* reader i's rank among the leaders */
-    char *ring_mem;                  /* depth * chunk bytes, shared when ring_size > 1 */
+    char *ring_mem;                  /* depth * chunk bytes, shared when ring is not NULL */
     char shm_name[64];               /* the leader's shared-memory name until unlinked */
     char host[128];
     int64_t chunk, piece, n_chunks, end_off, total, mpi_stall_ms;
@@ -704,6 +704,13 @@ static int drain_piece(ctx *x, const char *src, int64_t a, int64_t b, local_erro
     return 0;
 }
 
+/* Test hook: the checksum fault rank reports a mismatch for slots past fault_after. */
+static int corrupts(const ctx *x, const slot *s)
+{
+    return x->opts->fault_kind == AEGIS_FAULT_CHECKSUM && x->opts->fault_rank == x->rank &&
+           s->start + s->len > x->opts->fault_after;
+}
+
 /* The last piece of a slot is done (caller holds mu): combine the pieces' CRCs. */
 static void finish_slot(ctx *x, slot *s)
 {
@@ -718,8 +725,7 @@ static void finish_slot(ctx *x, slot *s)
         s->crc = crc;
         s->phase = S_READY;
     } else {
-        if (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM && x->opts->fault_rank == x->rank &&
-            s->start + s->len > x->opts->fault_after)
+        if (corrupts(x, s))
             crc ^= 1u;
         if (s->check && x->err.code == AEGIS_OK && crc != s->crc) {
             local_error e = {0};
@@ -1121,9 +1127,7 @@ static int try_place(ctx *x, steps *st)
             /* a transfer is checked once per ring that received it (its verifier), never
              * where it was read; the checksum fault forces the check on its rank */
             s->check = x->verify &&
-                       ((x->is_verifier && owner_of(x, k) != x->leader) ||
-                        (x->opts->fault_kind == AEGIS_FAULT_CHECKSUM &&
-                         x->opts->fault_rank == x->rank && s->start + s->len > x->opts->fault_after));
+                       ((x->is_verifier && owner_of(x, k) != x->leader) || corrupts(x, s));
             s->cursor = s->busy = 0;
             pthread_cond_broadcast(&x->work_cv);
         } else {
@@ -1445,13 +1449,13 @@ static int join_ring(ctx *x)
             return -1;
         }
         MPI_Comm_free(&host);
-        MPI_Comm_size(x->ring, &x->ring_size);
-        if (x->ring_size == 1)
+        int ring_size;
+        MPI_Comm_size(x->ring, &ring_size);
+        if (ring_size == 1)
             MPI_Comm_free(&x->ring);
     } else if (host != MPI_COMM_NULL) {
         MPI_Comm_free(&host);
     }
-    x->ring_size = x->ring == MPI_COMM_NULL ? 1 : x->ring_size;
     x->is_leader = x->ring == MPI_COMM_NULL;
     x->leader = x->rank;
     int verifier = x->is_writer ? x->rank : INT_MAX;
@@ -1682,7 +1686,7 @@ int aegis_stage(void *comm_ptr, const char *src_dir, const void *index, int64_t 
         return res->code;
     }
     x->comm = x->ring = x->net = MPI_COMM_NULL;
-    x->net_size = x->ring_size = 1;
+    x->net_size = 1;
     x->src_fd = x->dst_fd = x->cap_fd = -1;
     x->opts = opts;
     x->res = res;

@@ -275,15 +275,23 @@ def _attempt(code: int, what: str, fn: Callable, *args) -> tuple[Any, tuple[int,
 
 
 class _Peers:
-    """stage()'s private duplicate of the caller's communicator. Each Python-level collective
-    first meets the other ranks in an Ibarrier waited on asleep, for at most `patience`
-    seconds: a rank that gave up or failed alone, raised, or was stopped ends the others with
-    StagingError code 9 instead of blocking them forever, and a retried stage() can never
-    match what an abandoned one left pending."""
+    """stage()'s private duplicate of the caller's communicator (a context manager that frees
+    it). Each Python-level collective first meets the other ranks in an Ibarrier waited on
+    asleep, for at most as long as the C core waits (twice the stall timeout + 5 s): a rank
+    that gave up or failed alone, raised, or was stopped ends the others with StagingError
+    code 9 instead of blocking them forever, and a retried stage() can never match what an
+    abandoned one left pending."""
 
-    def __init__(self, comm, patience: float):
+    def __init__(self, comm, stall_timeout):
+        valid = isinstance(stall_timeout, (int, float)) and math.isfinite(stall_timeout)
+        self.patience = 2 * (stall_timeout if valid else DEFAULT_STALL_TIMEOUT) + 5
         self.raw = comm.Dup()
-        self.patience = patience
+
+    def __enter__(self) -> "_Peers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.raw.Free()
 
     def Get_rank(self) -> int:
         return self.raw.Get_rank()
@@ -312,17 +320,6 @@ class _Peers:
     def Split_type(self, *args, **kwargs):
         self._meet()
         return self.raw.Split_type(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _private(comm, stall_timeout):
-    """_Peers for one stage(), patient as long as the C core: twice the stall timeout + 5 s."""
-    valid = isinstance(stall_timeout, (int, float)) and math.isfinite(stall_timeout)
-    peers = _Peers(comm, 2 * (stall_timeout if valid else DEFAULT_STALL_TIMEOUT) + 5)
-    try:
-        yield peers
-    finally:
-        peers.raw.Free()
 
 
 def _agree(comm, error: tuple[int, str] | None) -> None:
@@ -368,16 +365,19 @@ def _sibling(dest: Path, kind: str, pid: int | None = None) -> Path:
     return dest.parent / f".{dest.name}.aegis-{kind}-{socket.gethostname()}-{pid or os.getpid()}"
 
 
+def _remove_if_owner_dead(parent: Path, prefix: str, remove: Callable[[Path], None]) -> None:
+    """Leftovers named `<prefix><pid>[-...]` whose process no longer runs on this host."""
+    for path in parent.glob(glob.escape(prefix) + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            remove(path)
+
+
 def _remove_stale_siblings(dest: Path) -> None:
     """Siblings left by a stage on this host whose process no longer exists (killed mid-way)."""
-    if not dest.parent.is_dir():
-        return
-    for kind in ("tmp", "old"):
-        prefix = _sibling(dest, kind, 1).name[:-1]
-        for path in dest.parent.glob(glob.escape(prefix) + "*"):
-            pid = path.name[len(prefix):]
-            if pid.isdigit() and not pid_alive(int(pid)):
-                _rmtree(path)
+    if dest.parent.is_dir():
+        for kind in ("tmp", "old"):
+            _remove_if_owner_dead(dest.parent, _sibling(dest, kind, 1).name[:-1], _rmtree)
 
 
 SHM_DIR = Path("/dev/shm")
@@ -386,11 +386,11 @@ SHM_DIR = Path("/dev/shm")
 def _remove_dead_rings() -> None:
     """Shared chunk rings (SHM_DIR/aegis-ring-<leader pid>-<ns>) whose leader was killed in the
     moment between creating and unlinking the name; another user's are left alone."""
-    for path in SHM_DIR.glob("aegis-ring-*-*"):
-        pid = path.name.split("-")[2]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                path.unlink()
+    def unlink(path: Path) -> None:
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+            path.unlink()
+
+    _remove_if_owner_dead(SHM_DIR, "aegis-ring-", unlink)
 
 
 def _prepare_dest(dest: Path, tmp: Path, force: bool) -> None:
@@ -507,7 +507,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     - ``progress``: root logs bytes, GB/s and ETA to stderr every few seconds.
     """
     MPI, ffi, lib = _extension()
-    with _private(MPI.COMM_WORLD if comm is None else comm, stall_timeout) as comm:
+    with _Peers(MPI.COMM_WORLD if comm is None else comm, stall_timeout) as comm:
         rank, size = comm.Get_rank(), comm.Get_size()
         host = socket.gethostname()
         t0 = time.monotonic()

@@ -21,6 +21,7 @@ import click
 
 from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, FileTooLarge, Key, ModelConfig,
                      _scheduler_names, byte_size, load_config, read_small_file, why_unreadable)
+from .layout import CONFIG_NAME, RunLayout
 from .model_source import check_models
 from .platforms import get_platform, platform_names
 
@@ -352,7 +353,7 @@ def _open_run(run: str, scheduler: str | None, platform: str | None):
     except ConfigError as err:  # a mistyped run directory lands here too: say both
         raise ConfigError(f"{run}: no such run directory; as a {err}") from None
     run_dir = backend.run_dir_of(job_id)
-    if run_dir and os.path.isdir(run_dir) and os.path.isfile(os.path.join(run_dir, "config.yaml")):
+    if run_dir and os.path.isdir(run_dir) and os.path.isfile(RunLayout(run_dir).config):
         return Run.open(run_dir, scheduler=backend.name)
     return job_id, backend
 
@@ -471,7 +472,6 @@ def wait(run: str, scheduler: str | None, platform: str | None, timeout: float |
 def _await_run_dir(run_dir: str, deadline: float | None, interval: float = 0.5) -> None:
     """Until `run_dir` holds a run (its config, or a chain record); WaitTimeout at `deadline`."""
     from .launch.chain import CHAIN_NAME
-    from .layout import CONFIG_NAME
     from .run import WaitTimeout
 
     click.echo(f"aegis: waiting for {run_dir} to appear", err=True)

@@ -27,7 +27,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .launch.endpoints import launcher_alive, read_endpoints
 from .launch.chain import CHAIN_NAME
-from .layout import RunLayout
+from .layout import ENDPOINTS_NAME, RunLayout
 from .pids import pid_alive
 
 # Phases of a run, in order; failed and ended are final.
@@ -147,7 +147,7 @@ class Run:
         if not runs:
             raise ConfigError(f"{chain_dir}/{CHAIN_NAME}: no generation recorded")
         try:
-            current = int(read_endpoints(os.path.join(chain_dir, "endpoints.json"))["generation"])
+            current = int(read_endpoints(os.path.join(chain_dir, ENDPOINTS_NAME))["generation"])
         except (OSError, ValueError, KeyError, TypeError):
             current = min(runs)
         run = cls.open(runs.get(current, runs[min(runs)])[1], scheduler=scheduler)
@@ -162,7 +162,7 @@ class Run:
     @property
     def endpoints_path(self) -> str:
         if self.chain_dir:  # the chain's file: it names the newest generation serving
-            return os.path.join(self.chain_dir, "endpoints.json")
+            return os.path.join(self.chain_dir, ENDPOINTS_NAME)
         return self.layout.endpoints(self.config.endpoints_file)
 
     def __repr__(self) -> str:

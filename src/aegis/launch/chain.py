@@ -17,6 +17,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..layout import ENDPOINTS_NAME
 from .endpoints import write_atomic
 
 CHAIN_DIR_VAR = "AEGIS_CHAIN_DIR"
@@ -34,7 +35,7 @@ class ChainMirror:
     def __init__(self, chain_dir: str | os.PathLike, generation: int):
         self.dir = Path(chain_dir)
         self.generation = generation
-        self.json_path = self.dir / "endpoints.json"
+        self.json_path = self.dir / ENDPOINTS_NAME
         self.txt_path = self.dir / "endpoints.txt"
 
     def __call__(self, doc: dict, txt: str | None) -> bool:
