@@ -5,6 +5,8 @@
       job.id            the scheduler's job id (aegis submit; absent for `aegis launch`)
       job.log           the batch job's stdout+stderr
       config.yaml       the resolved config the launcher runs (secrets left out)
+      api-key           the run's key when api_key_env is unset (0600; aegis.credential);
+                        a chain keeps one in its chain directory for all generations
       endpoints.json    instances, routers, launcher heartbeat (unless endpoints_file says
       endpoints.txt     elsewhere); host:port of each ready instance
       instances/instance-NNNN.sh   what each instance process runs
@@ -22,6 +24,7 @@ JOB_ID_NAME = "job.id"
 LOG_NAME = "job.log"
 CONFIG_NAME = "config.yaml"
 ENDPOINTS_NAME = "endpoints.json"
+API_KEY_NAME = "api-key"
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ class RunLayout:
     @property
     def config(self) -> str:
         return self._at(CONFIG_NAME)
+
+    @property
+    def api_key(self) -> str:
+        return self._at(API_KEY_NAME)
 
     def endpoints(self, endpoints_file: str = ENDPOINTS_NAME) -> str:
         """The endpoints file: a relative endpoints_file resolves inside the run directory."""

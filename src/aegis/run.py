@@ -27,7 +27,7 @@ from typing import Any
 from .config import Config, ConfigError, load_config
 from .launch.endpoints import launcher_alive, read_endpoints
 from .launch.chain import CHAIN_NAME
-from .layout import ENDPOINTS_NAME, RunLayout
+from .layout import API_KEY_NAME, ENDPOINTS_NAME, RunLayout
 from .pids import pid_alive
 
 # Phases of a run, in order; failed and ended are final.
@@ -298,6 +298,27 @@ class Run:
 
     def models(self) -> list[str]:
         return [m.served_name for m in self.config.models]
+
+    def api_key(self) -> str:
+        """The key every request to this run's instances and routers must carry
+        (`Authorization: Bearer <key>`; the OpenAI SDK's api_key): the value of the run's
+        api_key_env variable here, else the key the launcher made for the run."""
+        from .credential import CredentialError, read_key
+
+        if self.config.api_key_env:
+            key = os.environ.get(self.config.api_key_env)
+            if not key:
+                raise RunError(f"this run's key is in ${self.config.api_key_env} (api_key_env), "
+                               "which is not set here")
+            return key
+        path = (os.path.join(self.chain_dir, API_KEY_NAME) if self.chain_dir
+                else self.layout.api_key)
+        try:
+            return read_key(path)
+        except FileNotFoundError:
+            raise RunError(f"{path}: no key yet (the launcher makes it when it starts)") from None
+        except CredentialError as err:
+            raise RunError(str(err)) from None
 
     # -- waiting and stopping ----------------------------------------------------------------
     def wait_ready(self, timeout: float | None = None, min_ready: int | None = None, *,

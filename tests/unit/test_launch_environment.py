@@ -226,5 +226,5 @@ def test_packed_env_is_activated_before_the_command(tmp_path):
                       platform=plat, node_index=0, hosts=["h"], addresses=["h"], bind_host=None,
                       run_dir=str(tmp_path), runtime=Runtime(env_dir=str(env_dir)))
     out = subprocess.run(["bash", "-c", render_script(part)], capture_output=True, text=True,
-                         check=True)
+                         check=True, env={**os.environ, "AEGIS_API_KEY": "k" * 43})
     assert out.stdout.strip() == f"{env_dir}/bin/which-am-i"

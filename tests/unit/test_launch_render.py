@@ -25,12 +25,17 @@ def _parts(cfg: dict, platform="aurora", hosts=None, bind_host=None, run_dir="/r
             for node in range(plan.nodes_needed) for inst in plan.on_node(node)]
 
 
+# what the launcher gives every instance when api_key_env is unset: the run's own key
+KEYED_ENV = {**os.environ, "AEGIS_API_KEY": "k" * 43}
+
+
 def test_instance_env_reaches_the_script_exactly(tmp_path):
     value = "a b 'c' $(touch pwned) \"d\""
     part = _parts({"model": "m", "instance_env": {"MY_KNOB": value}}, platform="local",
                   run_dir=str(tmp_path))[0]
     script = render_script(part).replace("exec ", "printf '%s' \"$MY_KNOB\" #", 1)
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env=KEYED_ENV)
     assert out.stdout == value and not (tmp_path / "pwned").exists()
 
 
@@ -91,7 +96,8 @@ def test_script_quotes_everything_and_runs_as_written(tmp_path):
     parts = _parts({"model": "m", "served_model_name": odd, "vllm_command": "printf '%s\\n'",
                     "hf_home": str(tmp_path / "h f")}, platform="local", run_dir=str(tmp_path))
     script = render_script(parts[0])
-    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True)
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                         env=KEYED_ENV)
     lines = out.stdout.splitlines()
     assert lines[lines.index("--served-model-name") + 1] == odd
     assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")

@@ -17,7 +17,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 
-from aegis.launch.router import router_command
+from aegis.launch.router import router_installed
 from aegis.run import Run
 from test_launch_run import Run as LaunchRun
 from test_launch_run import _no_strays, processes_with  # noqa: F401 (autouse: no strays)
@@ -25,10 +25,10 @@ from test_launch_run import _no_strays, processes_with  # noqa: F401 (autouse: n
 DETECT = 5.0  # seconds a stopped or killed instance may keep being chosen
 
 
-def _client(url: str, timeout: float):
+def _client(url: str, timeout: float, key: str):
     import openai
 
-    return openai.OpenAI(base_url=url, api_key="none", timeout=timeout, max_retries=0)
+    return openai.OpenAI(base_url=url, api_key=key, timeout=timeout, max_retries=0)
 
 
 def _served_by(client, model: str) -> str:
@@ -38,8 +38,8 @@ def _served_by(client, model: str) -> str:
 class Load:
     """Client threads sending completions through the router; records (sent, port or None)."""
 
-    def __init__(self, url: str, model: str, threads: int = 6, timeout: float = 2.0):
-        self.client = _client(url, timeout)
+    def __init__(self, url: str, model: str, key: str, threads: int = 6, timeout: float = 2.0):
+        self.client = _client(url, timeout, key)
         self.model = model
         self.results: list[tuple[float, float, str | None]] = []
         self.stop = threading.Event()
@@ -83,7 +83,7 @@ def _instance_pid(port: int) -> int:
 
 
 def test_router_spreads_requests_and_follows_stopped_and_killed_instances(tmp_path):
-    assert router_command(), "vllm-router is not installed (pip install -e '.[test]')"
+    assert router_installed(), "vllm-router is not installed (pip install -e '.[test]')"
     launch = LaunchRun(tmp_path, [{"name": "m", "served_model_name": "m", "instances": 3}],
                        restart_backoff=0.2)
     proc = launch.start()
@@ -96,14 +96,14 @@ def test_router_spreads_requests_and_follows_stopped_and_killed_instances(tmp_pa
         assert url == f"http://127.0.0.1:{launch.port + 3}/v1"
 
         # 200 requests through the router, 8 at a time: every instance serves, none fails
-        client = _client(url, timeout=10)
+        client = _client(url, timeout=10, key=run.api_key())
         with ThreadPoolExecutor(8) as pool:
             served = Counter(pool.map(lambda _: _served_by(client, "m"), range(200)))
         assert sum(served.values()) == 200
         assert set(served) == {f"standin-{p}" for p in ports}, served
 
         stopped, killed = ports[0], ports[1]
-        with Load(url, "m") as load:
+        with Load(url, "m", run.api_key()) as load:
             time.sleep(1)
             pid = _instance_pid(stopped)
             os.kill(pid, signal.SIGSTOP)
@@ -157,7 +157,8 @@ def test_no_router_for_a_single_instance_unless_asked(tmp_path):
     try:
         run = _open_when_there(forced.run_dir, timeout=30)
         run.wait_ready(timeout=30)
-        assert _served_by(_client(run.router_url(), 10), "m") == f"standin-{forced.port}"
+        assert _served_by(_client(run.router_url(), 10, run.api_key()), "m") == \
+            f"standin-{forced.port}"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
@@ -184,7 +185,7 @@ def test_two_models_get_two_routers_beside_a_foreign_one(tmp_path):
             run = _open_when_there(launch.run_dir, timeout=30)
             run.wait_ready(timeout=60)
             for model in ("a", "b"):
-                answered = {_served_by(_client(run.router_url(model), 10), model)
+                answered = {_served_by(_client(run.router_url(model), 10, run.api_key()), model)
                             for _ in range(4)}
                 assert len(answered) == 2, (model, answered)
         finally:

@@ -72,8 +72,10 @@ def test_launch_drains_then_stops_cleanly_before_the_jobs_end(tmp_path):
         assert doc["ready"] == 0 and (run.run_dir / "endpoints.txt").read_text() == ""
         # still running: requests in flight (or sent by a slow client) are answered
         body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1}).encode()
+        key = (run.run_dir / "api-key").read_text().strip()  # the run's key (aegis.credential)
         req = urllib.request.Request(f"{doc['instances'][0]['base_url']}/completions", body,
-                                     {"Content-Type": "application/json"})
+                                     {"Content-Type": "application/json",
+                                      "Authorization": f"Bearer {key}"})
         assert json.load(urllib.request.urlopen(req, timeout=5))["choices"]
         _, err = proc.communicate(timeout=30)
     finally:
@@ -212,9 +214,9 @@ def test_a_pbs_generation_releases_its_successor_and_mirrors_its_endpoints(tmp_p
 
 
 def test_draining_takes_the_instances_out_of_the_router(tmp_path):
-    from aegis.launch.router import router_command
+    from aegis.launch.router import router_installed
 
-    assert router_command(), "vllm-router is not installed (scripts/setup-dev)"
+    assert router_installed(), "vllm-router is not installed (scripts/setup-dev)"
     run = Run(tmp_path, [{"name": "org/tiny", "instances": 2, "served_model_name": "tiny"}],
               walltime="00:00:30", drain_seconds=8)
     proc = run.start(env={**_env(), "AEGIS_JOB_START": str(int(time.time()))})
@@ -223,7 +225,9 @@ def test_draining_takes_the_instances_out_of_the_router(tmp_path):
                                      and d["routers"] and d["routers"][0]["workers"] == 2,
                                      timeout=25)
         router = serving["routers"][0]
-        workers_url = f"http://{router['host']}:{router['port']}/list_workers"
+        workers_url = urllib.request.Request(
+            f"http://{router['host']}:{router['port']}/list_workers",
+            headers={"Authorization": f"Bearer {(run.run_dir / 'api-key').read_text().strip()}"})
         before = urllib.request.urlopen(workers_url, timeout=5).read().decode()
         assert all(f":{i['port']}" in before for i in serving["instances"]), before
         drained = run.wait_endpoints(lambda d: d["launcher"]["state"] == "draining", timeout=25)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..config import (DEFAULT_PORT_START, Config, ConfigError, FileTooLarge, read_small_file,
                       why_unreadable)
-from ..layout import RunLayout
+from ..credential import GENERATED_KEY_VAR, CredentialError, key_for_run
+from ..layout import API_KEY_NAME, RunLayout
 from ..model_source import check_models
 from ..plan import Plan, make_plan
 from ..platforms import Platform, get_platform
@@ -372,23 +373,33 @@ def _run(prepared: Prepared, coll, stop) -> int:
 
     endpoints = None
     problem = None
+    api_key = prepared.api_key
     if rank == 0:
         try:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             endpoints_path.parent.mkdir(parents=True, exist_ok=True)
             if not _same_file(prepared.config_path, layout.config):
                 _write_config(prepared.config, layout)  # what `aegis status` and Run read
+            mirror = chain.from_environment(os.environ)  # submit --chain
+            if api_key is None:  # no api_key_env: the run's own key (a chain's: one for all)
+                api_key = key_for_run(str(mirror.dir / API_KEY_NAME) if mirror else
+                                      layout.api_key)
             endpoints = EndpointsFile(endpoints_path, run_dir=run_dir, job=job, ranks=coll.size)
-            endpoints.mirror = chain.from_environment(os.environ)  # submit --chain
+            endpoints.mirror = mirror
             endpoints.update(_planned_states(plan, allocation, layout), state="staging",
                              must_write=True)
         except OSError as e:  # what the preflight could not foresee (a race, a full disk)
             problem = f"cannot write {e.filename or endpoints_path}: {e.strerror or e}"
+        except CredentialError as e:
+            problem = str(e)
     problem = coll.bcast(problem)
     if problem:
         if rank == 0:
             _error(problem)
         return EXIT_BAD_INPUT
+    if prepared.api_key is None:  # instances read it from their environment
+        api_key = coll.bcast(api_key)
+        os.environ[GENERATED_KEY_VAR] = api_key
     if rank == 0:
         endpoints.start_heartbeat()
         _release_successor(config, log)
@@ -400,10 +411,10 @@ def _run(prepared: Prepared, coll, stop) -> int:
 
         board = Board(config, plan, endpoints, layout=layout,
                       router_host=args.bind_host or host_ips[0],
-                      router_node=addresses[0], log=log)
+                      router_node=addresses[0], api_key=api_key, log=log)
     code = EXIT_FAILED
     try:
-        code = _stage_and_serve(args, config, platform, coll, stop, prepared.api_key, sources,
+        code = _stage_and_serve(args, config, platform, coll, stop, api_key, sources,
                                 make_parts, cache_root, node, run_dir, board, log)
         return code
     finally:

@@ -11,14 +11,14 @@ import time
 from ..layout import RunLayout
 from .endpoints import (EndpointsFile, InstanceState, draining, failure_report, merge_parts,
                         none_serving)
-from .endpoints import summary_table
+from .endpoints import SERVING_STATES, summary_table
 
 PROGRESS_INTERVAL = 10.0  # seconds between "still loading" lines
 
 
 class Board:
     def __init__(self, config, plan, endpoints: EndpointsFile, *, layout: RunLayout,
-                 router_host: str, router_node: str, log):
+                 router_host: str, router_node: str, api_key: str, log):
         self.config = config
         self.endpoints = endpoints
         self.layout = layout
@@ -30,6 +30,7 @@ class Board:
         self.reported: set[tuple[int, int]] = set()  # (instance, restarts) failures shown
         self.router_ports = plan.router_ports
         self.router_host, self.router_node = router_host, router_node
+        self.api_key = api_key
         self.routers = None  # started with the instances, not during staging
         self.is_draining = False  # the job's end is near: nothing offered, routers emptied
 
@@ -76,7 +77,8 @@ class Board:
 
             self.routers = Routers(self.router_ports, host=self.router_host,
                                    node=self.router_node, layout=self.layout,
-                                   extra_args=self.config.router_args, log=self.log)
+                                   api_key=self.api_key, extra_args=self.config.router_args,
+                                   log=self.log)
         self.endpoints.update(state="starting",
                               routers=self.routers.records() if self.routers else None)
 
@@ -104,7 +106,7 @@ class Board:
                               routers=self.routers.records() if self.routers else None)
 
     def verdict(self) -> bool:
-        ready = sum(s.state == "ready" for s in self.merged)
+        ready = sum(s.state in SERVING_STATES for s in self.merged)  # a health check may flap
         ok = ready == len(self.merged) or (self.config.allow_partial and ready > 0)
         if not ok:
             self.log(f"{len(self.merged) - ready} of {len(self.merged)} instance(s) not ready"

@@ -25,8 +25,12 @@ STALE_AFTER = 3  # heartbeat intervals without a rewrite: the launcher is taken 
 # The launcher as a whole; a reader waits while it is staging or starting.
 LAUNCHER_STATES = ("staging", "starting", "serving", "draining", "stopping", "stopped", "failed")
 # One instance; only "ready" ones are served (and listed in the .txt file).
+# unhealthy: was ready and still runs, but its health checks fail (out of its router; back to
+#   ready when it answers, restarted after liveness_failures failed full checks)
 # draining: still running and finishing its requests, but taking no new ones (walltime is near)
-INSTANCE_STATES = ("pending", "starting", "ready", "draining", "restarting", "failed", "stopped")
+INSTANCE_STATES = ("pending", "starting", "ready", "unhealthy", "draining", "restarting",
+                   "failed", "stopped")
+SERVING_STATES = ("ready", "unhealthy")  # became ready and still runs
 FINAL_LAUNCHER_STATES = ("stopped", "failed")
 
 

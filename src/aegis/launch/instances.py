@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, ConfigError, ModelConfig
+from ..credential import GENERATED_KEY_VAR
 from ..layout import RunLayout
 from ..model_source import ModelSource
 from ..plan import Instance
@@ -36,7 +37,7 @@ class Part:
     nnodes: int
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...]  # exported by the script, in order
-    api_key_env: str | None
+    api_key_env: str  # the variable holding the run's key (instances export it as VLLM_API_KEY)
     script_path: str
     log_path: str
     bind_host: str
@@ -124,7 +125,8 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
     env += caches
     return Part(instance_id=instance.id, served_name=instance.served_name, model=model.name,
                 node_index=node_index, node_host=hosts[node_index], node_rank=node_rank,
-                nnodes=nnodes, argv=tuple(argv), env=tuple(env), api_key_env=config.api_key_env,
+                nnodes=nnodes, argv=tuple(argv), env=tuple(env),
+                api_key_env=config.api_key_env or GENERATED_KEY_VAR,
                 script_path=RunLayout(run_dir).instance_script(name),
                 log_path=RunLayout(run_dir).instance_log(name),
                 bind_host=bind_host or address, address=address, port=instance.port,

@@ -43,9 +43,9 @@ def _prctl(option: int, arg: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option})")
 
 
-def descendants(root: int) -> list[int]:
-    """Live (non-zombie) processes below root, parents before children."""
-    children: dict[int, list[int]] = {}
+def children() -> dict[int, list[int]]:
+    """parent pid -> its live (non-zombie) children, from one walk of /proc."""
+    found: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -55,10 +55,16 @@ def descendants(root: int) -> list[int]:
         except OSError:
             continue
         if fields[0] != b"Z":
-            children.setdefault(int(fields[1]), []).append(int(entry))
+            found.setdefault(int(fields[1]), []).append(int(entry))
+    return found
+
+
+def descendants(root: int, tree: dict[int, list[int]] | None = None) -> list[int]:
+    """Live (non-zombie) processes below root, parents before children."""
+    children_of = children() if tree is None else tree
     out, todo = [], [root]
     while todo:
-        for pid in children.get(todo.pop(), ()):
+        for pid in children_of.get(todo.pop(), ()):
             out.append(pid)
             todo.append(pid)
     return out

@@ -92,6 +92,84 @@ def port_in_use(host: str, port: int) -> bool:
     return bind_problem(host, port) is not None
 
 
+# --- whose server answers on a port ---
+
+class Listener(NamedTuple):
+    state: str  # "ours": every listening socket on the port is held by the instance's processes
+    #             "nobody": nothing listens on it yet; "foreign": another process holds it
+    detail: str = ""
+
+
+def _listening_inodes(ports: set[int]) -> dict[int, set[int]]:
+    """port -> inodes of the TCP sockets listening on it (any address, IPv4 and IPv6)."""
+    found: dict[int, set[int]] = {p: set() for p in ports}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)  # the header
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                        port = int(fields[1].rsplit(":", 1)[1], 16)
+                        if port in found:
+                            found[port].add(int(fields[9]))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    out = set()
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(int(target[8:-1]))
+    return out
+
+
+def _holder(inode: int) -> str:
+    """Which process holds a socket (for the message), as far as this user can see."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and inode in _socket_inodes(int(entry)):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    command = f.read(200).split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                command = "?"
+            return f"pid {entry}, {os.path.basename(command) or '?'}"
+    return "a process this user cannot see"
+
+
+def listeners(roots: dict[object, tuple[int, int]]) -> dict[object, Listener]:
+    """For each key -> (root pid, port): who listens on that port on this node. A readiness
+    probe sends the run's key, so it goes only to a server the instance itself started: a
+    listening socket held by the root (the instance's keeper) or its descendants."""
+    if not roots:
+        return {}
+    inodes = _listening_inodes({port for _, port in roots.values()})
+    tree = keeper.children()
+    out: dict[object, Listener] = {}
+    for key, (root, port) in roots.items():
+        listening = inodes.get(port, set())
+        if not listening:
+            out[key] = Listener("nobody", f"nothing listens on port {port} yet")
+            continue
+        ours = set().union(*(_socket_inodes(pid)
+                             for pid in [root, *keeper.descendants(root, tree)]))
+        foreign = listening - ours
+        out[key] = (Listener("ours") if not foreign else
+                    Listener("foreign", f"port {port} is held by another process "
+                                        f"({_holder(min(foreign))}), not by this instance"))
+    return out
+
+
 def write_script(part: Part) -> None:
     path = Path(part.script_path)
     path.parent.mkdir(parents=True, exist_ok=True)

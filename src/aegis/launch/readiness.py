@@ -1,4 +1,5 @@
 """Is an instance really serving? /health 200, its name in /v1/models, a 1-token completion.
+(A ready instance is also watched more often with /health alone: Target.health_only.)
 
 vLLM answers /health 200 while its engine is about to die (measured), so only an answered
 completion counts. Probes run concurrently on one asyncio loop with aiohttp, one client
@@ -31,6 +32,8 @@ class Target:
     port: int
     served_name: str
     api_key: str | None = None
+    health_only: bool = False  # GET /health alone: the quick check of a ready instance
+    timeout: float | None = None  # this target's own limit per request (default: the round's)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ async def probe(session, target: Target, timeout: float = 5.0) -> Probe:
     """One readiness check with an aiohttp session; never raises."""
     import aiohttp
 
+    timeout = target.timeout or timeout
     auth = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     where = f"{target.host}:{target.port}"
     host = f"[{target.host}]" if ":" in target.host else target.host
@@ -68,6 +72,8 @@ async def probe(session, target: Target, timeout: float = 5.0) -> Probe:
         status, _ = await _request(session, "GET", f"{base}/health", timeout)
         if status != 200:
             return Probe(False, f"/health answered {status}")
+        if target.health_only:
+            return Probe(True, "")
         status, data = await _request(session, "GET", f"{base}/v1/models", timeout, headers=auth)
         if status != 200:
             return Probe(False, f"/v1/models answered {status}")

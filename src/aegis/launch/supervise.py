@@ -4,9 +4,17 @@ States: starting -> ready; an instance whose process exits during startup is fai
 (exit code + log tail); one that was ready and crashes is restarted after a backoff
 (backoff * 2**k seconds) up to max_restarts times, then failed. A ready instance is checked
 again every liveness_interval seconds (the same full probe); after liveness_failures failed
-checks in a row it is taken as hung, stopped, and restarted like a crash. Multi-node instances are not
+checks in a row it is taken as hung, stopped, and restarted like a crash. Between those it
+gets GET /health every HEALTH_INTERVAL seconds, as the routers check their workers: one that
+does not answer is `unhealthy` (not offered, out of its router) until it answers again, so
+the endpoints file says within seconds what the routers do. Multi-node instances are not
 restarted (their processes live on several ranks). Worker processes of a multi-node instance
 count as "ready" while they run; the head's readiness decides the instance.
+
+A probe carries the run's key, so it goes only to a server the instance started: before each
+full probe the listening socket on the instance's port must belong to the instance's own
+processes (processes.listeners). A port another process took after the launcher checked it
+was free fails the instance with a message naming that process; it is never called ready.
 """
 
 from __future__ import annotations
@@ -14,12 +22,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .endpoints import InstanceState
+from .endpoints import SERVING_STATES as SERVING, InstanceState
 from .instances import Part
-from .processes import Running, adopt_orphans, bind_problem, stop_all, write_script
-from .readiness import Target, probe_round
+from .processes import Running, adopt_orphans, bind_problem, listeners, stop_all, write_script
+from .readiness import Probe, Target, probe_round
 
 _WILDCARDS = ("0.0.0.0", "::", "")
+HEALTH_INTERVAL = 2.0  # seconds between quick /health checks of a serving instance
+HEALTH_TIMEOUT = 2.0  # the router's own health-check timeout (router.HEALTH_ARGS)
 
 
 def probe_host(part: Part) -> str:
@@ -38,7 +48,8 @@ class Slot:
     exit_code: int | None = None
     error: str = ""
     log_tail: list[str] = field(default_factory=list)
-    next_check: float = 0.0  # when a ready head is checked again
+    next_check: float = 0.0  # when a serving head gets its next full check
+    next_health: float = 0.0  # ... and its next quick /health
     failed_checks: int = 0
 
 
@@ -109,63 +120,102 @@ class LocalFleet:
             self._fail(slot, f"{what}{when}")
 
     def step(self) -> None:
-        """One tick: notice exits, start due restarts, probe starting heads, enforce timeouts."""
+        """One tick: notice exits, start due restarts, probe starting heads, check serving
+        ones, enforce timeouts."""
         now = time.monotonic()
         for slot in self.slots:
-            if slot.state in ("starting", "ready") and slot.running is not None:
+            if slot.state in ("starting", *SERVING) and slot.running is not None:
                 code = slot.running.exit_code()
                 if code is not None:
                     self._on_exit(slot, code, now)
             if slot.state == "restarting" and now >= slot.next_start and \
                     slot.running.exit_code() is not None:  # the old one holds no port now
                 self._start(slot, now)
-        due = [i for i, s in enumerate(self.slots) if s.part.is_head and (
-            s.state == "starting" or (s.state == "ready" and now >= s.next_check))]
-        results = probe_round(
-            [Target(i, probe_host(self.slots[i].part), self.slots[i].part.port,
-                    self.slots[i].part.served_name, self.api_key) for i in due],
-            timeout=self.probe_timeout)
+        heads = [i for i, s in enumerate(self.slots) if s.part.is_head]
+        full = [i for i in heads if self.slots[i].state == "starting" or (
+            self.slots[i].state in SERVING and now >= self.slots[i].next_check)]
+        quick = [i for i in heads if i not in full and self.slots[i].state in SERVING
+                 and now >= self.slots[i].next_health]
+        owner = listeners({i: (self.slots[i].running.pid, self.slots[i].part.port)
+                           for i in full})
+        results = {i: Probe(False, owner[i].detail) for i in full if owner[i].state != "ours"}
+        results.update(probe_round(
+            [self._target(i) for i in full if owner[i].state == "ours"] +
+            [self._target(i, health_only=True) for i in quick], timeout=self.probe_timeout))
         now = time.monotonic()
         for i, result in results.items():
             slot = self.slots[i]
-            if slot.state == "ready":
-                self._liveness(slot, result, now)
-                continue
-            # An answered completion counts even if the process died since: the next tick
-            # sees the exit and treats it as a crash in service (restartable).
-            if result.ready:
-                slot.state = "ready"
-                slot.ever_ready = True
-                slot.error = ""
-                slot.failed_checks = 0
-                slot.next_check = now + self.liveness_interval
-                self.log(f"{slot.part.name} ready on {slot.part.node_host}:{slot.part.port}"
-                         + (f" (restart {slot.restarts})" if slot.restarts else ""))
-            elif (code := slot.running.exit_code()) is not None:  # died while being probed
-                self._on_exit(slot, code, now)
+            if i in quick:
+                self._health(slot, result, now)
+            elif slot.state in SERVING:
+                self._liveness(slot, result, now, taken=owner[i].state == "foreign")
             else:
-                if now >= slot.deadline:
-                    slot.log_tail = slot.running.log_tail()
-                    self._fail(slot, f"not ready within {self.startup_timeout:g}s; last check: {result.detail}")
-                    slot.running.stop()
+                self._starting(slot, result, now, taken=owner[i].state == "foreign")
 
-    def _liveness(self, slot: Slot, result, now: float) -> None:
+    def _target(self, i: int, health_only: bool = False) -> Target:
+        part = self.slots[i].part
+        return Target(i, probe_host(part), part.port, part.served_name, self.api_key,
+                      health_only=health_only,
+                      timeout=min(HEALTH_TIMEOUT, self.probe_timeout) if health_only else None)
+
+    def _starting(self, slot: Slot, result: Probe, now: float, *, taken: bool) -> None:
+        if taken:  # another server on our port: never probe it with the key, never offer it
+            slot.log_tail = slot.running.log_tail()
+            self._fail(slot, f"{result.detail}: it was taken after aegis checked it was free "
+                             "(choose another port_start)")
+            slot.running.stop()
+        # An answered completion counts even if the process died since: the next tick
+        # sees the exit and treats it as a crash in service (restartable).
+        elif result.ready:
+            slot.state = "ready"
+            slot.ever_ready = True
+            slot.error = ""
+            slot.failed_checks = 0
+            slot.next_check = now + self.liveness_interval
+            slot.next_health = now + HEALTH_INTERVAL
+            self.log(f"{slot.part.name} ready on {slot.part.node_host}:{slot.part.port}"
+                     + (f" (restart {slot.restarts})" if slot.restarts else ""))
+        elif (code := slot.running.exit_code()) is not None:  # died while being probed
+            self._on_exit(slot, code, now)
+        elif now >= slot.deadline:
+            slot.log_tail = slot.running.log_tail()
+            self._fail(slot, f"not ready within {self.startup_timeout:g}s; last check: {result.detail}")
+            slot.running.stop()
+
+    def _health(self, slot: Slot, result: Probe, now: float) -> None:
+        """The quick check of a serving instance: out of service while /health fails."""
+        slot.next_health = now + HEALTH_INTERVAL
+        if result.ready and slot.state == "unhealthy" and not slot.failed_checks:
+            slot.state, slot.error = "ready", ""
+            self.log(f"{slot.part.name} answers again")
+        elif not result.ready and slot.state == "ready":
+            slot.state, slot.error = "unhealthy", f"not answering /health: {result.detail}"
+            self.log(f"{slot.part.name} is unhealthy ({result.detail}); not offered meanwhile")
+
+    def _liveness(self, slot: Slot, result: Probe, now: float, *, taken: bool = False) -> None:
         slot.next_check = now + self.liveness_interval
+        slot.next_health = now + HEALTH_INTERVAL
         if result.ready:
             slot.failed_checks = 0
+            if slot.state == "unhealthy":
+                self.log(f"{slot.part.name} answers again")
+            slot.state, slot.error = "ready", ""
             return
         if (code := slot.running.exit_code()) is not None:
             self._on_exit(slot, code, now)
             return
         slot.failed_checks += 1
-        if slot.failed_checks >= self.liveness_failures:
+        slot.state = "unhealthy"
+        slot.error = (f"failed check {slot.failed_checks}/{self.liveness_failures}: "
+                      f"{result.detail}")
+        if slot.failed_checks >= self.liveness_failures or taken:
             self._on_exit(slot, None, now, why=f"stopped answering ({result.detail})")
 
     # --- views ---
 
     def decided(self) -> bool:
         """Nothing left that may still become ready during startup."""
-        return all(s.state in ("ready", "failed") for s in self.slots)
+        return all(s.state in (*SERVING, "failed") for s in self.slots)
 
     def recoverable(self) -> int:
         """Instances that are up or may come back."""
