@@ -50,19 +50,21 @@ def log(msg: str) -> None:
     print(f"bench_launch: {msg}", file=sys.stderr, flush=True)
 
 
-def is_ready(port: int, name: str) -> bool:
+def is_ready(port: int, name: str, key: str | None = None) -> bool:
     base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
             if r.status != 200:
                 return False
-        with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/models", headers=auth),
+                                    timeout=5) as r:
             if name not in {m["id"] for m in json.load(r)["data"]}:
                 return False
         body = json.dumps({"model": name, "prompt": "Hello", "max_tokens": 1,
                            "temperature": 0}).encode()
         req = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **auth})
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status == 200 and bool(json.load(r)["choices"])
     except (OSError, urllib.error.URLError, ValueError, KeyError):
@@ -162,8 +164,10 @@ def launch(model: Path, port: int, work: Path, token: str) -> dict[str, float]:
                 if len(serving) == INSTANCES:
                     spawned = now
             else:
+                key_file = run_dir / "api-key"  # the run's key, made by the launcher
+                key = key_file.read_text().strip() if key_file.is_file() else None
                 for p in range(port, port + INSTANCES):
-                    if p not in ready and is_ready(p, "tiny"):
+                    if key and p not in ready and is_ready(p, "tiny", key):
                         ready[p] = time.monotonic() - t0
             time.sleep(0.05)
     finally:

@@ -40,7 +40,8 @@ def log(msg: str) -> None:
     print(f"bench_router: {msg}", file=sys.stderr, flush=True)
 
 
-async def _round(urls: list[str], requests: int, concurrency: int) -> tuple[list[float], float]:
+async def _round(urls: list[str], requests: int, concurrency: int,
+                 key: str) -> tuple[list[float], float]:
     """`requests` completions spread over `urls` in turn, `concurrency` in flight."""
     import aiohttp  # installed with vllm-router (the router extra)
 
@@ -50,7 +51,8 @@ async def _round(urls: list[str], requests: int, concurrency: int) -> tuple[list
     queue: asyncio.Queue = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(urls[i % len(urls)])
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                     headers={"Authorization": f"Bearer {key}"}) as session:
 
         async def worker():
             while not queue.empty():
@@ -115,13 +117,14 @@ def main() -> int:
         status = Run.open(run_dir).wait_ready(timeout=TIMEOUT_S)
         direct = [e.url for e in status.instances]
         routed = [Run.open(run_dir).router_url()]
-        asyncio.run(_round(direct + routed, 8, 2))  # warm-up: every path, both engines
+        key = Run.open(run_dir).api_key()
+        asyncio.run(_round(direct + routed, 8, 2, key))  # warm-up: every path, both engines
         results: dict[str, dict] = {"direct": {"lat": [], "secs": 0.0, "n": 0},
                                     "router": {"lat": [], "secs": 0.0, "n": 0}}
         for r in range(args.rounds):
             for name, urls in (("direct", direct), ("router", routed)) if r % 2 == 0 else \
                     (("router", routed), ("direct", direct)):
-                lat, secs = asyncio.run(_round(urls, args.requests, args.concurrency))
+                lat, secs = asyncio.run(_round(urls, args.requests, args.concurrency, key))
                 results[name]["lat"] += lat
                 results[name]["secs"] += secs
                 results[name]["n"] += len(lat)

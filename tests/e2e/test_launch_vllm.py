@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 import vllm_env
+from aegis.run import Run
 from harness import aegis_argv
 from ports import free_port_block
 
@@ -153,8 +154,8 @@ def test_launch_stages_serves_and_stops_cleanly(vllm_venv, tiny_model, tiny_hub_
         assert sorted(i["port"] for i in doc["instances"]) == [port_start, port_start + 1]
         for inst in doc["instances"]:
             assert inst["state"] == "ready", inst
-            client = OpenAI(base_url=inst["base_url"], api_key="unused", timeout=120,
-                            max_retries=0)
+            client = OpenAI(base_url=inst["base_url"], api_key=Run.open(run_dir).api_key(),
+                            timeout=120, max_retries=0)
             name = inst["served_name"]
             assert [m.id for m in client.models.list().data] == [name]
             # ignore_eos: the random model may emit </s> at any step; 8 tokens must come back.
@@ -280,7 +281,8 @@ def test_launch_wait_and_complete_through_the_router(vllm_venv, tiny_model, tmp_
         doc = json.loads((run_dir / "endpoints.json").read_text())
         logs = [Path(inst["log"]) for inst in doc["instances"]]
         before = [_served_requests(log) for log in logs]
-        client = OpenAI(base_url=router, api_key="unused", timeout=120, max_retries=0)
+        client = OpenAI(base_url=router, api_key=Run.open(run_dir).api_key(), timeout=120,
+                        max_retries=0)
         assert [m.id for m in client.models.list().data] == ["tiny"]
         for _ in range(10):
             reply = client.completions.create(model="tiny", prompt="hello world", max_tokens=4,

@@ -64,8 +64,11 @@ class Client:
             inst = ready[0]
             body = json.dumps({"model": inst["served_name"], "prompt": "hi",
                                "max_tokens": 1}).encode()
-            request = urllib.request.Request(f"{inst['base_url']}/completions", body,
-                                             {"Content-Type": "application/json"})
+            key_file = self.endpoints.parent / "api-key"  # one key for the whole chain
+            request = urllib.request.Request(
+                f"{inst['base_url']}/completions", body,
+                {"Content-Type": "application/json",
+                 "Authorization": f"Bearer {key_file.read_text().strip()}"})
             try:
                 with urllib.request.urlopen(request, timeout=2) as reply:
                     json.load(reply)

@@ -124,10 +124,17 @@ def wait_endpoints(run_dir: Path, job_id: str, timeout: float = 180.0) -> dict:
                          f"{path} after {timeout:.0f} s\n{job_log(run_dir)}")
 
 
-def complete(base_url: str, model: str) -> str:
+def run_key(run_dir) -> str:
+    """The key the run's instances and routers require (made by its launcher)."""
+    from aegis.run import Run
+
+    return Run.open(run_dir).api_key()
+
+
+def complete(base_url: str, model: str, key: str) -> str:
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key="unused", timeout=30, max_retries=0)
+    client = OpenAI(base_url=base_url, api_key=key, timeout=30, max_retries=0)
     reply = client.completions.create(model=model, prompt="Hello", max_tokens=1)
     return reply.choices[0].text
 
@@ -160,7 +167,7 @@ def check_running_deployment(job_id: str, run_dir: Path, deployment) -> None:
 
     # every endpoint answers a real completion
     for inst in instances:
-        assert complete(inst["base_url"], inst["served_name"]), inst
+        assert complete(inst["base_url"], inst["served_name"], run_key(run_dir)), inst
 
     # one launcher rank per node: each instance runs inside the Slurm task of its own node
     assert instance_processes(str(deployment["root"])) == {port0 + k: n for k, n in enumerate(nodes)}
@@ -223,7 +230,7 @@ def test_submit_wait_endpoints_router_completion_cancel(deployment, jobs, venv_b
     assert [(r["node"], r["state"]) for r in records] == [(n, "ready") for n in nodes]
     assert sj.run([*aegis_argv(), "endpoints", job_id, "--router", "--scheduler", "slurm"],
                   env=env).stdout.strip() == router  # a job id finds its run directory
-    served = {complete_by(router, MODEL) for _ in range(8)}
+    served = {complete_by(router, MODEL, run_key(run_dir)) for _ in range(8)}
     port0 = deployment["config"]["port_start"]
     assert served == {f"standin-{port0 + k}" for k in range(NODES)}  # both nodes, routed
 
@@ -238,11 +245,11 @@ def test_submit_wait_endpoints_router_completion_cancel(deployment, jobs, venv_b
     assert status["phase"] == "ended" and status["ready"] == 0, status
 
 
-def complete_by(base_url: str, model: str) -> str:
+def complete_by(base_url: str, model: str, key: str) -> str:
     """Which server answered a completion (the stand-in names itself)."""
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url, api_key="unused", timeout=30, max_retries=0)
+    client = OpenAI(base_url=base_url, api_key=key, timeout=30, max_retries=0)
     return client.completions.create(model=model, prompt="Hello", max_tokens=1).system_fingerprint
 
 
