@@ -1,12 +1,13 @@
 """Where instances run: the launcher's own environment, a packed Python environment staged and
 unpacked on node-local storage (`env_source`), or an Apptainer image staged there
-(`container`). Pure: paths and argv; staging and unpacking are in aegis.launch.unpack.
+(`container`). Pure: paths and argv; staging and unpacking are in aegis.launch.node and
+aegis.launch.pernode.
 
 Node-local layout (<node_local_dir>/aegis-env/):
     staged/<name>/<file>         the tarball or .sif, moved by aegis.bcast.stage (cached)
-    <name>-<key>/                the unpacked environment; <key> identifies the tarball, so a
-                                 changed tarball unpacks beside the old one (a predecessor job on
-                                 the same node may still run from it)
+    <name>-<key>/                the unpacked environment; <key> identifies the tarball's content,
+                                 so a changed tarball unpacks beside the old one (a predecessor
+                                 job on the same node may still run from it)
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ def staged_file(node_local_dir: str, source: str) -> Path:
     return staged_dir(node_local_dir, source) / Path(source).name
 
 
-def unpack_key(size: int, mtime_ns: int) -> str:
-    """Identity of a staged tarball (stage() keeps size and mtime)."""
-    return hashlib.sha256(f"{size}:{mtime_ns}".encode()).hexdigest()[:12]
+def unpack_key(size: int, digest: str) -> str:
+    """Identity of a staged tarball by its content: its size and a digest of its bytes (the
+    CRC32C stage() computed over every byte it broadcast, else a SHA-256 of the file). Not
+    its mtime: a tarball replaced within the same second, or with the same mtime, is another
+    environment."""
+    return hashlib.sha256(f"{size}:{digest}".encode()).hexdigest()[:16]
 
 
 def unpacked_dir(node_local_dir: str, source: str, key: str) -> Path:

@@ -58,6 +58,7 @@ def prepare_runtime(config: Config, platform: Platform, coll, cache_root: Path, 
             try:
                 path, cached = unpack_environment(staged_file(config.node_local_dir, source),
                                                   config.node_local_dir, source, timeout=timeout,
+                                                  checksum=result.checksum,
                                                   should_stop=lambda: stop.signum)
             except (NodeStepError, OSError) as e:
                 return Runtime(), f"env_source on node {node}: {e}", False

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import lzma
 import os
 import shutil
 import socket
 import stat
 import subprocess
+import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 from .caches import NODE_CACHES, node_cache_dir
@@ -94,17 +98,109 @@ def _run(argv: list[str], *, timeout: float, what: str, should_stop, log_path: P
         proc.stderr.close()
 
 
+class _EnvMembers:
+    """The extraction filter of a packed environment: Python's `data` filter (regular files,
+    directories and links that stay inside; no device nodes, FIFOs or absolute paths; set-id,
+    sticky and group/other-write bits cleared; owners not applied), with one exception: a
+    symlink to an absolute path outside is kept (venv-pack keeps bin/python ->
+    /usr/bin/python3.x). It is never written through: the data filter resolves every later
+    member's path on disk and refuses one that ends up outside. Also ends a stopped or
+    overdue extraction between members."""
+
+    def __init__(self, deadline: float, should_stop):
+        self.deadline, self.should_stop = deadline, should_stop
+        self.member = ""  # the member being extracted (for the error message)
+
+    def __call__(self, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+        if self.should_stop():
+            raise NodeStepError("stopped")
+        if time.monotonic() >= self.deadline:
+            raise NodeStepError("did not finish in time")
+        self.member = member.name
+        try:
+            return tarfile.data_filter(member, dest)
+        except tarfile.AbsoluteLinkError:
+            if not member.issym():
+                raise
+            return member.replace(uid=None, gid=None, uname=None, gname=None, deep=False)
+
+
+def _refused(e: tarfile.FilterError) -> str:
+    """Why a member was refused, in words."""
+    member = e.tarinfo
+    if isinstance(e, tarfile.SpecialFileError):
+        kind = ("character device" if member.ischr() else "block device" if member.isblk()
+                else "FIFO" if member.isfifo() else "special file")
+        return f"is a {kind}; only regular files, directories and links are allowed"
+    if isinstance(e, tarfile.AbsoluteLinkError):
+        return f"is a hard link to an absolute path ({member.linkname})"
+    if isinstance(e, tarfile.LinkOutsideDestinationError):
+        return f"is a link to {member.linkname!r}, outside the destination"
+    if isinstance(e, tarfile.OutsideDestinationError):
+        return "would be written outside the destination (a '..' path, or through a link)"
+    return str(e)
+
+
+def _tar_stream(tarball: Path, stack: contextlib.ExitStack) -> tarfile.TarFile:
+    """The tarball as a tar stream read once, front to back (zstd through the zstd tool:
+    Python's tarfile reads gzip, bzip2 and xz itself)."""
+    if tarball.name.endswith(".zst"):
+        if shutil.which("zstd") is None:
+            raise NodeStepError(f"unpacking {tarball.name}: the zstd command is not on PATH")
+        proc = subprocess.Popen(["zstd", "-dcq", "--", str(tarball)], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        stack.callback(lambda: (proc.kill(), proc.wait()) if proc.poll() is None else None)
+        stack.callback(proc.stdout.close)
+        return stack.enter_context(tarfile.open(fileobj=proc.stdout, mode="r|"))
+    return stack.enter_context(tarfile.open(tarball, mode="r|*"))
+
+
+def extract_environment(tarball: Path, into: Path, *, timeout: float,
+                        should_stop=lambda: False) -> None:
+    """Extract a packed environment into `into` (see _EnvMembers for what is allowed). Raises
+    NodeStepError naming the member and what is wrong with it."""
+    if not hasattr(tarfile, "data_filter"):
+        raise NodeStepError("unpacking needs tarfile's extraction filters (Python >= 3.10.12, "
+                            "3.11.4 or 3.12)")
+    members = _EnvMembers(time.monotonic() + timeout, should_stop)
+    try:
+        with contextlib.ExitStack() as stack:
+            _tar_stream(tarball, stack).extractall(into, filter=members)
+    except NodeStepError as e:
+        raise NodeStepError(f"unpacking {tarball.name}: {e}") from None
+    except tarfile.FilterError as e:
+        raise NodeStepError(f"unpacking {tarball.name}: member {e.tarinfo.name!r} "
+                            f"{_refused(e)}") from None
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        at = f"member {members.member!r}: " if members.member else ""
+        what = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise NodeStepError(f"unpacking {tarball.name}: {at}{what}") from None
+
+
+def _content_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def unpack_environment(tarball: Path, node_local_dir: str, source: str, *, timeout: float,
+                       checksum: str | None = None,
                        should_stop=lambda: False) -> tuple[Path, bool]:
     """Unpack the staged tarball once on this node -> (environment directory, was cached).
 
-    Extracts into a hidden temporary sibling, renames it into place, runs `conda-unpack` there
-    when the environment has it (conda-pack: it rewrites prefixes for the final location, so
-    it runs after the rename), and writes the marker last; without the marker a directory is
-    not used and is replaced."""
-    st = tarball.stat()
-    dest = unpacked_dir(node_local_dir, source, unpack_key(st.st_size, st.st_mtime_ns))
+    The directory's name carries the tarball's content key (`checksum`: the CRC32C stage()
+    computed while broadcasting it; without one, a SHA-256 of the file), so a replaced
+    tarball is a new directory whatever its size and mtime. Extracts into a hidden temporary
+    sibling, renames it into place, runs `conda-unpack` there when the environment has it
+    (conda-pack: it rewrites prefixes for the final location, so it runs after the rename),
+    and writes the marker last; without the marker a directory is not used and is replaced."""
+    size = tarball.stat().st_size
+    digest = f"crc32c:{checksum}" if checksum else f"sha256:{_content_digest(tarball)}"
+    dest = unpacked_dir(node_local_dir, source, unpack_key(size, digest))
     if (dest / ENV_MARKER).is_file():
+        _touch(dest / ENV_MARKER)
         return dest, True
     with node_lock(dest.parent / f".{dest.name}.lock", timeout, should_stop):
         if (dest / ENV_MARKER).is_file():
@@ -114,8 +210,7 @@ def unpack_environment(tarball: Path, node_local_dir: str, source: str, *, timeo
         _remove(dest)  # an unpack that died before its marker
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:
-            _run(["tar", "-xf", str(tarball), "-C", str(tmp)], timeout=timeout,
-                 what=f"unpacking {tarball.name}", should_stop=should_stop)
+            extract_environment(tarball, tmp, timeout=timeout, should_stop=should_stop)
             os.chmod(tmp, 0o755)
             os.rename(tmp, dest)
         except BaseException:
@@ -126,11 +221,16 @@ def unpack_environment(tarball: Path, node_local_dir: str, source: str, *, timeo
             env = {**os.environ, "PATH": f"{dest / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
             _run([str(dest / "bin" / "python"), str(unpack_script)], timeout=timeout,
                  what=f"conda-unpack in {dest}", should_stop=should_stop, env=env, cwd=dest)
-        marker = {"source": source, "tarball": str(tarball), "size": st.st_size,
-                  "mtime_ns": st.st_mtime_ns, "host": socket.gethostname(),
-                  "unpacked_at": time.time()}
+        marker = {"source": source, "tarball": str(tarball), "size": size, "digest": digest,
+                  "host": socket.gethostname(), "unpacked_at": time.time()}
         (dest / ENV_MARKER).write_text(json.dumps(marker, indent=1))
     return dest, False
+
+
+def _touch(path: Path) -> None:
+    """Mark an environment used now (the node's cleanup keeps the most recently used)."""
+    with contextlib.suppress(OSError):
+        os.utime(path)
 
 
 def prewarm_node(script: Path, cache_root: Path, *, timeout: float, log_path: Path,
