@@ -20,6 +20,9 @@ Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
   --spawn-daemon              start a process in its own session whose parent has exited
                               (setsid + double fork: outside the instance's group and session)
   --ignore-term               ignore SIGTERM, also in every process it spawns (only KILL stops it)
+  --shm-segment NAME          create /dev/shm/NAME (1 MiB) and keep it mapped, as vLLM's
+                              engines do; never unlinked by this process (a killed engine's
+                              leak); may be given several times
   --port-range A-B            serve every port A..B in one process (benchmarks)
 A MODEL that is an absolute path must have config.json at its top (vLLM refuses it otherwise).
 If VLLM_API_KEY is set, /v1/* requires "Authorization: Bearer <key>" (as vLLM does).
@@ -51,6 +54,7 @@ def parse(argv):
     p.add_argument("--spawn-grandchild", action="store_true")
     p.add_argument("--spawn-daemon", action="store_true")
     p.add_argument("--ignore-term", action="store_true")
+    p.add_argument("--shm-segment", action="append", default=[])
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -193,6 +197,14 @@ def main(argv=None):
     for kind in ("child", "grandchild", "daemon"):
         if getattr(args, f"spawn_{kind}"):
             spawn(kind, args.model)
+    maps = []  # mapped for the life of the process, like an engine's segments
+    for name in args.shm_segment:
+        import mmap
+
+        fd = os.open(f"/dev/shm/{name}", os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, 1 << 20)
+        maps.append(mmap.mmap(fd, 1 << 20))
+        print(f"standin: mapped /dev/shm/{name}", file=sys.stderr, flush=True)
     if args.start_delay:
         time.sleep(args.start_delay)
     try:

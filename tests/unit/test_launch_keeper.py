@@ -123,3 +123,44 @@ def test_launcher_dying_during_a_long_grace_cuts_it(token):
     t0 = time.monotonic()
     assert wait_gone(token, 10) == {}
     assert time.monotonic() - t0 < 9
+
+
+def test_shared_memory_a_killed_instance_leaves_is_removed(token, tmp_path):
+    """Regression (e12ed61): killed engines left their /dev/shm segments (160-250 MB of RAM
+    each on a real node). The keeper notes the segments its instance maps and removes them
+    once the instance is gone; one that another process still maps is kept."""
+    import mmap
+
+    from aegis.launch.keeper import SHM_SAMPLE
+
+    mine, shared = f"aegis-test-{token}", f"aegis-test-shared-{token}"
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        keeper = _keeper(token, [sys.executable, str(STANDIN), "serve", f"m-{token}", "--port",
+                                 "0", "--shm-segment", mine, "--shm-segment", shared],
+                         stdout=out, stderr=out)
+        try:
+            deadline = time.monotonic() + 15
+            while f"mapped /dev/shm/{shared}" not in log.read_text():
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            fd = os.open(f"/dev/shm/{shared}", os.O_RDWR)  # ... mapped by this process too
+            held = mmap.mmap(fd, 4096)
+            (pid,) = [p for p, cmd in marked_processes(token).items()
+                      if "standin" in cmd and "keeper" not in cmd]
+            time.sleep(SHM_SAMPLE + 1)  # the keeper's periodic note
+            os.kill(pid, signal.SIGKILL)
+            assert keeper.wait(timeout=15) == 128 + signal.SIGKILL
+        finally:
+            if keeper.poll() is None:
+                keeper.kill()
+    try:
+        assert not os.path.exists(f"/dev/shm/{mine}"), "the instance's segment was left"
+        assert f"removed /dev/shm/{mine}" in log.read_text()
+        assert os.path.exists(f"/dev/shm/{shared}")  # still mapped here: kept
+    finally:
+        held.close()
+        os.close(fd)
+        for name in (mine, shared):
+            if os.path.exists(f"/dev/shm/{name}"):
+                os.unlink(f"/dev/shm/{name}")

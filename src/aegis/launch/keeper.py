@@ -18,6 +18,11 @@ It starts COMMAND in a new session and then waits for one of:
 Should the keeper itself be killed, the instance's leader gets SIGKILL (its own parent-death
 signal), and the launcher removes the rest: it is a subreaper too, so they are re-parented to
 it, and each carries AEGIS_KEEPER=<keeper pid> in its environment (processes.remove_strays).
+
+Shared memory: vLLM's engines keep 160-250 MB segments in /dev/shm (RAM on Aurora) that a
+killed engine never unlinks. Every SHM_SAMPLE seconds, and before a sweep, the keeper notes
+the /dev/shm files its descendants map or hold open; once they are all gone it removes the
+noted ones that are this user's and that no other live process maps or holds.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ DEATH_GRACE = 5.0  # seconds between TERM and KILL once the launcher is gone
 EXIT_DONE = 0.5  # seconds the leftovers of a leader that exited get before KILL
 POLL = 0.5  # seconds between checks of the parent
 KEEPER_ENV = "AEGIS_KEEPER"  # set to the keeper's pid in the environment of its instance
+SHM_DIR = "/dev/shm/"
+SHM_SAMPLE = 5.0  # seconds between notes of the instance's shared-memory segments
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -70,6 +77,56 @@ def descendants(root: int, tree: dict[int, list[int]] | None = None) -> list[int
     return out
 
 
+def shm_files(pid: int) -> set[str]:
+    """The /dev/shm files `pid` maps or holds open."""
+    found = set()
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            for line in f:
+                start = line.find(SHM_DIR.encode())
+                if start >= 0:
+                    path = line[start:].rstrip(b"\n").decode(errors="replace")
+                    found.add(path.removesuffix(" (deleted)"))
+    except OSError:
+        pass
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(SHM_DIR):
+                found.add(target.removesuffix(" (deleted)"))
+    except OSError:
+        pass
+    return found
+
+
+def remove_unused_shm(paths: set[str]) -> list[str]:
+    """Unlink each of `paths` that is this user's and used by no live process -> removed."""
+    if not paths:
+        return []
+    mine = set()
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and os.path.dirname(path) + "/" == SHM_DIR:
+            mine.add(path)
+    for entry in os.listdir("/proc") if mine else ():
+        if entry.isdigit():
+            mine -= shm_files(int(entry))
+    removed = []
+    for path in sorted(mine):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
 def _signal(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
@@ -85,6 +142,8 @@ class Keeper:
         self.leader: int | None = None
         self.status: int | None = None  # the leader's exit status, shell style
         self.stop_signal = 0
+        self.shm: set[str] = set()  # /dev/shm files the instance was seen using
+        self.next_shm_note = 0.0
 
     def _on_stop(self, signum, _frame) -> None:
         self.stop_signal = self.stop_signal or signum
@@ -102,10 +161,15 @@ class Keeper:
                 self.status = (128 + os.WTERMSIG(status) if os.WIFSIGNALED(status)
                                else os.WEXITSTATUS(status))
 
+    def note_shm(self) -> None:
+        for pid in descendants(self.me):
+            self.shm |= shm_files(pid)
+
     def sweep(self, grace: float) -> None:
         """TERM (and CONT, so a stopped process can act on it) to every descendant, wait up
         to `grace` (DEATH_GRACE at most once the launcher is gone), then KILL until none is
-        left."""
+        left; then remove the shared memory they leave."""
+        self.note_shm()
         procs = descendants(self.me)
         _signal(procs, signal.SIGTERM)
         _signal(procs, signal.SIGCONT)
@@ -127,6 +191,9 @@ class Keeper:
             time.sleep(0.01)
             self.reap()
         self.reap()
+        for path in remove_unused_shm(self.shm):
+            os.write(2, f"aegis keeper: removed {path} (shared memory the instance left)\n"
+                        .encode())
 
     def launcher_gone(self) -> bool:
         return os.getppid() != self.parent
@@ -166,11 +233,12 @@ class Keeper:
             if self.stop_signal or self.launcher_gone():
                 self.sweep(min(self.grace, DEATH_GRACE) if self.launcher_gone() else self.grace)
                 return self.status if self.status is not None else 128 + signal.SIGTERM
-            select.select([wake_r], [], [], POLL)
-            try:
+            if time.monotonic() >= self.next_shm_note:
+                self.note_shm()
+                self.next_shm_note = time.monotonic() + SHM_SAMPLE
+            readable, _, _ = select.select([wake_r], [], [], POLL)
+            if readable:  # (a bare read would block until the next signal)
                 os.read(wake_r, 512)
-            except BlockingIOError:
-                pass
 
 
 def main(argv: list[str]) -> int:
