@@ -197,3 +197,18 @@ def test_a_server_that_answers_garbage_is_not_ready():
             assert not result.ready
             if expected:
                 assert result.detail.startswith(expected), result.detail
+
+
+def test_an_instance_exit_is_said_in_words():
+    """Regression (issue 21): a SIGKILLed engine was reported as 'exited with code 0' (vLLM's
+    API server exits 0 when its engine process dies) and a signal as a bare code."""
+    from aegis.launch.supervise import exit_description
+
+    assert exit_description(137, []) == "killed by signal 9 (SIGKILL)"
+    assert exit_description(143, []) == "killed by signal 15 (SIGTERM)"
+    assert exit_description(3, []) == "exited with code 3"
+    assert exit_description(0, []) == "exited with code 0 on its own"
+    tail = ["(APIServer pid=3429) ERROR [async_llm.py:906] vllm.v1.engine.exceptions."
+            "EngineDeadError: EngineCore encountered an issue.", "INFO:     Shutting down"]
+    assert exit_description(0, tail).startswith(
+        "exited with code 0 after its engine process died (EngineDeadError")

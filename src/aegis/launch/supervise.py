@@ -19,6 +19,8 @@ was free fails the instance with a message naming that process; it is never call
 
 from __future__ import annotations
 
+import re
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +32,28 @@ from .readiness import Probe, Target, probe_round
 _WILDCARDS = ("0.0.0.0", "::", "")
 HEALTH_INTERVAL = 2.0  # seconds between quick /health checks of a serving instance
 HEALTH_TIMEOUT = 2.0  # the router's own health-check timeout (router.HEALTH_ARGS)
+
+
+# What vLLM's API server logs when its engine process died under it (it then exits 0).
+_ENGINE_DIED = re.compile(r"EngineDeadError|Engine ?core\S* .*died|engine core .*died", re.I)
+
+
+def exit_description(code: int, log_tail: list[str]) -> str:
+    """Why an instance ended, in words: the keeper relays the leader's status (128+N for a
+    signal N). vLLM's API server exits 0 when its engine process dies (a SIGKILL, the OOM
+    killer): that is said, not hidden behind a bare 'code 0'."""
+    if code > 128:
+        try:
+            name = f" ({signal.Signals(code - 128).name})"
+        except ValueError:
+            name = ""
+        return f"killed by signal {code - 128}{name}"
+    if code == 0:
+        if any(_ENGINE_DIED.search(line) for line in log_tail):
+            return ("exited with code 0 after its engine process died (EngineDeadError in its "
+                    "log: killed, e.g. by the OOM killer, or crashed)")
+        return "exited with code 0 on its own"
+    return f"exited with code {code}"
 
 
 def probe_host(part: Part) -> str:
@@ -105,7 +129,7 @@ class LocalFleet:
         # After an exit the keeper has already stopped what the leader left (vLLM's engine
         # processes); a hung one is being stopped. A restart waits for that (step).
         slot.running.stop()
-        what = why or f"exited with code {code}"
+        what = why or exit_description(code, slot.log_tail)
         can_restart = slot.ever_ready and slot.part.nnodes == 1 and slot.restarts < self.max_restarts
         if can_restart:
             delay = self.restart_backoff * (2 ** slot.restarts)
