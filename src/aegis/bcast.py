@@ -200,8 +200,11 @@ def scan(source: Path) -> SourceScan:
                                     st.st_uid & 0xFFFFFFFF, st.st_gid & 0xFFFFFFFF,
                                     len(rel), len(link)), rel, link]
         if rel != b"." or kind != b"5":
+            # st_ino and st_ctime_ns too: a file replaced with its size and mtime put back
+            # (`cp new old; touch -r`, or renamed over) is another inode or a later ctime,
+            # which no user can set back
             digest.update(rel + b"\0" + f"{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                          .encode() + link + b"\n")
+                          f"{st.st_ino}\0{st.st_ctime_ns}\0".encode() + link + b"\n")
             total += size
             newest = max(newest, st.st_mtime_ns)
     return SourceScan(str(src_dir), b"".join(parts),
@@ -486,8 +489,9 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     - Directories are staged with their mode plus ``u+rwx`` (a read-only source still gives a
       tree its owner can write and remove); files keep their mode; mtimes are kept (seconds).
     - Cache: when every writer's manifest matches the source (path and a fingerprint of every
-      entry's name, type, mode, size and mtime, computed by root from metadata only), nothing
-      moves and the result has ``cached=True``. ``force=True`` always re-stages.
+      entry's name, type, mode, size, mtime, inode number and ctime, computed by root from
+      metadata only), nothing moves and the result has ``cached=True``. ``force=True`` always
+      re-stages.
     - Existing ``dest``: an earlier aegis stage (has a manifest) or an empty directory is
       replaced atomically (renamed away, then removed). Anything else is refused with a
       StagingError unless ``force=True``, so a mistyped ``dest`` cannot delete user data.

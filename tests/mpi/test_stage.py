@@ -182,6 +182,35 @@ def test_changed_source_restages(comm, shared_tmp):
     check_round_trip(comm, src, [dest])
 
 
+@pytest.mark.parametrize("new_inode", [False, True])
+def test_file_replaced_with_same_size_and_mtime_restages(comm, shared_tmp, new_inode):
+    """`cp new old; touch -r ...` (same inode) or a rename over it (new inode), keeping size
+    and mtime: the re-stage moves the new bytes instead of keeping the stale copy."""
+    src = shared_tmp / "src"
+    weights = src / "model.safetensors"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=2 * CHUNK))
+    dest = shared_tmp / f"dest{comm.rank}"
+    stage(src, dest, comm, chunk_size=CHUNK, writers="all", progress=False)
+    comm.Barrier()
+
+    def replace():
+        st = weights.stat()
+        new = bytes(b ^ 0xFF for b in weights.read_bytes())
+        time.sleep(0.02)  # a later ctime even where the kernel's timestamps are coarse
+        target = weights.with_name("replacement") if new_inode else weights
+        target.write_bytes(new)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if new_inode:
+            os.replace(target, weights)
+        assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size,
+                                                                         st.st_mtime_ns)
+    on_root_make(comm, replace)
+    result = stage(src, dest, comm, chunk_size=CHUNK, writers="all", progress=False)
+    assert not result.cached
+    comm.Barrier()
+    check_round_trip(comm, src, [dest])
+
+
 def test_leftovers_of_killed_runs_are_removed(comm, shared_tmp):
     src = shared_tmp / "src"
     on_root_make(comm, lambda: make_random_tree(src, 8))

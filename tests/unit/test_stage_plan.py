@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -75,3 +76,39 @@ def test_stage_cli_refuses_bad_knobs_with_one_line(tmp_path, flag, value, messag
     assert run.returncode == 2 and message in run.stderr, run.stderr
     assert len(run.stderr.strip().splitlines()) <= 3 and "Traceback" not in run.stderr
     assert not (tmp_path / "dest").exists()
+
+
+def _same_size_and_mtime(path, data: bytes, *, new_inode: bool) -> None:
+    """Replace path's content with data (same length) and put its mtime back, as
+    `cp new old; touch -r ...` (new_inode=False) or `mv new old` after `touch -r` would."""
+    st = os.stat(path)
+    assert len(data) == st.st_size
+    time.sleep(0.02)  # a later ctime even where the kernel's timestamps are coarse
+    if new_inode:
+        other = path.with_name(path.name + ".new")
+        other.write_bytes(data)
+        os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(other, path)
+    else:
+        path.write_bytes(data)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+@pytest.mark.parametrize("new_inode", [False, True])
+@pytest.mark.parametrize("file_source", [False, True])
+def test_fingerprint_sees_a_replaced_file_with_the_same_size_and_mtime(tmp_path, new_inode,
+                                                                         file_source):
+    """The no-op check must not keep a stale copy: a source file rewritten in place or
+    replaced by another file, both with its size and mtime, changes the fingerprint (it
+    covers st_ino and st_ctime_ns, and a user cannot set ctime)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    weights = src / "model.safetensors"
+    weights.write_bytes(b"old weights!")
+    target = weights if file_source else src
+    before = scan(target).info["fingerprint"]
+    assert scan(target).info["fingerprint"] == before  # nothing changed: the same
+    _same_size_and_mtime(weights, b"new weights!", new_inode=new_inode)
+    assert scan(target).info["fingerprint"] != before
