@@ -221,6 +221,63 @@ def read_manifest(dest: Path) -> dict[str, Any] | None:
         return None
 
 
+def _within(path: str, top: str) -> bool:
+    """path is top or below it (both resolved; "/x/model2" is not below "/x/model")."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(path: str):
+    """path, its parent, ..., "/" (a resolved path)."""
+    while True:
+        yield path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def nesting_problem(source, dest) -> str | None:
+    """Why ``dest`` must not receive ``source``, or None. A dest inside the source (or the
+    source itself) would copy the tree into itself, one level deeper on every run; a dest that
+    holds the source (or a file source) would be replaced, which deletes the source. Paths are
+    compared resolved (symlinks, ``..``; a source given as a link counts where the link is and
+    where it points), then by identity: every existing ancestor's (st_dev, st_ino), which
+    also sees a bind mount or another alias of the same directory."""
+    given_dest = os.path.abspath(os.fspath(dest))
+    dest_real = os.path.realpath(given_dest)
+    given_src = os.path.abspath(os.fspath(source))
+    src_real = os.path.realpath(given_src)
+    src_entry = os.path.join(os.path.realpath(os.path.dirname(given_src)),
+                             os.path.basename(given_src))  # the name itself (maybe a link)
+    it = "it" if dest_real == given_dest else f"it resolves to {dest_real}, which"
+    if dest_real == src_real:
+        return f"{it} is the source {src_real} itself; choose a dest outside the source"
+    if _within(dest_real, src_real):
+        return (f"{it} is inside the source {src_real}: staging there would copy the tree "
+                "into itself, one level deeper on every run; choose a dest outside the source")
+    for held in dict.fromkeys((src_real, src_entry)):
+        if _within(held, dest_real):
+            return (f"{it} holds the source {held}: replacing it would delete the source; "
+                    "choose a dest that does not contain the source")
+    src_id, dest_id = _identity(src_real), _identity(dest_real)
+    if src_id and any(_identity(a) == src_id for a in _ancestors(dest_real)):
+        return (f"{it} is inside the source {src_real} (the same directory under another "
+                "path: a bind mount or other alias); choose a dest outside the source")
+    if dest_id and any(_identity(a) == dest_id for top in (src_real, src_entry)
+                       for a in _ancestors(os.path.dirname(top))):
+        return (f"{it} holds the source {src_real} (seen under another path: a bind mount "
+                "or other alias); choose a dest that does not contain the source")
+    return None
+
+
 def _validate(source, dest, root, size, chunk_size, depth, writers, readers, max_count,
               stall_timeout, io_threads) -> str | None:
     if writers not in ("node", "all"):
@@ -495,6 +552,10 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     - Existing ``dest``: an earlier aegis stage (has a manifest) or an empty directory is
       replaced atomically (renamed away, then removed). Anything else is refused with a
       StagingError unless ``force=True``, so a mistyped ``dest`` cannot delete user data.
+    - Refused (code 10, before anything is written, ``force`` or not): a ``dest`` inside the
+      source or equal to it (each re-run would nest another copy into the source), or one
+      that holds the source (replacing it would delete the source); compared resolved and by
+      the identity of every ancestor (symlinks, bind mounts). See ``nesting_problem()``.
     - ``writers="node"``: the lowest rank of each shared-memory node writes; ``"all"``: every
       rank writes its own ``dest`` (two writers on one host must not share a ``dest``).
     - ``share_ring``: the ranks of one host share one ring of ``depth`` chunk buffers in
@@ -548,6 +609,9 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
                 _remove_dead_rings()
             if not is_writer:
                 return True, None
+            nested = nesting_problem(source_path, dest_path)  # before anything is touched
+            if nested:
+                raise ValueError(nested)
             _remove_stale_siblings(dest_path)  # also when nothing else happens (cached)
             manifest = read_manifest(dest_path)
             cached = (not force and manifest is not None

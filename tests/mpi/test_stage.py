@@ -245,6 +245,41 @@ def test_refuses_foreign_dest_unless_forced(comm, shared_tmp):
 # --------------------------------------------------------------------------- failures
 
 
+@pytest.mark.parametrize("how", ["inside", "holds", "bind mount"])
+def test_dest_nested_with_source_is_refused_everywhere(comm, shared_tmp, how):
+    """A dest inside the source (a re-run would nest another copy), or holding it (replacing
+    it would delete the source), found by the last rank only: every rank raises the same
+    code-10 error naming both paths, before anything is written. The bind mount is an alias
+    realpath cannot see (needs root to mount)."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=CHUNK))
+    alias = shared_tmp / "alias"
+    bad = comm.size - 1
+    if how == "bind mount":
+        assert os.geteuid() == 0, "this test bind-mounts a directory and must run as root"
+        if comm.rank == 0:
+            alias.mkdir()
+            subprocess.run(["mount", "--bind", str(src), str(alias)], check=True)
+        comm.Barrier()
+    bad_dest = {"inside": src / "a" / "staged", "holds": shared_tmp,
+                "bind mount": alias / "staged"}[how]
+    dest = bad_dest if comm.rank == bad else shared_tmp / f"dest{comm.rank}"
+    before = comm.bcast(sorted(str(p) for p in shared_tmp.rglob("*")) if comm.rank == 0
+                        else None)
+    try:
+        err = expect_failure(comm, lambda: stage(src, dest, comm, writers="all", force=True,
+                                                 progress=False))
+        assert err.code == bcast.E_PREPARE and err.rank == bad
+        assert str(src) in err.cause and str(bad_dest) in err.cause, err.cause
+        comm.Barrier()
+        assert sorted(str(p) for p in shared_tmp.rglob("*")) == before
+    finally:
+        comm.Barrier()
+        if how == "bind mount" and comm.rank == 0:
+            subprocess.run(["umount", str(alias)], check=True)
+        comm.Barrier()
+
+
 def test_source_missing(comm, shared_tmp):
     dest = shared_tmp / f"dest{comm.rank}"
     err = expect_failure(comm, lambda: stage(shared_tmp / "nope", dest, comm, writers="all",

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,71 @@ def test_fingerprint_sees_a_replaced_file_with_the_same_size_and_mtime(tmp_path,
     assert scan(target).info["fingerprint"] == before  # nothing changed: the same
     _same_size_and_mtime(weights, b"new weights!", new_inode=new_inode)
     assert scan(target).info["fingerprint"] != before
+
+
+def _stage_cli(*args: str) -> subprocess.CompletedProcess:
+    """`aegis stage` on one rank (no mpiexec: MPI starts as a singleton)."""
+    return subprocess.run([sys.executable, "-m", "aegis", "stage", "-q", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _listing(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _nesting_cases(tmp_path):
+    """(source, dest, the path the refusal names besides dest) for every way a stage could
+    write into its own source or replace (delete) the directory holding it."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "weights.bin").write_bytes(b"w" * 1000)
+    os.symlink(src, tmp_path / "link-to-src")           # a link to the source
+    os.symlink(src / "sub", tmp_path / "link-to-sub")   # a link into it
+    return {
+        "dest inside source": (src, src / "staged", src),
+        "dest deep inside source": (src, src / "sub" / "a" / "b", src),
+        "dest is the source": (src, src, src),
+        "dest through a link into the source": (src, tmp_path / "link-to-sub" / "x", src),
+        "source given through a link": (tmp_path / "link-to-src", src / "x", src),
+        "source inside dest": (src / "sub", src, src / "sub"),
+        "file source in dest": (src / "weights.bin", src, src / "weights.bin"),
+        "file source is dest": (src / "weights.bin", src / "weights.bin", src / "weights.bin"),
+        "dest is / ": (src, Path("/"), src),
+    }
+
+
+CASES = ["dest inside source", "dest deep inside source", "dest is the source",
+         "dest through a link into the source", "source given through a link",
+         "source inside dest", "file source in dest", "file source is dest", "dest is / "]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("force", [False, True])
+def test_stage_refuses_a_dest_nested_with_its_source(tmp_path, case, force):
+    """`aegis stage SRC SRC/sub` nested a new copy into the shared source on every re-run; a
+    dest holding the source would be replaced, deleting it. Refused before anything is
+    written, with --force too: exit 2, one line naming both (resolved) paths."""
+
+    source, dest, named = _nesting_cases(tmp_path)[case]
+    before = _listing(tmp_path)
+    run = _stage_cli(*(["--force"] if force else []), str(source), str(dest))
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert os.path.realpath(dest) in lines[0] and str(named) in lines[0], lines[0]
+    assert _listing(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_stage_allows_neighbours_of_its_source(tmp_path):
+    """Not nested: a sibling whose name starts with the source's, the source's parent's
+    other children, a file source staged next to itself."""
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "w.bin").write_bytes(b"x" * 100)
+    for dest in (tmp_path / "model2", tmp_path / "model-staged" / "deep", tmp_path / "m"):
+        run = _stage_cli(str(src), str(dest))
+        assert run.returncode == 0, run.stderr
+        assert (dest / "w.bin").read_bytes() == b"x" * 100
+    run = _stage_cli(str(src / "w.bin"), str(tmp_path / "model-file"))
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "model-file" / "w.bin").exists()
