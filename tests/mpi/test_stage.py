@@ -968,6 +968,51 @@ def test_signal_before_the_transfer_cancels_every_rank(comm, shared_tmp, monkeyp
     nothing_left(comm, shared_tmp)
 
 
+def test_signal_just_before_the_core_cancels_inside_it(comm, shared_tmp, monkeypatch):
+    """A signal right before the C call: its number waits in the wakeup pipe, and the core
+    cancels at its first poll, in its setup (before any chunk moves), on every rank."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=3 * CHUNK))
+    bad = comm.size - 1
+    seen = []
+    real_transfer = bcast._transfer
+
+    def signal_then_transfer(MPI, ffi, lib, c, src_dir, index, tmp, params, *rest):
+        if comm.rank == bad:
+            os.kill(os.getpid(), signal.SIGTERM)
+        seen.append(params["cancel_fd"] >= 0)
+        return real_transfer(MPI, ffi, lib, c, src_dir, index, tmp, params, *rest)
+    monkeypatch.setattr(bcast, "_transfer", signal_then_transfer)
+    with caller_handlers("default"):
+        err = expect_failure(comm, lambda: stage(src, shared_tmp / f"dest{comm.rank}", comm,
+                                                 chunk_size=CHUNK, writers="all",
+                                                 progress=False))
+    assert err.code == bcast.E_CANCELLED and err.rank == bad and seen == [True]
+    nothing_left(comm, shared_tmp)
+
+
+def test_signal_while_the_last_chunks_are_written(comm, shared_tmp):
+    """Every chunk has crossed; one writer is still placing the last one (here it hangs) and
+    gets SIGTERM: it ends its wait at once and every rank is cancelled, not stalled."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=6 * CHUNK))
+    probe = stage(src, shared_tmp / f"probe{comm.rank}", comm, chunk_size=CHUNK,
+                  writers="all", progress=False)
+    comm.Barrier()
+    shutil.rmtree(shared_tmp / f"probe{comm.rank}")
+    bad = comm.size - 1
+    with caller_handlers("default"):
+        timer = signal_later(1.0, signal.SIGTERM) if comm.rank == bad else None
+        err = expect_failure(comm, lambda: stage(
+            src, shared_tmp / f"dest{comm.rank}", comm, chunk_size=CHUNK, writers="all",
+            progress=False, stall_timeout=60,
+            _fault=("stall_writer", bad, probe.bytes - CHUNK)), bound_s=10)
+        if timer:
+            timer.join()
+    assert err.code == bcast.E_CANCELLED and err.rank == bad
+    nothing_left(comm, shared_tmp)
+
+
 def test_signal_after_the_transfer_before_the_rename_cancels(comm, shared_tmp, monkeypatch):
     """The C core returned, the rename has not begun: the signal still cancels everywhere
     and the complete temporary is removed. A rank that got no signal may have renamed its
