@@ -375,7 +375,9 @@ class _Cancel:
     signal received: its Python handler (the launcher's stop flag) is called with it; the
     default action (SIGTERM's SIG_DFL, SIGINT's KeyboardInterrupt) is raised again only when
     the stage completed all the same: a cancelled stage raises StagingError instead. A
-    previous wakeup fd (an event loop's) gets the signal numbers too."""
+    previous wakeup fd (an event loop's) gets the signal numbers too (those of other signals
+    only where the core had not read them). A SIGINT/SIGTERM handler installed outside Python
+    (getsignal() is None) is left alone: that signal does not cancel."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -432,11 +434,14 @@ class _Cancel:
                 signal.signal(sig, handler)
             signal.set_wakeup_fd(self._wakeup)
         finally:
+            others = b""  # numbers of other signals the core has not read (an event loop's)
+            with contextlib.suppress(OSError):
+                others = bytes(b for b in os.read(self._pipe[0], 4096) if b not in self._previous)
             for end in self._pipe:
                 os.close(end)
-            if self._wakeup >= 0 and self.received:
+            if self._wakeup >= 0 and (self.received or others):
                 with contextlib.suppress(OSError):
-                    os.write(self._wakeup, bytes(self.received))
+                    os.write(self._wakeup, bytes(self.received) + others)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one held back is delivered now
         for sig in dict.fromkeys(self.received):
             handler = self._previous[sig]

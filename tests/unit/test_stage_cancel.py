@@ -101,20 +101,26 @@ def test_off_and_off_the_main_thread_nothing_is_touched():
 
 
 def test_a_previous_wakeup_fd_is_restored_and_told():
-    """An event loop's wakeup fd is set aside for the stage, then gets the signal numbers."""
+    """An event loop's wakeup fd is set aside for the stage, then gets the signal numbers,
+    those of its own signals (SIGUSR1 here) too; the stage's pipe is closed."""
     r, w = os.pipe()
     os.set_blocking(w, False)
-    flag = Flag()
+    flag, usr = Flag(), Flag()
     signal.signal(signal.SIGTERM, flag)
+    signal.signal(signal.SIGUSR1, usr)
+    fds = len(os.listdir("/proc/self/fd"))
     try:
         signal.set_wakeup_fd(w)
         with _Cancel(True):
+            os.kill(os.getpid(), signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGTERM)
-        assert signal.set_wakeup_fd(-1) == w
+        assert signal.set_wakeup_fd(-1) == w and len(os.listdir("/proc/self/fd")) == fds
         os.set_blocking(r, False)
-        assert os.read(r, 16) == bytes([signal.SIGTERM]) and flag.got == [signal.SIGTERM]
+        assert sorted(os.read(r, 16)) == sorted([signal.SIGTERM, signal.SIGUSR1])
+        assert flag.got == [signal.SIGTERM] and usr.got == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
         os.close(r)
         os.close(w)
 
