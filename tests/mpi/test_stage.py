@@ -774,8 +774,8 @@ def test_source_changed_while_staging(comm, shared_tmp, monkeypatch):
     on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=8 * CHUNK))
     real_scan = bcast.scan
 
-    def scan_then_truncate(path):
-        result = real_scan(path)
+    def scan_then_truncate(path, *args):
+        result = real_scan(path, *args)
         os.truncate(src / "model.safetensors", CHUNK)
         return result
     monkeypatch.setattr(bcast, "scan", scan_then_truncate)
