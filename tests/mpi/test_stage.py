@@ -885,7 +885,8 @@ def nothing_left(comm, shared_tmp: Path) -> None:
 
 @pytest.mark.parametrize("caller", ["default", "flag"])
 @pytest.mark.parametrize("sig,who", [(signal.SIGTERM, "last"), (signal.SIGTERM, "root"),
-                                     (signal.SIGINT, "last"), (signal.SIGINT, "root")])
+                                     (signal.SIGINT, "last"), (signal.SIGINT, "root"),
+                                     (signal.SIGTERM, "second reader")])
 def test_signal_mid_transfer_cancels_every_rank(comm, shared_tmp, sig, who, caller):
     """SIGTERM (scancel) or SIGINT (Ctrl-C) to one rank in the middle of a transfer: that
     rank's C core reads the signal from Python's wakeup fd, and every rank raises the same
@@ -894,13 +895,14 @@ def test_signal_mid_transfer_cancels_every_rank(comm, shared_tmp, sig, who, call
     heard the signal; with the defaults, no KeyboardInterrupt and no exit."""
     src = shared_tmp / "src"
     on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=SLOW_CHUNKS * CHUNK))
-    bad = {"root": 0, "last": comm.size - 1}[who]
+    bad = {"root": 0, "last": comm.size - 1, "second reader": 1}[who]
+    readers = 2 if who == "second reader" else 1
     dest = shared_tmp / f"dest{comm.rank}"
     with caller_handlers(caller) as flag:
         timer = signal_later(0.5, sig) if comm.rank == bad else None
         err = expect_failure(comm, lambda: stage(src, dest, comm, chunk_size=CHUNK,
-                                                 writers="all", io_threads=2, progress=False,
-                                                 _fault=SLOW), bound_s=10)
+                                                 writers="all", readers=readers, io_threads=2,
+                                                 progress=False, _fault=SLOW), bound_s=10)
         ended = time.monotonic()
         if timer:
             timer.join()
