@@ -16,8 +16,9 @@
  * Only the main thread calls MPI (MPI_THREAD_FUNNELED suffices) and it never spins: it tests
  * its requests and sleeps on a condition variable with a growing timeout; helpers block on
  * condition variables. A failure anywhere ends the stage on all ranks at the same chunk; a
- * helper stuck on one piece longer than the stall timeout is such a failure. No globals,
- * no child processes, no MPI_Abort.
+ * helper stuck on one piece longer than the stall timeout is such a failure, and so is a
+ * cancelling signal number read from the caller's cancel_fd (Python's signal wakeup fd).
+ * No globals, no signal handlers of its own, no child processes, no MPI_Abort.
  */
 #define _GNU_SOURCE
 #include "bcast.h"
@@ -27,7 +28,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -271,6 +274,9 @@ typedef struct ctx {
     local_error err;  /* this rank's first failure (guarded by mu) */
     int fault_fired;
     int abandoned;    /* MPI requests or a helper left behind: keep the memory */
+    int cancel_sig;   /* the signal number that cancelled this rank (0: none so far) */
+    int cancel_off;   /* cancel_fd reached its end or failed: not polled any more */
+    int64_t cancel_polled_ms; /* when cancel_fd was last polled (main thread only) */
 } ctx;
 
 static int64_t now_ms(void)
@@ -308,6 +314,82 @@ static void fail(ctx *x, const local_error *e)
     pthread_mutex_lock(&x->mu);
     record_error(x, e);
     pthread_mutex_unlock(&x->mu);
+}
+
+/* ---------------------------------------------------------------- cancellation */
+
+#define CANCEL_POLL_MS 10
+
+static const char *signal_name(int sig)
+{
+    switch (sig) {
+    case SIGINT: return "SIGINT";
+    case SIGTERM: return "SIGTERM";
+    case SIGHUP: return "SIGHUP";
+    case SIGQUIT: return "SIGQUIT";
+    case SIGUSR1: return "SIGUSR1";
+    case SIGUSR2: return "SIGUSR2";
+    default: return "a signal";
+    }
+}
+
+/* The signal number that cancels this rank, once one came through opts->cancel_fd, else 0.
+ * Main thread only. Polls without blocking, at most every CANCEL_POLL_MS; bytes of signals
+ * outside cancel_signals are dropped (Python runs their handlers all the same: it records a
+ * signal apart from writing it to the wakeup fd). */
+static int cancel_requested(ctx *x)
+{
+    const aegis_stage_opts *o = x->opts;
+    if (x->cancel_sig || x->cancel_off || o->cancel_fd < 0)
+        return x->cancel_sig;
+    int64_t now = now_ms();
+    if (now - x->cancel_polled_ms < CANCEL_POLL_MS)
+        return 0;
+    x->cancel_polled_ms = now;
+    for (;;) {
+        struct pollfd p = {.fd = o->cancel_fd, .events = POLLIN};
+        int n = poll(&p, 1, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n == 0)
+            return 0;
+        unsigned char sig[64];
+        ssize_t got = n < 0 || (p.revents & POLLNVAL) ? -1 : read(o->cancel_fd, sig, sizeof sig);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return 0;
+        if (got <= 0) { /* closed or not a descriptor: nothing can come any more */
+            x->cancel_off = 1;
+            return 0;
+        }
+        for (ssize_t i = 0; i < got; i++)
+            if (!o->cancel_signals || (sig[i] < 64 && (o->cancel_signals >> sig[i] & 1))) {
+                x->cancel_sig = sig[i] ? sig[i] : -1;
+                return x->cancel_sig;
+            }
+        if ((size_t)got < sizeof sig)
+            return 0;
+    }
+}
+
+/* Sets e to this rank's cancellation, if it was cancelled: -1 then, else 0. */
+static int cancelled(ctx *x, local_error *e)
+{
+    int sig = cancel_requested(x);
+    if (!sig)
+        return 0;
+    set_error(e, AEGIS_E_CANCELLED, "cancelled by %s (signal %d)", signal_name(sig), sig);
+    return -1;
+}
+
+/* A cancellation is this rank's failure, which the next verdict or agreement carries to
+ * every rank. The caller holds no lock. */
+static void check_cancel(ctx *x)
+{
+    local_error e = {0};
+    if (!x->cancel_sig && cancelled(x, &e))
+        fail(x, &e);
 }
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -569,6 +651,26 @@ static void hang(ctx *x, local_error *e)
     set_error(e, AEGIS_E_STALL, "helper hung (injected fault)");
 }
 
+/* Test hook for a slow transfer: the fault rank's helpers take 20 ms more per piece from
+ * fault_after on; the nap ends early when the stage is being torn down. */
+static void dawdle(ctx *x, int64_t at)
+{
+    const aegis_stage_opts *o = x->opts;
+    if (o->fault_kind != AEGIS_FAULT_SLOW || o->fault_rank != x->rank || at < o->fault_after)
+        return;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_nsec += 20 * 1000000L;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&x->mu);
+    while (!x->stop && pthread_cond_timedwait(&x->work_cv, &x->mu, &t) == 0)
+        ;
+    pthread_mutex_unlock(&x->mu);
+}
+
 static int read_data(ctx *x, const entry *en, int64_t at, char *dst, int64_t n, local_error *e)
 {
     /* a file source: src_fd is that file (its name on the wire may differ) */
@@ -609,6 +711,7 @@ static int fill_piece(ctx *x, char *dst, int64_t a, int64_t b, local_error *e)
         hang(x, e);
         return -1;
     }
+    dawdle(x, a);
     unsigned char hdr[HDR_MAX];
     int64_t built = -1, pos = a;
     for (int64_t i = entry_at(x, a); pos < b; i++) {
@@ -666,6 +769,7 @@ static int drain_piece(ctx *x, const char *src, int64_t a, int64_t b, local_erro
         hang(x, e);
         return -1;
     }
+    dawdle(x, a);
     if (x->cap_fd >= 0 && capture(x, src, a, b) != 0) {
         set_error(e, AEGIS_E_WRITE, "writing the stream capture: %s", strerror(errno));
         return -1;
@@ -865,6 +969,7 @@ static int mpi_wait_for(ctx *x, MPI_Request *req, int n, int data)
     int64_t since = now_ms();
     for (int idle = 0;; idle++) {
         int done = 0;
+        check_cancel(x); /* carried by the next agreement or verdict */
         if (MPI_Testall(n, req, &done, MPI_STATUSES_IGNORE) != MPI_SUCCESS)
             return AEGIS_E_MPI;
         if (done)
@@ -920,7 +1025,7 @@ static int share_error(ctx *x, int64_t fail)
     x->res->failing_rank = who;
     snprintf(x->res->host, sizeof x->res->host, "%s", w.host);
     snprintf(x->res->cause, sizeof x->res->cause, "%s", w.cause);
-    return w.code > 0 && w.code <= AEGIS_E_PREPARE ? w.code : AEGIS_E_MPI;
+    return w.code > 0 && w.code <= AEGIS_E_CANCELLED ? w.code : AEGIS_E_MPI;
 }
 
 /* Collective "is every rank fine?"; *value (if given) returns the MAX of what ranks put. */
@@ -1175,6 +1280,7 @@ static int transfer(ctx *x)
     int (*const step[])(ctx *, steps *) = {try_release, try_claim, try_move, try_moved,
                                            try_vote, try_place};
     while (st.verdict_d < x->n_chunks) {
+        check_cancel(x);
         pthread_mutex_lock(&x->mu);
         check_stalled(x);
         int64_t seen = x->events;
@@ -1205,16 +1311,25 @@ static int transfer(ctx *x)
             return give_up(x, AEGIS_E_STALL);
         backoff(x, seen, idle++, now_ms() - mpi_since, st.data_d < st.data_p);
     }
-    /* the writers place the last chunks */
-    pthread_mutex_lock(&x->mu);
-    while (!all_free(x) && x->err.code == AEGIS_OK) {
-        check_stalled(x);
-        struct timespec t;
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        t.tv_sec += 1;
-        pthread_cond_timedwait(&x->main_cv, &x->mu, &t);
+    /* the writers place the last chunks (a failure here, a cancellation too, reaches the
+     * others in run()'s agreement) */
+    for (int waiting = 1; waiting;) {
+        check_cancel(x);
+        pthread_mutex_lock(&x->mu);
+        waiting = !all_free(x) && x->err.code == AEGIS_OK;
+        if (waiting) {
+            check_stalled(x);
+            struct timespec t;
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            t.tv_nsec += 100 * 1000000L;
+            if (t.tv_nsec >= 1000000000L) {
+                t.tv_sec++;
+                t.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&x->main_cv, &x->mu, &t);
+        }
+        pthread_mutex_unlock(&x->mu);
     }
-    pthread_mutex_unlock(&x->mu);
     return AEGIS_OK;
 }
 
@@ -1226,6 +1341,8 @@ static int create_tree(ctx *x, local_error *e)
 {
     for (int64_t i = 0; i < x->n_ents; i++) {
         const entry *en = &x->ents[i];
+        if (cancelled(x, e)) /* a tree of many files takes a while */
+            return -1;
         if (en->kind == '5' && strcmp(en->path, ".") != 0) {
             if (mkdirat(x->dst_fd, en->path, 0700) != 0) {
                 set_error(e, AEGIS_E_WRITE, "cannot create directory %s: %s", en->path,
@@ -1241,7 +1358,9 @@ static int create_tree(ctx *x, local_error *e)
             }
             int rc = 0;
             if (en->size > 0) {
-                rc = fallocate(fd, 0, 0, en->size);
+                do /* a signal may interrupt a long preallocation: go on, it is polled above */
+                    rc = fallocate(fd, 0, 0, en->size);
+                while (rc != 0 && errno == EINTR);
                 if (rc != 0 && (errno == EOPNOTSUPP || errno == ENOSYS))
                     rc = ftruncate(fd, en->size); /* no preallocation on this file system */
             }
@@ -1264,6 +1383,8 @@ static int finish_tree(ctx *x, local_error *e)
     for (int64_t i = x->n_ents - 1; i >= 0; i--) {
         const entry *en = &x->ents[i];
         struct timespec times[2] = {{en->mtime, 0}, {en->mtime, 0}};
+        if (cancelled(x, e))
+            return -1;
         if (en->kind == '2') {
             if (symlinkat(en->link, x->dst_fd, en->path) != 0 ||
                 utimensat(x->dst_fd, en->path, times, AT_SYMLINK_NOFOLLOW) != 0) {
@@ -1587,17 +1708,29 @@ static int start_workers(ctx *x, local_error *e)
         set_error(e, AEGIS_E_NOMEM, "cannot allocate the helper threads");
         return -1;
     }
+    /* helpers start with asynchronous signals blocked: a signal (SIGTERM, SIGINT) reaches
+     * the main thread, and no helper's pread/pwrite/openat sees EINTR from it */
+    sigset_t async, before;
+    sigfillset(&async);
+    int sync_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT};
+    for (size_t i = 0; i < sizeof sync_signals / sizeof sync_signals[0]; i++)
+        sigdelset(&async, sync_signals[i]);
+    pthread_sigmask(SIG_BLOCK, &async, &before);
+    int rc = 0;
     for (int i = 0; i < x->opts->io_threads; i++) {
         x->workers[i].x = x;
-        if (pthread_create(&x->workers[i].thread, NULL, worker_main, &x->workers[i]) != 0) {
+        int err = pthread_create(&x->workers[i].thread, NULL, worker_main, &x->workers[i]);
+        if (err != 0) {
             set_error(e, AEGIS_E_THREAD, "cannot start helper thread %d: %s", i,
-                      strerror(errno));
-            return -1;
+                      strerror(err));
+            rc = -1;
+            break;
         }
         x->workers[i].started = 1;
         x->n_workers = i + 1;
     }
-    return 0;
+    pthread_sigmask(SIG_SETMASK, &before, NULL);
+    return rc;
 }
 
 /* ---------------------------------------------------------------- entry point */

@@ -21,6 +21,7 @@
 #define AEGIS_E_THREAD 8     /* a helper thread could not be started */
 #define AEGIS_E_STALL 9      /* no progress for stall_timeout seconds */
 #define AEGIS_E_PREPARE 10   /* used by the Python layer: a rank failed outside the transfer */
+#define AEGIS_E_CANCELLED 11 /* a rank's cancel_fd delivered a cancelling signal number */
 
 #define AEGIS_FAULT_NONE 0
 #define AEGIS_FAULT_CHECKSUM 1     /* the fault rank's writer corrupts a chunk checksum */
@@ -28,6 +29,8 @@
 #define AEGIS_FAULT_READ_ERROR 3   /* the fault rank's reader fails at stream offset fault_after */
 #define AEGIS_FAULT_STALL_WRITER 4 /* the fault rank's writer thread hangs there */
 #define AEGIS_FAULT_STALL_READER 5 /* the fault rank's reader thread hangs there */
+#define AEGIS_FAULT_SLOW 6         /* the fault rank's helpers take 20 ms more per piece from
+                                      stream offset fault_after on (a slow transfer) */
 
 #define AEGIS_MAX_READERS 256
 
@@ -49,6 +52,11 @@ typedef struct aegis_stage_opts {
     int32_t fault_kind;      /* AEGIS_FAULT_* */
     int64_t fault_after;     /* test hook: stream offset where the fault fires */
     const char *capture_path; /* test hook: a writer also saves the raw stream here (or NULL) */
+    int32_t cancel_fd;       /* local: -1, or a descriptor the main thread polls (at most every
+                                10 ms, never blocking); each byte read from it is a signal
+                                number, as Python's signal.set_wakeup_fd() writes them */
+    uint64_t cancel_signals; /* bit n set: signal n cancels this rank's stage (AEGIS_E_CANCELLED,
+                                reaching every rank like any failure); 0: any byte does */
 } aegis_stage_opts;
 
 typedef struct aegis_stage_result {

@@ -22,7 +22,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -48,9 +50,11 @@ PROGRESS_INTERVAL_S = 5.0
 _CODE_NAMES = {
     1: "invalid arguments", 2: "out of memory", 3: "malformed file index",
     4: "source read failed", 5: "write failed", 6: "checksum mismatch", 7: "MPI error",
-    8: "thread start failed", 9: "stalled", 10: "preparation failed",
+    8: "thread start failed", 9: "stalled", 10: "preparation failed", 11: "cancelled",
 }
 E_ARGS, E_NOMEM, E_SOURCE, E_WRITE, E_CHECKSUM, E_STALL, E_PREPARE = 1, 2, 4, 5, 6, 9, 10
+E_CANCELLED = 11
+CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what cancel_on_signals=True listens to
 
 _INDEX_MAGIC = b"AEGIDX01"
 _INDEX_ENTRY = struct.Struct("<B3xIqQIIII")  # kind, mode, mtime, size, uid, gid, path, link
@@ -67,6 +71,21 @@ class StagingError(RuntimeError):
     @property
     def kind(self) -> str:
         return _CODE_NAMES.get(self.code, f"error {self.code}")
+
+    @property
+    def signum(self) -> int | None:
+        """The signal that cancelled the stage (code 11, on whichever rank got it), else None."""
+        found = re.search(r"\(signal (\d+)\)", self.cause) if self.code == E_CANCELLED else None
+        return int(found[1]) if found else None
+
+
+def _cancel_cause(signum: int) -> str:
+    """As the C core words it (csrc/bcast.c, cancelled())."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = "a signal"
+    return f"cancelled by {name} (signal {signum})"
 
 
 @dataclass(frozen=True)
@@ -131,10 +150,10 @@ def _extension():
             "pip install --no-build-isolation --force-reinstall ."
         )
     names = ("AEGIS_E_ARGS", "AEGIS_E_WRITE", "AEGIS_E_STALL", "AEGIS_E_PREPARE",
-             "AEGIS_MAX_READERS")
+             "AEGIS_E_CANCELLED", "AEGIS_MAX_READERS")
     # An extension built from older sources lacks some names: that is a stale build too.
     if tuple(getattr(lib, n, None) for n in names) != (E_ARGS, E_WRITE, E_STALL, E_PREPARE,
-                                                       MAX_READERS):
+                                                       E_CANCELLED, MAX_READERS):
         raise ImportError("aegis._bcast does not match aegis/bcast.py; reinstall aegis")
     return MPI, ffi, lib
 
@@ -162,10 +181,11 @@ class SourceScan:
     info: dict[str, Any]  # size, mtime_ns, entries, fingerprint (what the manifest records)
 
 
-def scan(source: Path) -> SourceScan:
+def scan(source: Path, should_stop: Callable[[], Any] | None = None) -> SourceScan:
     """lstat-walk ``source`` (a directory, or one regular file), sorted by path bytes.
 
-    Raises OSError (unreadable) or ValueError (a socket, FIFO or device inside)."""
+    Raises OSError (unreadable), ValueError (a socket, FIFO or device inside), or
+    InterruptedError once ``should_stop()`` is true (asked once per directory)."""
     real = Path(os.path.realpath(source))
     top = os.stat(real)
     # a file keeps the name it was given (a link's name, not its target's)
@@ -176,6 +196,8 @@ def scan(source: Path) -> SourceScan:
             raise exc
 
         for dirpath, dirnames, filenames in os.walk(real, onerror=fail):
+            if should_stop is not None and should_stop():
+                raise InterruptedError(f"scanning {source} was cancelled")
             rel_dir = os.fsencode(os.path.relpath(dirpath, real))
             for name in dirnames + filenames:
                 rel = os.fsencode(name) if rel_dir == b"." else rel_dir + b"/" + os.fsencode(name)
@@ -200,8 +222,11 @@ def scan(source: Path) -> SourceScan:
                                     st.st_uid & 0xFFFFFFFF, st.st_gid & 0xFFFFFFFF,
                                     len(rel), len(link)), rel, link]
         if rel != b"." or kind != b"5":
+            # st_ino and st_ctime_ns too: a file replaced with its size and mtime put back
+            # (`cp new old; touch -r`, or renamed over) is another inode or a later ctime,
+            # which no user can set back
             digest.update(rel + b"\0" + f"{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\0"
-                          .encode() + link + b"\n")
+                          f"{st.st_ino}\0{st.st_ctime_ns}\0".encode() + link + b"\n")
             total += size
             newest = max(newest, st.st_mtime_ns)
     return SourceScan(str(src_dir), b"".join(parts),
@@ -216,6 +241,63 @@ def read_manifest(dest: Path) -> dict[str, Any] | None:
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def _within(path: str, top: str) -> bool:
+    """path is top or below it (both resolved; "/x/model2" is not below "/x/model")."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _ancestors(path: str):
+    """path, its parent, ..., "/" (a resolved path)."""
+    while True:
+        yield path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
+def nesting_problem(source, dest) -> str | None:
+    """Why ``dest`` must not receive ``source``, or None. A dest inside the source (or the
+    source itself) would copy the tree into itself, one level deeper on every run; a dest that
+    holds the source (or a file source) would be replaced, which deletes the source. Paths are
+    compared resolved (symlinks, ``..``; a source given as a link counts where the link is and
+    where it points), then by identity: every existing ancestor's (st_dev, st_ino), which
+    also sees a bind mount or another alias of the same directory."""
+    given_dest = os.path.abspath(os.fspath(dest))
+    dest_real = os.path.realpath(given_dest)
+    given_src = os.path.abspath(os.fspath(source))
+    src_real = os.path.realpath(given_src)
+    src_entry = os.path.join(os.path.realpath(os.path.dirname(given_src)),
+                             os.path.basename(given_src))  # the name itself (maybe a link)
+    it = "it" if dest_real == given_dest else f"it resolves to {dest_real}, which"
+    if dest_real == src_real:
+        return f"{it} is the source {src_real} itself; choose a dest outside the source"
+    if _within(dest_real, src_real):
+        return (f"{it} is inside the source {src_real}: staging there would copy the tree "
+                "into itself, one level deeper on every run; choose a dest outside the source")
+    for held in dict.fromkeys((src_real, src_entry)):
+        if _within(held, dest_real):
+            return (f"{it} holds the source {held}: replacing it would delete the source; "
+                    "choose a dest that does not contain the source")
+    src_id, dest_id = _identity(src_real), _identity(dest_real)
+    if src_id and any(_identity(a) == src_id for a in _ancestors(dest_real)):
+        return (f"{it} is inside the source {src_real} (the same directory under another "
+                "path: a bind mount or other alias); choose a dest outside the source")
+    if dest_id and any(_identity(a) == dest_id for top in (src_real, src_entry)
+                       for a in _ancestors(os.path.dirname(top))):
+        return (f"{it} holds the source {src_real} (seen under another path: a bind mount "
+                "or other alias); choose a dest that does not contain the source")
+    return None
 
 
 def _validate(source, dest, root, size, chunk_size, depth, writers, readers, max_count,
@@ -274,6 +356,103 @@ def _attempt(code: int, what: str, fn: Callable, *args) -> tuple[Any, tuple[int,
         return None, (code, f"{what}: {_describe(exc, what)}")
 
 
+def _handle_pending_signals() -> None:
+    """Entering a Python function runs the Python-level handlers of signals already caught."""
+
+
+class _Cancel:
+    """SIGINT/SIGTERM cancel the stage they interrupt (``stage(cancel_on_signals=True)``).
+
+    On the main thread, for the stage's duration: a handler that only records the signal
+    replaces the caller's (so no KeyboardInterrupt lands between two collectives), and a pipe
+    becomes Python's signal wakeup fd. Python's C-level handler writes the signal number
+    there at once, even while the main thread is inside the C core, whose main loop polls
+    the read end (``fd``, never blocking): this rank fails with code 11, which ends every rank
+    through the per-chunk verdicts. A signal that lands in Python code is seen at the next
+    agreement. A signal the caller ignores (SIG_IGN) stays ignored and cancels nothing.
+
+    On the way out (cleanup done, handlers and wakeup fd restored) the caller learns of every
+    signal received: its Python handler (the launcher's stop flag) is called with it; the
+    default action (SIGTERM's SIG_DFL, SIGINT's KeyboardInterrupt) is raised again only when
+    the stage completed all the same: a cancelled stage raises StagingError instead. A
+    previous wakeup fd (an event loop's) gets the signal numbers too (those of other signals
+    only where the core had not read them). A SIGINT/SIGTERM handler installed outside Python
+    (getsignal() is None) is left alone: that signal does not cancel."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.received: list[int] = []
+        self.fd, self.mask = -1, 0  # for the C core: cancel_fd, cancel_signals
+        self._previous: dict[int, Any] = {}
+        self._pipe: tuple[int, int] | None = None
+        self._wakeup = -1
+
+    def __enter__(self) -> "_Cancel":
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        previous = {sig: signal.getsignal(sig) for sig in CANCEL_SIGNALS}
+        previous = {sig: h for sig, h in previous.items() if h not in (signal.SIG_IGN, None)}
+        if not previous:
+            return self
+        pipe = os.pipe()  # close-on-exec (PEP 446)
+        for end in pipe:
+            os.set_blocking(end, False)
+        try:
+            self._wakeup = signal.set_wakeup_fd(pipe[1], warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main interpreter: no cancellation
+            for end in pipe:
+                os.close(end)
+            return self
+        self._pipe = pipe
+        for sig in previous:
+            signal.signal(sig, self._record)
+        self._previous = previous
+        self.fd, self.mask = pipe[0], sum(1 << sig for sig in previous)
+        return self
+
+    def _record(self, signum, _frame) -> None:
+        self.received.append(signum)
+
+    @property
+    def signum(self) -> int:
+        """The first signal received (0: none)."""
+        return self.received[0] if self.received else 0
+
+    def cause(self) -> str:
+        return _cancel_cause(self.signum)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self._previous:
+            return False
+        # Restore with the signals blocked on this thread, after running the handlers of any
+        # caught meanwhile: none is lost between our handler and the caller's. (A signal taken
+        # by another thread in that instant is handled as Python does for that race.)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, set(self._previous))
+        try:
+            _handle_pending_signals()
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(self._wakeup)
+        finally:
+            others = b""  # numbers of other signals the core has not read (an event loop's)
+            with contextlib.suppress(OSError):
+                others = bytes(b for b in os.read(self._pipe[0], 4096) if b not in self._previous)
+            for end in self._pipe:
+                os.close(end)
+            if self._wakeup >= 0 and (self.received or others):
+                with contextlib.suppress(OSError):
+                    os.write(self._wakeup, bytes(self.received) + others)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # one held back is delivered now
+        for sig in dict.fromkeys(self.received):
+            handler = self._previous[sig]
+            if handler in (signal.SIG_DFL, signal.default_int_handler):
+                if exc_type is None:  # completed regardless: the default action, now
+                    signal.raise_signal(sig)
+            elif callable(handler):
+                handler(sig, None)
+        return False
+
+
 class _Peers:
     """stage()'s private duplicate of the caller's communicator (a context manager that frees
     it). Each Python-level collective first meets the other ranks in an Ibarrier waited on
@@ -322,8 +501,11 @@ class _Peers:
         return self.raw.Split_type(*args, **kwargs)
 
 
-def _agree(comm, error: tuple[int, str] | None) -> None:
-    """Collective: raise the lowest failing rank's error on every rank, or return."""
+def _agree(comm, error: tuple[int, str] | None, cancel: _Cancel | None = None) -> None:
+    """Collective: raise the lowest failing rank's error on every rank, or return. A signal
+    this rank received (``cancel``) is its error, whatever else failed here meanwhile."""
+    if cancel is not None and cancel.signum:
+        error = (E_CANCELLED, cancel.cause())
     errors = comm.allgather(None if error is None else (error[0], socket.gethostname(), error[1]))
     for rank, err in enumerate(errors):
         if err is not None:
@@ -466,7 +648,8 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
           depth: int = DEFAULT_DEPTH, writers: str = "node", readers: int = 1,
           verify: bool = True, force: bool = False, progress: bool = True,
           max_count: int = MAX_MPI_COUNT, stall_timeout: float = DEFAULT_STALL_TIMEOUT,
-          io_threads: int | None = None, share_ring: bool = True, _fault: tuple | None = None,
+          io_threads: int | None = None, share_ring: bool = True,
+          cancel_on_signals: bool = True, _fault: tuple | None = None,
           _capture: str | None = None) -> StageResult:
     """Copy ``source`` (a directory, or one regular file) to ``dest`` on every node. Collective.
 
@@ -486,11 +669,16 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
     - Directories are staged with their mode plus ``u+rwx`` (a read-only source still gives a
       tree its owner can write and remove); files keep their mode; mtimes are kept (seconds).
     - Cache: when every writer's manifest matches the source (path and a fingerprint of every
-      entry's name, type, mode, size and mtime, computed by root from metadata only), nothing
-      moves and the result has ``cached=True``. ``force=True`` always re-stages.
+      entry's name, type, mode, size, mtime, inode number and ctime, computed by root from
+      metadata only), nothing moves and the result has ``cached=True``. ``force=True`` always
+      re-stages.
     - Existing ``dest``: an earlier aegis stage (has a manifest) or an empty directory is
       replaced atomically (renamed away, then removed). Anything else is refused with a
       StagingError unless ``force=True``, so a mistyped ``dest`` cannot delete user data.
+    - Refused (code 10, before anything is written, ``force`` or not): a ``dest`` inside the
+      source or equal to it (each re-run would nest another copy into the source), or one
+      that holds the source (replacing it would delete the source); compared resolved and by
+      the identity of every ancestor (symlinks, bind mounts). See ``nesting_problem()``.
     - ``writers="node"``: the lowest rank of each shared-memory node writes; ``"all"``: every
       rank writes its own ``dest`` (two writers on one host must not share a ``dest``).
     - ``share_ring``: the ranks of one host share one ring of ``depth`` chunk buffers in
@@ -503,11 +691,20 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
       ends the stage on every rank (code 9); a rank whose peers stop answering (in the C core
       or in any agreement around it) gives up after twice that plus 5 s, code 9. ``stage()``
       works on a private duplicate of ``comm``, so a retry never meets an abandoned stage.
+    - ``cancel_on_signals`` (main thread only): SIGINT or SIGTERM (``scancel``, Ctrl-C) on any
+      rank during the stage cancels it: every rank raises StagingError code 11 ("cancelled by
+      SIGTERM (signal 15)", ``.signum``) within about a second, and the temporary is removed.
+      The caller's own handlers are set aside meanwhile and are called with the signal when
+      stage() ends (so the launcher's stop flag learns it); a default action (SIGTERM's exit,
+      SIGINT's KeyboardInterrupt) is taken then only if the stage completed regardless (a
+      signal during the final rename). Signals the caller ignores stay ignored. ``False``:
+      signals are left to the caller (they wait for the C core to return).
     - Errors raise ``StagingError`` (``.code``, ``.rank``, ``.host``, ``.cause``) on every rank.
     - ``progress``: root logs bytes, GB/s and ETA to stderr every few seconds.
     """
     MPI, ffi, lib = _extension()
-    with _Peers(MPI.COMM_WORLD if comm is None else comm, stall_timeout) as comm:
+    with _Cancel(cancel_on_signals) as cancel, \
+            _Peers(MPI.COMM_WORLD if comm is None else comm, stall_timeout) as comm:
         rank, size = comm.Get_rank(), comm.Get_size()
         host = socket.gethostname()
         t0 = time.monotonic()
@@ -524,8 +721,9 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
         # root: scan the source (the file index stays on root; the C core broadcasts it)
         source_scan, error = None, None
         if rank == root:
-            source_scan, error = _attempt(E_PREPARE, f"source {source_path}", scan, source_path)
-        _agree(comm, error)
+            source_scan, error = _attempt(E_PREPARE, f"source {source_path}", scan, source_path,
+                                          lambda: cancel.signum)
+        _agree(comm, error, cancel)
         shared = None
         if rank == root:
             shared = {**source_scan.info, "source": str(source_path),
@@ -544,6 +742,9 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
                 _remove_dead_rings()
             if not is_writer:
                 return True, None
+            nested = nesting_problem(source_path, dest_path)  # before anything is touched
+            if nested:
+                raise ValueError(nested)
             _remove_stale_siblings(dest_path)  # also when nothing else happens (cached)
             manifest = read_manifest(dest_path)
             cached = (not force and manifest is not None
@@ -552,7 +753,7 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
             return cached, manifest
 
         looked, error = _attempt(E_PREPARE, f"dest {dest_path}", look_at_dest)
-        _agree(comm, error)
+        _agree(comm, error, cancel)
         cached_here, manifest = looked
         roles = comm.allgather((host, rank, str(dest_path), is_writer, cached_here))
         writer_infos = [WriterInfo(h, r, d, c) for h, r, d, w, c in roles if w]
@@ -573,12 +774,13 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
 
         try:
             error = _attempt(E_PREPARE, f"dest {dest_path}", prepare)[1] if is_writer else None
-            _agree(comm, error)
+            _agree(comm, error, cancel)
             params = dict(root=root, chunk_size=chunk_size, depth=depth, readers=reader_ranks,
                           is_writer=is_writer, verify=verify, max_count=max_count,
                           stall_timeout=stall_timeout, share_ring=bool(share_ring),
                           io_threads=io_threads or default_io_threads(ranks_here),
-                          fault=_fault, capture=_capture if is_writer else None)
+                          fault=_fault, capture=_capture if is_writer else None,
+                          cancel_fd=cancel.fd, cancel_signals=cancel.mask)
             transfer = _transfer(MPI, ffi, lib, comm.raw, src_dir if rank in reader_ranks else None,
                                  source_scan.index if rank == root else None, tmp, params,
                                  progress and rank == root, info["size"])
@@ -589,7 +791,11 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
                 (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
                 _swap_into_place(tmp, dest_path)
 
-            error = _attempt(E_WRITE, f"dest {dest_path}", finish)[1] if is_writer else None
+            # A signal until here cancels; from the rename on, the stage completes (the caller
+            # learns of a later signal when stage() returns).
+            error = (E_CANCELLED, cancel.cause()) if cancel.signum else None
+            if error is None and is_writer:
+                error = _attempt(E_WRITE, f"dest {dest_path}", finish)[1]
             _agree(comm, error)
         finally:
             if is_writer:
@@ -617,6 +823,8 @@ def _transfer(MPI, ffi, lib, comm, src_dir: str | None, index: bytes | None, tmp
     opts.share_ring = int(params["share_ring"])
     opts.io_threads = params["io_threads"]
     opts.fault_rank = -1
+    opts.cancel_fd = params.get("cancel_fd", -1)
+    opts.cancel_signals = params.get("cancel_signals", 0)
     keep = []  # cffi buffers that must outlive the call
     if params["fault"]:  # (kind, rank[, stream offset]); kinds: AEGIS_FAULT_* in bcast.h
         kind, fault_rank, *after = params["fault"]

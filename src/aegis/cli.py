@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -286,9 +287,15 @@ def stage(source: str, dest: str, chunk_size: int | None, depth: int | None,
     except (ValueError, FileNotFoundError, NotADirectoryError) as err:
         raise ConfigError(f"stage: {err}") from None
     except bcast.StagingError as err:
+        if err.code == bcast.E_CANCELLED:  # SIGTERM (scancel) or Ctrl-C on some rank
+            click.echo(f"aegis: error: stage cancelled: {err}", err=True)
+            return 128 + (err.signum or signal.SIGTERM)
         # Failing before any byte moved means a bad SOURCE or DEST (exit 2); later, the run.
         click.echo(f"aegis: error: stage failed: {err}", err=True)
         return EXIT_BAD_INPUT if err.code in (bcast.E_ARGS, bcast.E_PREPARE) else EXIT_FAILED
+    except KeyboardInterrupt:  # Ctrl-C that came too late to cancel: DEST is complete
+        click.echo("aegis: error: interrupted by SIGINT (the stage had completed)", err=True)
+        return 128 + signal.SIGINT
     from mpi4py import MPI  # already loaded by bcast
 
     if MPI.COMM_WORLD.Get_rank() == 0:  # one result per job, not one per rank

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -182,6 +185,35 @@ def test_changed_source_restages(comm, shared_tmp):
     check_round_trip(comm, src, [dest])
 
 
+@pytest.mark.parametrize("new_inode", [False, True])
+def test_file_replaced_with_same_size_and_mtime_restages(comm, shared_tmp, new_inode):
+    """`cp new old; touch -r ...` (same inode) or a rename over it (new inode), keeping size
+    and mtime: the re-stage moves the new bytes instead of keeping the stale copy."""
+    src = shared_tmp / "src"
+    weights = src / "model.safetensors"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=2 * CHUNK))
+    dest = shared_tmp / f"dest{comm.rank}"
+    stage(src, dest, comm, chunk_size=CHUNK, writers="all", progress=False)
+    comm.Barrier()
+
+    def replace():
+        st = weights.stat()
+        new = bytes(b ^ 0xFF for b in weights.read_bytes())
+        time.sleep(0.02)  # a later ctime even where the kernel's timestamps are coarse
+        target = weights.with_name("replacement") if new_inode else weights
+        target.write_bytes(new)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if new_inode:
+            os.replace(target, weights)
+        assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size,
+                                                                         st.st_mtime_ns)
+    on_root_make(comm, replace)
+    result = stage(src, dest, comm, chunk_size=CHUNK, writers="all", progress=False)
+    assert not result.cached
+    comm.Barrier()
+    check_round_trip(comm, src, [dest])
+
+
 def test_leftovers_of_killed_runs_are_removed(comm, shared_tmp):
     src = shared_tmp / "src"
     on_root_make(comm, lambda: make_random_tree(src, 8))
@@ -214,6 +246,41 @@ def test_refuses_foreign_dest_unless_forced(comm, shared_tmp):
 
 
 # --------------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize("how", ["inside", "holds", "bind mount"])
+def test_dest_nested_with_source_is_refused_everywhere(comm, shared_tmp, how):
+    """A dest inside the source (a re-run would nest another copy), or holding it (replacing
+    it would delete the source), found by the last rank only: every rank raises the same
+    code-10 error naming both paths, before anything is written. The bind mount is an alias
+    realpath cannot see (needs root to mount)."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=CHUNK))
+    alias = shared_tmp / "alias"
+    bad = comm.size - 1
+    if how == "bind mount":
+        assert os.geteuid() == 0, "this test bind-mounts a directory and must run as root"
+        if comm.rank == 0:
+            alias.mkdir()
+            subprocess.run(["mount", "--bind", str(src), str(alias)], check=True)
+        comm.Barrier()
+    bad_dest = {"inside": src / "a" / "staged", "holds": shared_tmp,
+                "bind mount": alias / "staged"}[how]
+    dest = bad_dest if comm.rank == bad else shared_tmp / f"dest{comm.rank}"
+    before = comm.bcast(sorted(str(p) for p in shared_tmp.rglob("*")) if comm.rank == 0
+                        else None)
+    try:
+        err = expect_failure(comm, lambda: stage(src, dest, comm, writers="all", force=True,
+                                                 progress=False))
+        assert err.code == bcast.E_PREPARE and err.rank == bad
+        assert str(src) in err.cause and str(bad_dest) in err.cause, err.cause
+        comm.Barrier()
+        assert sorted(str(p) for p in shared_tmp.rglob("*")) == before
+    finally:
+        comm.Barrier()
+        if how == "bind mount" and comm.rank == 0:
+            subprocess.run(["umount", str(alias)], check=True)
+        comm.Barrier()
 
 
 def test_source_missing(comm, shared_tmp):
@@ -707,8 +774,8 @@ def test_source_changed_while_staging(comm, shared_tmp, monkeypatch):
     on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=8 * CHUNK))
     real_scan = bcast.scan
 
-    def scan_then_truncate(path):
-        result = real_scan(path)
+    def scan_then_truncate(path, *args):
+        result = real_scan(path, *args)
         os.truncate(src / "model.safetensors", CHUNK)
         return result
     monkeypatch.setattr(bcast, "scan", scan_then_truncate)
@@ -759,3 +826,327 @@ def test_leftovers_removed_when_cached(comm, shared_tmp):
     (dead / "ro").mkdir(mode=0o555)
     assert stage(src, dest, comm, writers="all", progress=False).cached
     assert not dead.exists()
+
+
+# --------------------------------------------------------------------------- signals
+
+SLOW = ("slow", 0, 0)  # the root's helpers take 20 ms more per piece: a transfer of seconds
+SLOW_CHUNKS = 200  # with io_threads=2: over 4 s to fill and drain on the root
+DEFAULT_HANDLERS = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+
+
+class Flag:
+    """A caller's own handler, as the launcher's stop flag: records the signals it gets."""
+
+    def __init__(self):
+        self.got: list[int] = []
+
+    def __call__(self, signum, _frame):
+        self.got.append(signum)
+
+
+@contextlib.contextmanager
+def caller_handlers(kind: str):
+    """The SIGINT/SIGTERM handlers stage()'s caller has: pytest's defaults, or a Flag."""
+    flag = Flag()
+    assert {s: signal.getsignal(s) for s in DEFAULT_HANDLERS} == DEFAULT_HANDLERS
+    previous = {s: signal.signal(s, flag) for s in DEFAULT_HANDLERS} if kind == "flag" else {}
+    try:
+        yield flag
+        for sig in DEFAULT_HANDLERS:  # stage() gave the caller's handlers back
+            assert signal.getsignal(sig) is (flag if kind == "flag" else DEFAULT_HANDLERS[sig])
+        assert signal.set_wakeup_fd(-1) == -1  # and left no wakeup fd behind
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def signal_later(delay: float, *signums: int) -> threading.Timer:
+    """Sends this process the signals after delay seconds; .sent: when."""
+    def send():
+        for signum in signums:
+            timer.sent.append(time.monotonic())
+            os.kill(os.getpid(), signum)
+    timer = threading.Timer(delay, send)
+    timer.sent = []
+    timer.start()
+    return timer
+
+
+def nothing_left(comm, shared_tmp: Path) -> None:
+    """No dest, no temporary sibling, no shared ring of any rank of this job."""
+    comm.Barrier()
+    pids = set(comm.allgather(os.getpid()))
+    assert not any(shared_tmp.glob("dest*")) and leftovers(shared_tmp) == []
+    rings = [p.name for p in bcast.SHM_DIR.glob("aegis-ring-*")
+             if p.name.split("-")[2].isdigit() and int(p.name.split("-")[2]) in pids]
+    assert rings == []
+
+
+@pytest.mark.parametrize("caller", ["default", "flag"])
+@pytest.mark.parametrize("sig,who", [(signal.SIGTERM, "last"), (signal.SIGTERM, "root"),
+                                     (signal.SIGINT, "last"), (signal.SIGINT, "root"),
+                                     (signal.SIGTERM, "second reader")])
+def test_signal_mid_transfer_cancels_every_rank(comm, shared_tmp, sig, who, caller):
+    """SIGTERM (scancel) or SIGINT (Ctrl-C) to one rank in the middle of a transfer: that
+    rank's C core reads the signal from Python's wakeup fd, and every rank raises the same
+    code-11 error within seconds; nothing is left (dest, temporary, ring). The caller's
+    handlers are back afterwards, and a caller's own handler (the launcher's stop flag) has
+    heard the signal; with the defaults, no KeyboardInterrupt and no exit."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=SLOW_CHUNKS * CHUNK))
+    bad = {"root": 0, "last": comm.size - 1, "second reader": 1}[who]
+    readers = 2 if who == "second reader" else 1
+    dest = shared_tmp / f"dest{comm.rank}"
+    with caller_handlers(caller) as flag:
+        timer = signal_later(0.5, sig) if comm.rank == bad else None
+        err = expect_failure(comm, lambda: stage(src, dest, comm, chunk_size=CHUNK,
+                                                 writers="all", readers=readers, io_threads=2,
+                                                 progress=False, _fault=SLOW), bound_s=10)
+        ended = time.monotonic()
+        if timer:
+            timer.join()
+    assert err.code == bcast.E_CANCELLED and err.rank == bad and err.signum == sig
+    assert f"cancelled by {signal.Signals(sig).name}" in err.cause
+    sent = comm.bcast(timer.sent[0] if timer else None, root=bad)
+    assert ended - sent < 5, f"rank {comm.rank} ended {ended - sent:.1f} s after the signal"
+    assert flag.got == ([sig] if caller == "flag" and comm.rank == bad else [])
+    nothing_left(comm, shared_tmp)
+
+
+def test_signal_on_every_rank_cancels_once(comm, shared_tmp):
+    """scancel signals every task, at about the same time: all ranks report the first one.
+    A rank whose own signal comes after its stage already ended hands it to its caller's
+    handler (here a flag, as the launcher's; SIG_DFL would end the process, as it should)."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=SLOW_CHUNKS * CHUNK))
+    dest = shared_tmp / f"dest{comm.rank}"
+    with caller_handlers("flag") as flag:
+        timer = signal_later(0.5 + 0.05 * comm.rank, signal.SIGTERM)
+        err = expect_failure(comm, lambda: stage(src, dest, comm, chunk_size=CHUNK,
+                                                 writers="all", io_threads=2, progress=False,
+                                                 _fault=SLOW), bound_s=10)
+        timer.join()
+    assert err.code == bcast.E_CANCELLED and err.rank == 0 and err.signum == signal.SIGTERM
+    assert flag.got == [signal.SIGTERM]
+    nothing_left(comm, shared_tmp)
+
+
+@pytest.mark.parametrize("when", ["root's scan", "a writer's dest check"])
+def test_signal_before_the_transfer_cancels_every_rank(comm, shared_tmp, monkeypatch, when):
+    """A signal while a rank runs stage()'s Python steps (the root scanning the source, a
+    writer looking at its dest) is seen at the next agreement: the scan stops early, the C
+    core is never entered, nothing is written."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_random_tree(src, 11))
+    bad = 0 if when == "root's scan" else comm.size - 1
+    stopped, entered = [], []
+    if comm.rank == bad and when == "root's scan":
+        real_scan = bcast.scan
+
+        def signalled_scan(path, should_stop=None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            try:
+                return real_scan(path, should_stop)
+            except InterruptedError:
+                stopped.append(True)
+                raise
+        monkeypatch.setattr(bcast, "scan", signalled_scan)
+    elif comm.rank == bad:
+        real_remove = bcast._remove_stale_siblings
+
+        def signalled_check(dest):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_remove(dest)
+        monkeypatch.setattr(bcast, "_remove_stale_siblings", signalled_check)
+    real_transfer = bcast._transfer
+    monkeypatch.setattr(bcast, "_transfer", lambda *a: entered.append(1) or real_transfer(*a))
+    with caller_handlers("flag") as flag:
+        err = expect_failure(comm, lambda: stage(src, shared_tmp / f"dest{comm.rank}", comm,
+                                                 writers="all", progress=False))
+    assert err.code == bcast.E_CANCELLED and err.rank == bad and "SIGTERM" in err.cause
+    assert entered == [] and flag.got == ([signal.SIGTERM] if comm.rank == bad else [])
+    assert stopped == ([True] if comm.rank == bad and when == "root's scan" else [])
+    nothing_left(comm, shared_tmp)
+
+
+def test_signal_just_before_the_core_cancels_inside_it(comm, shared_tmp, monkeypatch):
+    """A signal right before the C call: its number waits in the wakeup pipe, and the core
+    cancels at its first poll, in its setup (before any chunk moves), on every rank."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=3 * CHUNK))
+    bad = comm.size - 1
+    seen = []
+    real_transfer = bcast._transfer
+
+    def signal_then_transfer(MPI, ffi, lib, c, src_dir, index, tmp, params, *rest):
+        if comm.rank == bad:
+            os.kill(os.getpid(), signal.SIGTERM)
+        seen.append(params["cancel_fd"] >= 0)
+        return real_transfer(MPI, ffi, lib, c, src_dir, index, tmp, params, *rest)
+    monkeypatch.setattr(bcast, "_transfer", signal_then_transfer)
+    with caller_handlers("default"):
+        err = expect_failure(comm, lambda: stage(src, shared_tmp / f"dest{comm.rank}", comm,
+                                                 chunk_size=CHUNK, writers="all",
+                                                 progress=False))
+    assert err.code == bcast.E_CANCELLED and err.rank == bad and seen == [True]
+    nothing_left(comm, shared_tmp)
+
+
+def test_signal_while_the_last_chunks_are_written(comm, shared_tmp):
+    """Every chunk has crossed; one writer is still placing the last one (here it hangs) and
+    gets SIGTERM: it ends its wait at once and every rank is cancelled, not stalled."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=6 * CHUNK))
+    probe = stage(src, shared_tmp / f"probe{comm.rank}", comm, chunk_size=CHUNK,
+                  writers="all", progress=False)
+    comm.Barrier()
+    shutil.rmtree(shared_tmp / f"probe{comm.rank}")
+    bad = comm.size - 1
+    with caller_handlers("default"):
+        timer = signal_later(1.0, signal.SIGTERM) if comm.rank == bad else None
+        err = expect_failure(comm, lambda: stage(
+            src, shared_tmp / f"dest{comm.rank}", comm, chunk_size=CHUNK, writers="all",
+            progress=False, stall_timeout=60,
+            _fault=("stall_writer", bad, probe.bytes - CHUNK)), bound_s=10)
+        if timer:
+            timer.join()
+    assert err.code == bcast.E_CANCELLED and err.rank == bad
+    nothing_left(comm, shared_tmp)
+
+
+def test_signal_after_the_transfer_before_the_rename_cancels(comm, shared_tmp, monkeypatch):
+    """The C core returned, the rename has not begun: the signal still cancels everywhere
+    and the complete temporary is removed. A rank that got no signal may have renamed its
+    complete tree into place before it learned of the cancel: it keeps it (a later stage
+    finds it cached), as after any failure in the final step."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=3 * CHUNK))
+    bad = comm.size - 1
+    if comm.rank == bad:
+        real_transfer = bcast._transfer
+
+        def then_signal(*args):
+            result = real_transfer(*args)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return result
+        monkeypatch.setattr(bcast, "_transfer", then_signal)
+    with caller_handlers("flag") as flag:
+        err = expect_failure(comm, lambda: stage(src, shared_tmp / f"dest{comm.rank}", comm,
+                                                 chunk_size=CHUNK, writers="all",
+                                                 progress=False))
+    assert err.code == bcast.E_CANCELLED and err.rank == bad
+    assert flag.got == ([signal.SIGTERM] if comm.rank == bad else [])
+    dest = shared_tmp / f"dest{comm.rank}"
+    if dest.exists():  # complete, or absent
+        assert comm.rank != bad and tree_digest(dest) == tree_digest(src, staged=True)
+        shutil.rmtree(dest)
+    nothing_left(comm, shared_tmp)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_the_rename_lets_the_stage_complete(comm, shared_tmp, monkeypatch, sig):
+    """Once the rename began the stage completes on every rank; the caller hears the signal
+    when stage() returns: its handler is called, or (SIGINT's default) KeyboardInterrupt is
+    raised then. SIGTERM's default (exit) is the same path and would end this test process:
+    the CLI test covers it (tests/unit/test_stage_cancel.py)."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=3 * CHUNK))
+    bad = comm.size - 1
+    if comm.rank == bad:
+        real_swap = bcast._swap_into_place
+
+        def signal_then_swap(tmp, dest):
+            os.kill(os.getpid(), sig)
+            real_swap(tmp, dest)
+        monkeypatch.setattr(bcast, "_swap_into_place", signal_then_swap)
+    dest = shared_tmp / f"dest{comm.rank}"
+    run = lambda: stage(src, dest, comm, chunk_size=CHUNK, writers="all",  # noqa: E731
+                        progress=False)
+    caller = "flag" if sig == signal.SIGTERM else "default"
+    with caller_handlers(caller) as flag:
+        if comm.rank == bad and caller == "default":
+            with pytest.raises(KeyboardInterrupt):
+                run()
+        else:
+            assert not run().cached
+    assert flag.got == ([sig] if comm.rank == bad and caller == "flag" else [])
+    comm.Barrier()
+    check_round_trip(comm, src, [dest])
+    assert leftovers(shared_tmp) == []
+
+
+def test_repeated_signals_and_one_during_cleanup(comm, shared_tmp, monkeypatch):
+    """SIGTERM then SIGINT at once on one rank mid-transfer, then SIGTERM on every rank while
+    it removes its temporary: the stage is cancelled once (by one of the two), the cleanup
+    completes, no signal kills the process or raises KeyboardInterrupt, and the caller's
+    handler hears each signal once."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=SLOW_CHUNKS * CHUNK))
+    bad = comm.size - 1
+    real_rmtree = bcast._rmtree
+
+    def signal_then_remove(path):
+        if ".aegis-tmp-" in path.name and path.exists():
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_rmtree(path)
+    monkeypatch.setattr(bcast, "_rmtree", signal_then_remove)
+    with caller_handlers("default"):
+        timer = signal_later(0.5, signal.SIGTERM, signal.SIGINT) if comm.rank == bad else None
+        err = expect_failure(comm, lambda: stage(src, shared_tmp / f"dest{comm.rank}", comm,
+                                                 chunk_size=CHUNK, writers="all", io_threads=2,
+                                                 progress=False, _fault=SLOW), bound_s=10)
+        if timer:
+            timer.join()
+    # two signals pending at once are taken lowest number first: SIGINT may come first
+    assert err.code == bcast.E_CANCELLED and err.rank == bad
+    assert err.signum in (signal.SIGTERM, signal.SIGINT)
+    nothing_left(comm, shared_tmp)
+    with caller_handlers("flag") as flag:
+        timer = signal_later(0.5, signal.SIGTERM, signal.SIGINT) if comm.rank == bad else None
+        expect_failure(comm, lambda: stage(src, shared_tmp / f"dest{comm.rank}", comm,
+                                           chunk_size=CHUNK, writers="all", io_threads=2,
+                                           progress=False, _fault=SLOW), bound_s=10)
+        if timer:
+            timer.join()
+    assert sorted(flag.got) == ([signal.SIGINT, signal.SIGTERM] if comm.rank == bad
+                                else [signal.SIGTERM])
+    nothing_left(comm, shared_tmp)
+
+
+def test_signal_ends_a_rank_whose_writer_hangs(comm, shared_tmp):
+    """The rank whose writer is stuck in I/O (a hung file system) gets SIGTERM: it ends the
+    stage on every rank at once instead of after the stall timeout."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_fixed_tree(src, big_bytes=20 * CHUNK))
+    bad = comm.size - 1
+    with caller_handlers("default"):
+        timer = signal_later(1.0, signal.SIGTERM) if comm.rank == bad else None
+        err = expect_failure(comm, lambda: stage(
+            src, shared_tmp / f"dest{comm.rank}", comm, chunk_size=CHUNK, writers="all",
+            progress=False, stall_timeout=60, _fault=("stall_writer", bad, 5 * CHUNK)),
+            bound_s=10)
+        if timer:
+            timer.join()
+    assert err.code == bcast.E_CANCELLED and err.rank == bad
+    nothing_left(comm, shared_tmp)
+
+
+def test_no_cancel_on_signals_leaves_handlers_alone(comm, shared_tmp):
+    """cancel_on_signals=False: stage() touches no handler and no wakeup fd."""
+    src = shared_tmp / "src"
+    on_root_make(comm, lambda: make_random_tree(src, 12))
+    seen = []
+
+    def spy(*_args):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real_transfer(*_args)
+    real_transfer = bcast._transfer
+    bcast._transfer = spy
+    try:
+        with caller_handlers("default"):
+            stage(src, shared_tmp / f"dest{comm.rank}", comm, writers="all", progress=False,
+                  cancel_on_signals=False)
+    finally:
+        bcast._transfer = real_transfer
+    assert seen == [signal.SIG_DFL]
