@@ -484,7 +484,7 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_
             except StagingError as e:
                 if rank == 0:
                     _error(f"staging {source.stage_root} -> {dest} failed: {e}")
-                return EXIT_FAILED
+                return 128 + stop.signum if stop.signum else EXIT_FAILED
             if rank == 0:
                 how = ("unchanged, not moved" if result.cached else
                        f"{result.bytes / 1e6:.1f} MB in {result.seconds:.1f}s")
@@ -497,7 +497,8 @@ def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_
                                                   log=log if rank == 0 else None,
                                                   node_log=log)
     if not _agreed(coll, problem):
-        return EXIT_BAD_INPUT if bad_input else EXIT_FAILED
+        return 128 + stop.signum if stop.signum else (EXIT_BAD_INPUT if bad_input else
+                                                       EXIT_FAILED)
     parts = make_parts(runtime)
     by_name = {m.name: m for m in config.models}
     by_source = {m.name: s for m, s in zip(config.models, sources)}
