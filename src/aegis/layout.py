@@ -22,6 +22,9 @@ JOB_ID_NAME = "job.id"
 LOG_NAME = "job.log"
 CONFIG_NAME = "config.yaml"
 ENDPOINTS_NAME = "endpoints.json"
+CHAIN_NAME = "chain.json"  # a chain directory's record (aegis submit --chain)
+# What the endpoints file (and its .txt) must never overwrite: the run's own files.
+RUN_FILE_NAMES = (SCRIPT_NAME, JOB_ID_NAME, LOG_NAME, CONFIG_NAME, CHAIN_NAME, "instances", "logs")
 
 
 @dataclass(frozen=True)

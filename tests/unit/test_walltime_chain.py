@@ -54,7 +54,7 @@ def recorder(tmp_path, monkeypatch):
 def test_job_end_and_schedule():
     assert walltime_seconds("01:02:03") == 3723
     assert job_end({"AEGIS_JOB_START": "1000"}, "00:10:00") == 1600
-    assert job_end({}, "00:10:00") is None and job_end({"AEGIS_JOB_START": "x"}, "01:00:00") is None
+    assert job_end({}, "00:10:00") is None and job_end({"AEGIS_JOB_START": ""}, "1:00:00") is None
     plan = schedule(1600, drain_seconds=60, stop_grace=15)
     assert (plan.stop_at, plan.drain_at) == (1600 - EXIT_MARGIN_S - 15, 1600 - EXIT_MARGIN_S - 75)
 
@@ -181,8 +181,10 @@ def test_chain_overlap_must_be_shorter_than_the_walltime(tmp_path, recorder):
 
 
 def test_the_jobs_end_during_startup_stops_cleanly_too(tmp_path):
+    # 16 s: 10 s to exit + 3 s stop grace + 1 s draining leave 2 s to serve, not enough to start
     run = Run(tmp_path, [{"name": "org/slow", "served_model_name": "slow",
-                          "extra_vllm_args": ["--start-delay", "30"]}], walltime="00:00:16")
+                          "extra_vllm_args": ["--start-delay", "30"]}], walltime="00:00:16",
+              drain_seconds=1)
     res = run.launch(env={**_env(), "AEGIS_JOB_START": str(int(time.time()))}, timeout=30)
     assert res.returncode == 0, res.stderr
     assert "walltime: stopping cleanly" in res.stderr
