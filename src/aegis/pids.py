@@ -20,7 +20,10 @@ SAME, GONE, OTHER, UNKNOWN = "same", "gone", "other", "unknown"
 
 
 def pid_alive(pid: int) -> bool:
-    """True while `pid` runs here; False once it is gone or a zombie (exited, not yet reaped)."""
+    """True while `pid` runs here; False once it is gone or a zombie (exited, not yet reaped),
+    and for what names no single process (0 and negative numbers name process groups)."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -59,6 +59,31 @@ def test_job_end_and_schedule():
     assert (plan.stop_at, plan.drain_at) == (1600 - EXIT_MARGIN_S - 15, 1600 - EXIT_MARGIN_S - 75)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e300", "1e10000", "-5", "x",
+                                   "12 34", "99999999999", "\u0661\u0662"])
+def test_a_job_start_that_is_no_unix_time_is_refused(value):
+    from aegis.config import ConfigError
+    from aegis.launch.walltime import job_start
+
+    with pytest.raises(ConfigError, match=r"^AEGIS_JOB_START: .* is not a Unix time in seconds "
+                       r"\(the batch script sets it with `date \+%s`\); unset it for a launch "
+                       r"by hand$"):
+        job_end({"AEGIS_JOB_START": value}, "01:00:00")
+    assert job_start({"AEGIS_JOB_START": " 1764600000 \n"}) == 1764600000.0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
+def test_launch_refuses_a_job_start_that_is_no_unix_time(tmp_path, value):
+    """It used to start everything, then die with a traceback computing the schedule."""
+    run = Run(tmp_path, [{"name": "org/tiny", "served_model_name": "tiny"}])
+    res = run.launch("--once", env={**_env(), "AEGIS_JOB_START": value}, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        f"aegis launch: error: AEGIS_JOB_START: {value!r} is not a Unix time in seconds (the "
+        "batch script sets it with `date +%s`); unset it for a launch by hand"]
+    assert not run.run_dir.exists()
+
+
 def test_launch_drains_then_stops_cleanly_before_the_jobs_end(tmp_path):
     run = Run(tmp_path, [{"name": "org/tiny", "instances": 2, "served_model_name": "tiny"}],
               walltime="00:00:25", drain_seconds=5)

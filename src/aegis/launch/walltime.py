@@ -35,7 +35,7 @@ def job_start(env: Mapping[str, str]) -> float | None:
     if not text.strip():
         return None
     shown = repr(text[:40] + ("..." if len(text) > 40 else ""))
-    start = float(text) if re.fullmatch(r"\s*\d{1,11}(\.\d{0,9})?\s*", text) else math.nan
+    start = float(text) if re.fullmatch(r"\s*[0-9]{1,11}(\.[0-9]{0,9})?\s*", text) else math.nan
     if not (math.isfinite(start) and 0 <= start <= MAX_JOB_START):
         raise ConfigError(f"{JOB_START_VAR}: {shown} is not a Unix time in seconds (the batch "
                           "script sets it with `date +%s`); unset it for a launch by hand")
