@@ -216,8 +216,10 @@ class Run:
         if text is not None:
             try:
                 job_id = check_job_id(text.strip())
-            except ConfigError as err:
-                raise RunDirError(f"{layout.job_id}: {err}") from None
+            except ConfigError:
+                shown = repr(text.strip()[:40]) + ("..." if len(text.strip()) > 40 else "")
+                raise RunDirError(f"{layout.job_id}: {shown} is not a job id (e.g. '12345' or "
+                                  "'12345.aurora-pbs-0001')") from None
         backend = get_backend(scheduler or config.effective_scheduler) if job_id else None
         return cls(layout, config, job_id=job_id, backend=backend)
 

@@ -530,8 +530,10 @@ def test_a_reused_launcher_pid_is_neither_alive_nor_signalled(tmp_path):
     assert recorded["start_ticks"] is not None
     launcher.kill()
     launcher.wait()
+    time.sleep(0.05)  # start times count clock ticks (10 ms): the next process starts later
     unrelated = sleeper()
     try:
+        assert proc_identity(unrelated.pid)["start_ticks"] != recorded["start_ticks"]
         # the pid reused: the file names the live unrelated process, with the launcher's
         # start time (as after a real reuse)
         write_doc(run_dir, [instance(0), instance(1)],
@@ -587,6 +589,22 @@ def test_cancel_signals_the_recorded_launcher_through_a_pidfd(tmp_path, monkeypa
         assert launcher.wait(timeout=10) == -signal.SIGTERM
     finally:
         launcher.kill()
+
+
+def test_a_heartbeat_from_the_future_vouches_for_nothing(tmp_path):
+    """A launcher on another host is judged by its heartbeat alone: one written with a clock
+    far ahead (or a forged one) must not keep a dead launcher alive."""
+    future = launched_run(tmp_path / "a", pid=1, host="elsewhere",
+                          heartbeat=time.time() + 3600)
+    assert Run.open(future).state().phase == "ended"
+    assert invoke("endpoints", str(future)).exit_code == 1
+    skewed = launched_run(tmp_path / "b", pid=1, host="elsewhere", heartbeat=time.time() + 5)
+    assert Run.open(skewed).state().phase == "ready"  # a few seconds of skew are fine
+    slow = launched_run(tmp_path / "c", pid=1, host="elsewhere")
+    doc = json.loads((slow / "endpoints.json").read_text())
+    doc["launcher"]["heartbeat_interval"] = 1e9  # "stale after 95 years"
+    (slow / "endpoints.json").write_text(json.dumps(doc))
+    assert_refused(invoke("status", str(slow)), 2, "launcher.heartbeat_interval: out of range")
 
 
 def test_a_launcher_record_without_its_start_time_is_never_signalled(tmp_path):
@@ -758,7 +776,8 @@ HOSTILE_RUN_FILES = [
      "config.yaml: endpoints_file: '.' names a directory"),
     ("job-id-huge", "job.id", _text("1" * 100000), "larger than 4 KiB"),
     ("job-id-fifo", "job.id", _fifo, "not a regular file (a FIFO)"),
-    ("job-id-garbage", "job.id", _text("12; rm -rf ~\n"), "is not a job id"),
+    ("job-id-garbage", "job.id", _text("12; rm -rf ~\n"), "'12; rm -rf ~' is not a job id"),
+    ("job-id-long-line", "job.id", _text("x" * 4000), "'" + "x" * 40 + "'... is not a job id"),
     ("job-id-not-utf8", "job.id", _text(b"\xff\xfe"), "not UTF-8"),
 ]
 

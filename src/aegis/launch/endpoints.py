@@ -28,6 +28,9 @@ from .. import pids
 SCHEMA = 1  # bumped only for changes a reader must know about; fields are only ever added
 HEARTBEAT_INTERVAL = 5.0  # seconds between rewrites by a live launcher
 STALE_AFTER = 3  # heartbeat intervals without a rewrite: the launcher is taken as dead
+# What a reader accepts as heartbeat_interval: one the size of days would keep a dead launcher
+# "alive" for days.
+MAX_HEARTBEAT_INTERVAL = 600.0
 # The launcher as a whole; a reader waits while it is staging or starting.
 LAUNCHER_STATES = ("staging", "starting", "serving", "draining", "stopping", "stopped", "failed")
 # One instance; only "ready" ones are served (and listed in the .txt file).
@@ -119,7 +122,8 @@ def launcher_alive(doc: dict, now: float) -> bool:
         return False
     if launcher["state"] in FINAL_LAUNCHER_STATES:
         return False
-    if not now - launcher["heartbeat_at"] <= STALE_AFTER * launcher["heartbeat_interval"]:
+    # stale, or from the future: a clock this far off (or a forged time) vouches for nothing
+    if not abs(now - launcher["heartbeat_at"]) <= STALE_AFTER * launcher["heartbeat_interval"]:
         return False
     return launcher_identity(launcher) in (pids.SAME, "remote", pids.UNKNOWN)
 
@@ -149,9 +153,9 @@ def serving(doc: dict, now: float) -> list[dict]:
 # What a reader checks of each record (fields only ever added; unknown ones are kept).
 # kinds: word (no whitespace or control characters: hosts, URLs, states), name (no control
 # characters), text (any text), int, count (int >= 0), port, pid, time (a finite number),
-# seconds (finite, > 0); "?" also allows null.
+# interval (seconds, > 0 and <= MAX_HEARTBEAT_INTERVAL); "?" also allows null.
 _LAUNCHER_FIELDS = {"pid": "pid", "host": "word", "state": "word", "heartbeat_at": "time",
-                    "heartbeat_interval": "seconds", "ranks": "count?", "exit_code": "int?",
+                    "heartbeat_interval": "interval", "ranks": "count?", "exit_code": "int?",
                     "started_at": "time?", "updated_at": "time?", "start_ticks": "count?",
                     "boot_id": "word?"}
 _LAUNCHER_REQUIRED = ("pid", "host", "state", "heartbeat_at", "heartbeat_interval")
@@ -187,10 +191,10 @@ def _kind_problem(value, kind: str) -> str | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "expected a number"
-    if kind in ("time", "seconds"):
-        if not math.isfinite(value) or abs(value) > 1e12 or (kind == "seconds" and value <= 0):
-            return "out of range"
-        return None
+    if kind == "time":
+        return None if math.isfinite(value) and abs(value) <= 1e12 else "out of range"
+    if kind == "interval":
+        return None if 0 < value <= MAX_HEARTBEAT_INTERVAL else "out of range"
     if not isinstance(value, int):
         return "expected an integer"
     low, high = {"int": (-_MAX_INT, _MAX_INT), "count": (0, _MAX_INT), "port": (0, 65535),
