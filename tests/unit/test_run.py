@@ -777,7 +777,7 @@ HOSTILE_RUN_FILES = [
     ("job-id-huge", "job.id", _text("1" * 100000), "larger than 4 KiB"),
     ("job-id-fifo", "job.id", _fifo, "not a regular file (a FIFO)"),
     ("job-id-garbage", "job.id", _text("12; rm -rf ~\n"), "'12; rm -rf ~' is not a job id"),
-    ("job-id-long-line", "job.id", _text("x" * 4000), "'" + "x" * 40 + "'... is not a job id"),
+    ("job-id-long-line", "job.id", _text("x" * 4000 + ";"), "'" + "x" * 40 + "'... is not a job id"),
     ("job-id-not-utf8", "job.id", _text(b"\xff\xfe"), "not UTF-8"),
 ]
 
