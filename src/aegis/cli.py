@@ -1,9 +1,11 @@
 """The `aegis` command: parses arguments and calls the API, nothing else.
 
 Config flags are generated from aegis.config.KEYS (one flag per key), so every key has a flag.
-Errors: bad input -> one line "aegis: error: ..." on stderr, exit 2; a failed run (qsub/sbatch
-missing or failing, staging failed, the run failed or ended) -> one line, exit 1; `wait` running
-out of time -> exit 3 (EXIT_TIMEOUT). No tracebacks for any of them.
+Errors: bad input -> one line "aegis: error: ..." on stderr, exit 2 (also a run directory that
+is missing, not the caller's, unreadable or damaged: aegis.run.RunDirError); a failed run
+(qsub/sbatch missing or failing, staging failed, the run failed or ended, a launcher cancel
+cannot verify) -> one line, exit 1; `wait` running out of time -> exit 3 (EXIT_TIMEOUT). No
+tracebacks for any of them.
 Logs and warnings go to stderr; data (scripts, job ids, JSON, tables, URLs) to stdout.
 """
 
@@ -576,7 +578,12 @@ def endpoints(run: str, scheduler: str | None, platform: str | None, model: str 
 @_run_command("cancel")
 def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
     """Cancel RUN: qdel/scancel a submitted job; SIGTERM a launched run's launcher (it stops
-    every instance and router)."""
+    every instance and router).
+
+    Only through a run directory of yours that others cannot write, and only the recorded
+    launcher process (pid, start time, boot id; through a pidfd). Exit 0 done or nothing to
+    stop, 1 not signalled (another host, or a pid it cannot verify), 2 a run directory it will
+    not act on."""
     opened = _open_run(run, scheduler, platform)
     if isinstance(opened, tuple):
         job_id, backend = opened

@@ -668,6 +668,18 @@ def test_a_run_directory_that_is_not_yours_is_refused(tmp_path, what):
         victim.wait()
 
 
+def test_a_job_whose_run_directory_is_not_yours_is_answered_by_the_batch_system(
+        tmp_path, monkeypatch, fake_batch):
+    run_dir = submitted_run(tmp_path, monkeypatch, fake_batch, job_id="123")
+    write_doc(run_dir, [instance(0)])  # as if ready: it must not be read
+    os.chown(run_dir, 65534, 65534)
+    fake_batch.answer("scontrol", out=f"JobId=123 JobState=RUNNING WorkDir={run_dir}\n")
+    fake_batch.answer("squeue", out="RUNNING\n")
+    status = invoke("status", "123", "--scheduler", "slurm")
+    assert (status.exit_code, status.stdout) == (0, "running\n")
+    assert invoke("endpoints", "123", "--scheduler", "slurm").exit_code == 2  # no run dir of yours
+
+
 def _fifo(path: Path) -> None:
     path.unlink(missing_ok=True)
     os.mkfifo(path)
