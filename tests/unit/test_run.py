@@ -927,3 +927,16 @@ def test_submit_with_a_directory_as_endpoints_file_writes_nothing(tmp_path, monk
     assert result.exit_code == 2
     assert result.stderr.startswith("aegis: error: endpoints_file (--endpoints-file): '.' ")
     assert not (tmp_path / "aegis-runs").exists() and fake_batch.argv("sbatch") is None
+
+
+def test_launch_replaces_a_fifo_where_its_config_goes(tmp_path):
+    """`aegis launch --run-dir D` writes D/config.yaml: a FIFO there used to block it for good."""
+    from test_launch_run import Run as Launch
+
+    launch = Launch(tmp_path, [{"name": "m"}])
+    launch.run_dir.mkdir()
+    os.mkfifo(launch.run_dir / "config.yaml")
+    res = launch.launch("--once", timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (launch.run_dir / "config.yaml").is_file()
+    assert Run.open(launch.run_dir).state().phase == "ended"
