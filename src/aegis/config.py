@@ -1063,15 +1063,19 @@ def parse_yaml(text: str, source: str = "config") -> Any:
         raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0]}") from None
 
 
-def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load `path` (None: flags and defaults only), apply overrides, validate."""
+def load_config(path: str | None, overrides: dict[str, Any] | None = None, *,
+                run_file: bool = False) -> Config:
+    """Load `path` (None: flags and defaults only), apply overrides, validate. With
+    `run_file`, `path` is a run directory's config.yaml (read_run_file: a regular file of
+    yours, never a FIFO or device)."""
     if path is None:
         return from_mapping({}, overrides)
     try:
-        text = read_small_file(path, MAX_CONFIG_BYTES)
+        text = (read_run_file(path, MAX_CONFIG_BYTES) if run_file
+                else read_small_file(path, MAX_CONFIG_BYTES))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+    except (OSError, UnicodeDecodeError, RefusedFile) as err:
         raise ConfigError(f"{path}: cannot read config file: {why_unreadable(err)}") from None
     data = parse_yaml(text, str(path))
     return from_mapping(_paths_beside(data, os.path.dirname(os.path.abspath(path))), overrides)

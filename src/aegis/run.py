@@ -32,9 +32,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import pids
-from .config import (MAX_CONFIG_BYTES, MAX_JOB_ID_BYTES, Config, ConfigError, RefusedFile,
-                     from_mapping, load_config, parse_yaml, read_run_file, why_unreadable)
-from .config import _paths_beside
+from .config import (MAX_JOB_ID_BYTES, Config, ConfigError, RefusedFile, load_config,
+                     read_run_file, why_unreadable)
 from .launch.endpoints import (FINAL_LAUNCHER_STATES, launcher_alive, launcher_identity,
                                read_endpoints)
 from .launch.chain import read_record
@@ -105,13 +104,10 @@ def _read(path: str, limit: int, what: str) -> str | None:
         raise RunDirError(f"{path!r}: not a path ({err})") from None
 
 
-def _load_run_config(path: str) -> Config | None:
-    """The run's config.yaml (None when missing); its problems name the file."""
-    text = _read(path, MAX_CONFIG_BYTES, "the run's config")
-    if text is None:
-        return None
+def _load_run_config(path: str) -> Config:
+    """The run's config.yaml; its problems name the file."""
     try:
-        return from_mapping(_paths_beside(parse_yaml(text, path), os.path.dirname(path)))
+        return load_config(path, run_file=True)
     except ConfigError as err:
         lines = [line if line.startswith(path) else f"{path}: {line}"
                  for line in str(err).splitlines()]
@@ -206,11 +202,11 @@ class Run:
         if not have_config and not _generation and \
                 _stat(os.path.join(layout.root, CHAIN_NAME), "the chain record") is not None:
             return cls._open_chain(layout.root, scheduler)
-        config = _load_run_config(layout.config) if have_config else None
-        if config is None:
+        if not have_config:
             raise RunDirError(f"{run_dir}: not a run directory (no "
                               f"{os.path.basename(layout.config)}; made by aegis submit or "
                               "aegis launch)")
+        config = _load_run_config(layout.config)
         job_id = None
         text = _read(layout.job_id, MAX_JOB_ID_BYTES, "the job id")
         if text is not None:

@@ -34,7 +34,8 @@ def takes_over(current: dict | None, generation: int, doc: dict) -> bool:
     """Whether `generation` (with its endpoints `doc`) writes the chain's file now. Pure.
     A chain file that names no generation (or garbage for one) is taken over."""
     owner = _count((current or {}).get("generation", 0) if isinstance(current, dict) else 0)
-    return generation == owner or (generation > owner and (owner == 0 or _count(doc.get("ready", 0)) > 0))
+    ready = _count(doc.get("ready", 0))
+    return generation == owner or (generation > owner and (owner == 0 or ready > 0))
 
 
 def read_record(chain_dir: str | os.PathLike) -> dict[int, tuple[str, str | None]]:

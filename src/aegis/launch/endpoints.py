@@ -1,11 +1,12 @@
 """The endpoints file: what clients read to find the servers, and how they tell that the
 launcher behind it is alive. docs/launch.md ("The endpoints file") is the contract.
 
-Rendering is pure; readers check every field they use (check_doc) and, on the launcher's host,
-that its process is the one recorded (aegis.pids: pid, start time, boot id); writing is atomic (temp file in the same
-directory + os.replace, mode 0600 from the first byte). Rank 0 owns the file (EndpointsFile):
-it rewrites it on every state change and a heartbeat thread refreshes `heartbeat_at` every
-HEARTBEAT_INTERVAL seconds, also while a long collective (staging) blocks the main thread.
+Rendering is pure; readers check every field they use (check_doc) and, on the launcher's
+host, that its process is the one recorded (aegis.pids: pid, start time, boot id); writing is
+atomic (temp file in the same directory + os.replace, mode 0600 from the first byte). Rank 0
+owns the file (EndpointsFile): it rewrites it on every state change and a heartbeat thread
+refreshes `heartbeat_at` every HEARTBEAT_INTERVAL seconds, also while a long collective
+(staging) blocks the main thread.
 """
 
 from __future__ import annotations
@@ -28,9 +29,6 @@ from .. import pids
 SCHEMA = 1  # bumped only for changes a reader must know about; fields are only ever added
 HEARTBEAT_INTERVAL = 5.0  # seconds between rewrites by a live launcher
 STALE_AFTER = 3  # heartbeat intervals without a rewrite: the launcher is taken as dead
-# What a reader accepts as heartbeat_interval: one the size of days would keep a dead launcher
-# "alive" for days.
-MAX_HEARTBEAT_INTERVAL = 600.0
 # The launcher as a whole; a reader waits while it is staging or starting.
 LAUNCHER_STATES = ("staging", "starting", "serving", "draining", "stopping", "stopped", "failed")
 # One instance; only "ready" ones are served (and listed in the .txt file).
@@ -147,9 +145,13 @@ def serving(doc: dict, now: float) -> list[dict]:
     """The instances a client may use: ready, behind a live launcher."""
     if not launcher_alive(doc, now):
         return []
-    return [i for i in doc.get("instances", ()) if isinstance(i, dict) and i.get("state") == "ready"]
+    return [i for i in doc.get("instances", ())
+            if isinstance(i, dict) and i.get("state") == "ready"]
 
 
+# What a reader accepts as heartbeat_interval: one the size of days would keep a dead launcher
+# "alive" for days.
+MAX_HEARTBEAT_INTERVAL = 600.0
 # What a reader checks of each record (fields only ever added; unknown ones are kept).
 # kinds: word (no whitespace or control characters: hosts, URLs, states), name (no control
 # characters), text (any text), int, count (int >= 0), port, pid, time (a finite number),
