@@ -863,6 +863,25 @@ def test_a_chain_record_that_is_no_file_of_yours_is_refused(tmp_path, no_hang, m
         assert_refused(invoke(command[0], str(chain_dir), *command[1:]), 2, needle)
 
 
+def test_cancel_refuses_a_chain_directory_others_can_write(tmp_path):
+    victim = sleeper()
+    try:
+        chain_dir = _chain(tmp_path)
+        write_doc(chain_dir, [instance(0), instance(1)],  # the chain's file names it
+                  launcher=launcher_record(victim.pid))
+        chain_dir.chmod(0o777)
+        assert_refused(invoke("cancel", str(chain_dir)), 2, "chain directory is writable by "
+                       "others (mode 0777)")
+        time.sleep(0.2)
+        assert victim.poll() is None
+        chain_dir.chmod(0o755)
+        assert invoke("cancel", str(chain_dir)).exit_code == 0
+        assert victim.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        victim.kill()
+        victim.wait()
+
+
 def test_the_chain_mirror_never_blocks_on_a_fifo(tmp_path, no_hang):
     from aegis.launch.chain import ChainMirror, successor
 
