@@ -1,4 +1,4 @@
-"""aegis.pids.pid_alive: what names a live process on this host."""
+"""aegis.pids: whether a pid names a live process on this host, and which process it names."""
 
 from __future__ import annotations
 
