@@ -271,7 +271,7 @@ class ByteSize(click.ParamType):
               help="One writer per node (node) or every rank writes (all).  [default: node]")
 @click.option("--readers", type=click.IntRange(min=1, max=256),
               help="Ranks (one per node first) that each read a share of SOURCE.  [default: 1]")
-@click.option("--stall-timeout", type=FiniteRange(min=0.001, max=1e6),
+@click.option("--stall-timeout", type=click.FloatRange(min=0.001, max=1e6),
               help="Seconds a reader or writer may sit on one piece of I/O before the stage "
                    "fails on every rank.  [default: 300]")
 @click.option("--verify/--no-verify", default=True, show_default=True,
