@@ -470,7 +470,8 @@ class Run:
             return (f"{who} is not running: pid {pid} now names another process (it started "
                     "at another time, or before a reboot); not signalled, nothing to stop")
         why = ("its endpoints file records no start time and boot id (written by an older "
-               "aegis)" if launcher.get("start_ticks") is None or not launcher.get("boot_id")
+               "aegis, or where /proc did not tell)"
+               if launcher.get("start_ticks") is None or not launcher.get("boot_id")
                else "/proc does not say when that process started")
         raise RunError(f"cannot verify that pid {pid} is the launcher: {why}; not signalled "
                        f"(if it is, stop it yourself: kill {pid})")
