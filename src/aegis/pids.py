@@ -10,6 +10,7 @@ before the identity is checked, so a pid reused between the check and the signal
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -155,6 +156,11 @@ def signal_process(pid: int, ticks: int | None, boot: str | None, signum: int) -
             os.close(fd)
 
 
+@functools.lru_cache(maxsize=1)
+def _fqdn() -> str:
+    return socket.getfqdn()  # may ask DNS: once per process
+
+
 def this_host(host: str) -> bool:
     """Whether `host` (a launcher record's host name) is this machine."""
-    return host in (socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1")
+    return host in ("localhost", "127.0.0.1", socket.gethostname()) or host == _fqdn()
