@@ -1,9 +1,11 @@
 """The `aegis` command: parses arguments and calls the API, nothing else.
 
 Config flags are generated from aegis.config.KEYS (one flag per key), so every key has a flag.
-Errors: bad input -> one line "aegis: error: ..." on stderr, exit 2; a failed run (qsub/sbatch
-missing or failing, staging failed, the run failed or ended) -> one line, exit 1; `wait` running
-out of time -> exit 3 (EXIT_TIMEOUT). No tracebacks for any of them.
+Errors: bad input -> one line "aegis: error: ..." on stderr, exit 2 (also a run directory that
+is missing, not the caller's, unreadable or damaged: aegis.run.RunDirError); a failed run
+(qsub/sbatch missing or failing, staging failed, the run failed or ended, a launcher cancel
+cannot verify) -> one line, exit 1; `wait` running out of time -> exit 3 (EXIT_TIMEOUT). No
+tracebacks for any of them.
 Logs and warnings go to stderr; data (scripts, job ids, JSON, tables, URLs) to stdout.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -141,10 +144,21 @@ def main() -> None:
     """Launch fleets of vLLM inference servers on HPC allocations (PBS, Slurm)."""
 
 
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (click's compares them with its bounds,
+    and every comparison with nan is false: --timeout nan would wait for ever)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 def _wait_options(command: Callable) -> Callable:
     command = click.option("--min-ready", type=click.IntRange(min=1), metavar="N",
                            help="Ready when N instances are (default: all of them).")(command)
-    return click.option("--timeout", type=click.FloatRange(min=0), metavar="S",
+    return click.option("--timeout", type=FiniteRange(min=0), metavar="S",
                         help="Give up after S seconds (exit 3; the run keeps going).  "
                         "[default: no limit]")(command)
 
@@ -332,8 +346,11 @@ def launch(config_path: str | None, nodes: str | None, nodefile: str | None,
 
     if nodes and nodefile:
         raise click.UsageError("--nodes and --nodefile: give one of them")
+    from .launch.walltime import job_start
+
     try:  # the launcher's errors, also the config's, read "aegis launch: error: ..."
         config = config_from_flags(config_path, flags)
+        job_start(os.environ)  # the batch script's AEGIS_JOB_START: a Unix time, or unset
     except ConfigError as err:
         launch_error(str(err))
         return BAD_INPUT
@@ -342,15 +359,29 @@ def launch(config_path: str | None, nodes: str | None, nodefile: str | None,
                  config_path=config_path)
 
 
+def _exists(path: str) -> bool:
+    """Whether anything is at `path` (a file of any kind, a dangling link, or something this
+    user cannot look at): then Run.open says what is wrong with it, one line."""
+    try:
+        os.lstat(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except (OSError, ValueError):
+        return True
+
+
 def _open_run(run: str, scheduler: str | None, platform: str | None):
     """RUN is a run directory, or a job id whose run directory the batch system knows.
-    Returns a Run, or (job id, backend) for a job with no run directory to read."""
+    Returns a Run, or (job id, backend) for a job with no run directory to read (or one that
+    is not this user's: the batch system's word, and its permissions, alone)."""
     from .run import Run
     from .scheduler import check_job_id, get_backend
 
-    if os.path.isdir(run):
+    path_like = os.sep in run or run.startswith(".")
+    if os.path.isdir(run) or (path_like and _exists(run)):
         return Run.open(run, scheduler=scheduler)
-    if os.sep in run or run.startswith("."):
+    if path_like:
         raise ConfigError(f"{run}: no such run directory")
     try:
         job_id = check_job_id(run)
@@ -360,9 +391,20 @@ def _open_run(run: str, scheduler: str | None, platform: str | None):
     except ConfigError as err:  # a mistyped run directory lands here too: say both
         raise ConfigError(f"{run}: no such run directory; as a {err}") from None
     run_dir = backend.run_dir_of(job_id)
-    if run_dir and os.path.isdir(run_dir) and os.path.isfile(RunLayout(run_dir).config):
+    if run_dir and _owned_run_dir(run_dir):
         return Run.open(run_dir, scheduler=backend.name)
     return job_id, backend
+
+
+def _owned_run_dir(path: str) -> bool:
+    """A directory of this user's holding a config.yaml (the batch system names the job's
+    working directory, which may be anyone's)."""
+    try:
+        st = os.stat(path)
+        return (os.path.isdir(path) and st.st_uid == os.getuid()
+                and os.path.lexists(RunLayout(path).config))
+    except (OSError, ValueError):
+        return False
 
 
 def _scheduler_on_path() -> str:
@@ -467,7 +509,7 @@ def wait(run: str, scheduler: str | None, platform: str | None, timeout: float |
     instances').
 
     Exit 0 ready, 1 the run failed or ended, 3 timed out (the run keeps going)."""
-    if (os.sep in run or run.startswith(".")) and not (os.path.isdir(run) and os.listdir(run)):
+    if (os.sep in run or run.startswith(".")) and not _has_entries(run):
         # `aegis launch --run-dir D &` may not have made D (or written in it) yet
         deadline = None if timeout is None else time.monotonic() + timeout
         _await_run_dir(run, deadline)
@@ -476,14 +518,26 @@ def wait(run: str, scheduler: str | None, platform: str | None, timeout: float |
                  min_ready)
 
 
+def _has_entries(path: str) -> bool:
+    """A directory with something in it, or anything Run.open should judge (a file, a
+    directory this user cannot list)."""
+    if not _exists(path):
+        return False
+    try:
+        with os.scandir(path) as entries:
+            return any(True for _ in entries)
+    except (OSError, ValueError):
+        return True
+
+
 def _await_run_dir(run_dir: str, deadline: float | None, interval: float = 0.5) -> None:
-    """Until `run_dir` holds a run (its config, or a chain record); WaitTimeout at `deadline`."""
-    from .launch.chain import CHAIN_NAME
+    """Until `run_dir` holds a run (its config, or a chain record: anything by those names,
+    which Run.open then judges); WaitTimeout at `deadline`."""
+    from .layout import CHAIN_NAME
     from .run import WaitTimeout
 
     click.echo(f"aegis: waiting for {run_dir} to appear", err=True)
-    while not any(os.path.isfile(os.path.join(run_dir, name))
-                  for name in (CONFIG_NAME, CHAIN_NAME)):
+    while not any(_exists(os.path.join(run_dir, name)) for name in (CONFIG_NAME, CHAIN_NAME)):
         if deadline is not None and time.monotonic() >= deadline:
             raise WaitTimeout(f"{run_dir}: no such run directory yet (not made within "
                               "--timeout)")
@@ -531,7 +585,12 @@ def endpoints(run: str, scheduler: str | None, platform: str | None, model: str 
 @_run_command("cancel")
 def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
     """Cancel RUN: qdel/scancel a submitted job; SIGTERM a launched run's launcher (it stops
-    every instance and router)."""
+    every instance and router).
+
+    Only through a run directory of yours that others cannot write, and only the recorded
+    launcher process (pid, start time, boot id; through a pidfd). Exit 0 done or nothing to
+    stop, 1 not signalled (another host, or a pid it cannot verify), 2 a run directory it will
+    not act on."""
     opened = _open_run(run, scheduler, platform)
     if isinstance(opened, tuple):
         job_id, backend = opened

@@ -23,6 +23,7 @@ import re
 import reprlib
 import select
 import shlex
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -52,21 +53,56 @@ MAX_ARG_CHARS = 32 << 10  # one argument or variable value (exec allows 128 KiB 
 MAX_PROBLEMS_SHOWN = 20
 
 
-class FileTooLarge(ValueError):
+class RefusedFile(ValueError):
+    """A file that read_small_file refuses to read (its message says why, one line)."""
+
+
+class FileTooLarge(RefusedFile):
     """A file that read_small_file refuses: too large, or a pipe that never ends."""
 
 
 READ_TIMEOUT = 10.0  # a pipe or FIFO that stays silent this long is refused
+# Run files (aegis.run, aegis.launch.chain): the endpoints file of MAX_INSTANCES instances is
+# about 50 MB; job.id a line; chain.json a record per generation (at most 1000).
+MAX_ENDPOINTS_BYTES = 64 << 20
+MAX_JOB_ID_BYTES = 4 << 10
+MAX_CHAIN_BYTES = 1 << 20
 
 
-def read_small_file(path: str, limit: int, timeout: float | None = None) -> str:
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check_file(st: os.stat_result, limit: int, owner: int | None) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise RefusedFile(f"not a regular file ({_file_kind(st.st_mode)})")
+    if owner is not None and st.st_uid != owner:
+        raise RefusedFile(f"owned by uid {st.st_uid}, not by you (uid {owner})")
+    if st.st_size > limit:
+        raise FileTooLarge(f"larger than {limit // 1024} KiB")
+
+
+def read_small_file(path: str, limit: int, timeout: float | None = None, *,
+                    regular: bool = False, owner: int | None = None) -> str:
     """The text of `path`, reading at most `limit` bytes, so /dev/zero or a huge file cannot
     exhaust memory, and never waiting forever: a FIFO without a writer reads as empty, one
     whose writer stays silent for `timeout` seconds is refused (process substitution,
-    `-c <(envsubst < c.yaml)`, works). Raises OSError, UnicodeDecodeError, or FileTooLarge."""
+    `-c <(envsubst < c.yaml)`, works). With `regular`, only a regular file is read (a FIFO,
+    device or directory is refused before a byte is read, also when a symlink leads to it);
+    with `owner`, only one owned by that uid. Raises OSError, UnicodeDecodeError, or
+    RefusedFile (FileTooLarge when too large)."""
     timeout = READ_TIMEOUT if timeout is None else timeout
+    if regular or owner is not None:
+        _check_file(os.stat(path), limit, owner)  # before open(): a device is never opened
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
+        if regular or owner is not None:
+            _check_file(os.fstat(fd), limit, owner)  # what was opened (swapped meanwhile?)
         deadline = time.monotonic() + timeout
         data = b""
         while len(data) <= limit:
@@ -86,6 +122,13 @@ def read_small_file(path: str, limit: int, timeout: float | None = None) -> str:
     if len(data) > limit:
         raise FileTooLarge(f"larger than {limit // 1024} KiB")
     return data.decode("utf-8")
+
+
+def read_run_file(path: str, limit: int) -> str:
+    """One file of a run directory (config.yaml, job.id, chain.json, the endpoints file): a
+    regular file of yours, at most `limit` bytes, read without blocking. The one reader of
+    them all (aegis.run, aegis.launch.chain). Raises like read_small_file."""
+    return read_small_file(path, limit, regular=True, owner=os.getuid())
 
 
 def why_unreadable(err: Exception) -> str:
@@ -355,6 +398,37 @@ def _walltime(value: Any) -> str:
     return text
 
 
+def walltime_seconds(walltime: str) -> int:
+    """A validated walltime (HH:MM:SS) in seconds."""
+    hours, minutes, secs = (int(part) for part in walltime.split(":"))
+    return hours * 3600 + minutes * 60 + secs
+
+
+# After the stop at walltime begins: stop_grace for TERM -> KILL, then this much for the launcher
+# to write its last endpoints file and exit before the scheduler's kill (aegis.launch.walltime).
+EXIT_MARGIN_S = 10.0
+
+
+def timing_problems(config: Config) -> list[str]:
+    """The walltime must leave time to serve: the launcher drains drain_seconds before it stops,
+    and stops stop_grace + EXIT_MARGIN_S before the job's end. One line per problem."""
+    total = walltime_seconds(config.walltime)
+    wall = f"walltime {config.walltime} ({total} s)"
+    problems = []
+    if config.drain_seconds >= total:
+        problems.append(f"drain_seconds: {config.drain_seconds:g} s is not shorter than the "
+                        f"{wall}; the instances would drain from the job's start and never serve")
+    if config.stop_grace + EXIT_MARGIN_S >= total:
+        problems.append(f"stop_grace: {config.stop_grace:g} s plus {EXIT_MARGIN_S:g} s to exit "
+                        f"do not fit in the {wall}; the job would stop as it starts")
+    if not problems and config.drain_seconds + config.stop_grace + EXIT_MARGIN_S >= total:
+        problems.append(f"walltime: {config.walltime} ({total} s) leaves no time to serve: "
+                        f"drain_seconds ({config.drain_seconds:g} s) + stop_grace "
+                        f"({config.stop_grace:g} s) + {EXIT_MARGIN_S:g} s to exit take all of "
+                        "it; lengthen walltime or shorten drain_seconds")
+    return problems
+
+
 def _bounded(items: tuple, what: str) -> tuple:
     if len(items) > MAX_ARGS:
         raise _Invalid(f"{len(items)} {what}; at most {MAX_ARGS}")
@@ -426,6 +500,28 @@ MANAGED_ENV = ("HF_HOME", "HF_HUB_OFFLINE", "VLLM_HOST_IP", "VLLM_PORT", "MASTER
                *sorted({name for p in PLATFORMS.values() for name in p.instance_env}))
 
 _ENV_TARBALLS = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".tar")
+
+
+def _endpoints_file(value: Any) -> str:
+    """A file the launcher can write (the .txt beside it too), not a directory or another run
+    file: nothing may be created before such a value is refused."""
+    from .layout import RUN_FILE_NAMES
+
+    text = _text(value, what="a file path")
+    path = os.path.normpath(text)
+    name = os.path.basename(path)
+    if text.endswith(("/", "/.", "/..")) or name in ("", ".", "..") or \
+            (text.startswith("~") and "/" not in text):
+        raise _Invalid(f"{_shown(text)} names a directory, not a file; give a file name such "
+                       "as 'endpoints.json'")
+    if os.path.splitext(name)[1] == ".txt":
+        raise _Invalid(f"{_shown(text)} ends in .txt: the host:port list is written beside it "
+                       "as <name>.txt; give a name such as 'endpoints.json'")
+    clash = {path, os.path.splitext(path)[0] + ".txt"} & set(RUN_FILE_NAMES)
+    if clash:
+        raise _Invalid(f"{_shown(text)} would overwrite the run directory's {min(clash)}; give "
+                       "another name such as 'endpoints.json'")
+    return text
 
 
 def _env_tarball(value: Any) -> str:
@@ -564,7 +660,7 @@ GLOBAL_KEYS: tuple[Key, ...] = (
         "Parent directory of per-submission run directories (script, config, logs, endpoints)."),
     Key("startup_timeout", seconds(MAX_STARTUP_SECONDS),
         "Seconds an instance may take to become ready.", kind="float"),
-    Key("endpoints_file", lambda v: _text(v, what="a file path"),
+    Key("endpoints_file", _endpoints_file,
         "Where the launcher writes the ready endpoints (JSON; host:port list beside it as .txt). "
         "Relative paths resolve inside the run directory."),
     Key("conda_env", _optional(_text),
@@ -804,16 +900,18 @@ def from_mapping(data: Any, overrides: dict[str, Any] | None = None) -> Config:
         config = config.replace(node_local_dir=platform.node_local_dir)
     if "hf_home" not in fields_:  # default: under the node-local storage
         config = config.replace(hf_home=f"{config.node_local_dir.rstrip('/')}/hf_home")
-    check_placement(config, platform)
+    check_placement(config, platform, timing_problems(config))
     return config
 
 
-def check_placement(config: Config, platform: Platform) -> None:
+def check_placement(config: Config, platform: Platform, also: list[str] = ()) -> None:
     """Platform-dependent rules: TP placeable, a plan of at most MAX_NODES nodes, ports inside
-    1..65535 and not overlapping. Every broken rule is reported."""
+    1..65535 and not overlapping. Every broken rule is reported (with the lines `also`)."""
     from .plan import INTERNAL_PORTS_PER_SLOT, MAX_NODES, nodes_per_instance  # plan imports config
 
     problems = _Problems()
+    for line in also:
+        problems.add(line)
     dpn = platform.devices_per_node
     single = len(config.models) == 1
     nodes = 0
@@ -965,15 +1063,19 @@ def parse_yaml(text: str, source: str = "config") -> Any:
         raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0]}") from None
 
 
-def load_config(path: str | None, overrides: dict[str, Any] | None = None) -> Config:
-    """Load `path` (None: flags and defaults only), apply overrides, validate."""
+def load_config(path: str | None, overrides: dict[str, Any] | None = None, *,
+                run_file: bool = False) -> Config:
+    """Load `path` (None: flags and defaults only), apply overrides, validate. With
+    `run_file`, `path` is a run directory's config.yaml (read_run_file: a regular file of
+    yours, never a FIFO or device)."""
     if path is None:
         return from_mapping({}, overrides)
     try:
-        text = read_small_file(path, MAX_CONFIG_BYTES)
+        text = (read_run_file(path, MAX_CONFIG_BYTES) if run_file
+                else read_small_file(path, MAX_CONFIG_BYTES))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+    except (OSError, UnicodeDecodeError, RefusedFile) as err:
         raise ConfigError(f"{path}: cannot read config file: {why_unreadable(err)}") from None
     data = parse_yaml(text, str(path))
     return from_mapping(_paths_beside(data, os.path.dirname(os.path.abspath(path))), overrides)

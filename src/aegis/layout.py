@@ -25,6 +25,9 @@ LOG_NAME = "job.log"
 CONFIG_NAME = "config.yaml"
 ENDPOINTS_NAME = "endpoints.json"
 API_KEY_NAME = "api-key"
+CHAIN_NAME = "chain.json"  # a chain directory's record (aegis submit --chain)
+# What the endpoints file (and its .txt) must never overwrite: the run's own files.
+RUN_FILE_NAMES = (SCRIPT_NAME, JOB_ID_NAME, LOG_NAME, CONFIG_NAME, CHAIN_NAME, "instances", "logs")
 
 
 @dataclass(frozen=True)

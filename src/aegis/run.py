@@ -13,22 +13,31 @@ its launcher's pid (on this host) and heartbeat tell whether it is alive.
 A chain directory (`aegis submit --chain N`) opens as its newest serving generation: the job
 named in the chain's endpoints file, whose endpoints that file mirrors; cancel() cancels
 every generation.
+
+Run files are input, never trusted: a Run opens only a run directory (and endpoints file) of
+the caller's (owner uid), reads each file as a bounded regular file without blocking
+(aegis.config.read_run_file) and checks every field; anything else is RunDirError (exit 2).
+A launched run's launcher counts as alive only while its heartbeat is fresh and, on its
+host, its process is the one recorded (pid, start time, boot id); cancel() signals it through
+a pidfd after checking that, and refuses a run directory others can write.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
+import stat
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .config import Config, ConfigError, load_config
-from .launch.endpoints import launcher_alive, read_endpoints
-from .launch.chain import CHAIN_NAME
-from .layout import API_KEY_NAME, ENDPOINTS_NAME, RunLayout
-from .pids import pid_alive
+from . import pids
+from .config import (MAX_JOB_ID_BYTES, Config, ConfigError, RefusedFile, load_config,
+                     read_run_file, why_unreadable)
+from .launch.endpoints import (FINAL_LAUNCHER_STATES, launcher_alive, launcher_identity,
+                               read_endpoints)
+from .launch.chain import read_record
+from .layout import API_KEY_NAME, CHAIN_NAME, ENDPOINTS_NAME, RunLayout
 
 # Phases of a run, in order; failed and ended are final.
 PHASES = ("pending", "starting", "ready", "failed", "ended")
@@ -41,6 +50,68 @@ class RunError(RuntimeError):
 
 class WaitTimeout(RunError):
     """wait_ready() ran out of time: the run may still come up."""
+
+
+class RunDirError(ConfigError):
+    """The run directory or one of its files cannot be used: missing, unreadable, damaged, or
+    not the caller's (exit 2, like any bad input). One line, naming the path."""
+
+
+def _stat(path: str, what: str) -> os.stat_result | None:
+    """os.stat, None when missing; RunDirError when it cannot be looked at."""
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        raise RunDirError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    except ValueError as err:  # a NUL in the path
+        raise RunDirError(f"{path!r}: not a path ({err})") from None
+
+
+def _check_owned(path: str, st: os.stat_result, what: str, *, for_cancel: bool = False) -> None:
+    """The caller's own `what`; for cancel also not writable by group or others (unless a
+    sticky directory such as /tmp, where others cannot replace what is yours)."""
+    uid = os.getuid()
+    if st.st_uid != uid:
+        raise RunDirError(f"{path}: {what} owned by uid {st.st_uid}, not by you (uid {uid}); "
+                          "aegis acts only on your own runs")
+    sticky_dir = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if for_cancel and st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+        raise RunDirError(f"{path}: {what} is writable by others (mode "
+                          f"{stat.S_IMODE(st.st_mode):04o}); refusing to cancel through it "
+                          f"(chmod go-w {path})")
+
+
+def _owned_dir(path: str, what: str = "run directory", *, for_cancel: bool = False) -> None:
+    st = _stat(path, what)
+    if st is None:
+        raise RunDirError(f"{path}: no such run directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"{path}: not a directory")
+    _check_owned(path, st, what, for_cancel=for_cancel)
+
+
+def _read(path: str, limit: int, what: str) -> str | None:
+    """A run file's text (read_run_file), None when missing; RunDirError otherwise."""
+    try:
+        return read_run_file(path, limit)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError, RefusedFile) as err:
+        raise RunDirError(f"{path}: cannot read {what}: {why_unreadable(err)}") from None
+    except ValueError as err:  # a NUL in the path
+        raise RunDirError(f"{path!r}: not a path ({err})") from None
+
+
+def _load_run_config(path: str) -> Config:
+    """The run's config.yaml; its problems name the file."""
+    try:
+        return load_config(path, run_file=True)
+    except ConfigError as err:
+        lines = [line if line.startswith(path) else f"{path}: {line}"
+                 for line in str(err).splitlines()]
+        raise RunDirError("\n".join(lines)) from None
 
 
 @dataclass(frozen=True)
@@ -92,8 +163,15 @@ def _gone(job_state: str, launcher: dict[str, Any] | None) -> bool:
         job_state in _ENDED_JOB_STATES + ("exiting",)
 
 
-def _this_host(host: str) -> bool:
-    return host in (socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1")
+def _endpoints_problem(err: Exception, path: str | None = None) -> str:
+    """One line for an endpoints file read_endpoints refused."""
+    if isinstance(err, OSError):
+        return (f"{err.filename or path}: cannot read the endpoints file "
+                f"({err.strerror or err})")
+    text = str(err)
+    where, _, why = text.partition(": ")
+    return f"{where}: unreadable endpoints file: {why}" if why else f"unreadable endpoints " \
+        f"file: {text}"
 
 
 class Run:
@@ -108,49 +186,62 @@ class Run:
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, run_dir: str | os.PathLike, *, scheduler: str | None = None) -> Run:
-        """The run in `run_dir` (made by `aegis submit` or `aegis launch`)."""
+    def open(cls, run_dir: str | os.PathLike, *, scheduler: str | None = None,
+             _generation: bool = False) -> Run:
+        """The run in `run_dir` (made by `aegis submit` or `aegis launch`), or a chain
+        directory's current generation. RunDirError (a ConfigError) when it is not yours,
+        not a run directory, or a file in it is unreadable or damaged."""
         from .scheduler import check_job_id, get_backend
 
-        layout = RunLayout(os.path.abspath(os.fspath(run_dir)))
-        if not os.path.isdir(layout.root):
-            raise ConfigError(f"{run_dir}: no such run directory")
-        if not os.path.isfile(layout.config) and os.path.isfile(
-                os.path.join(layout.root, CHAIN_NAME)):
-            return cls._open_chain(layout.root, scheduler)
-        if not os.path.isfile(layout.config):
-            raise ConfigError(f"{run_dir}: not a run directory (no {os.path.basename(layout.config)}"
-                              "; made by aegis submit or aegis launch)")
-        config = load_config(layout.config)
-        job_id = None
         try:
-            with open(layout.job_id, encoding="utf-8") as f:
-                job_id = check_job_id(f.read().strip())
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise ConfigError(f"{layout.job_id}: cannot read it ({err.strerror})") from None
+            layout = RunLayout(os.path.abspath(os.fspath(run_dir)))
+        except ValueError as err:  # a NUL in the path
+            raise RunDirError(f"{run_dir!r}: not a path ({err})") from None
+        _owned_dir(layout.root)
+        have_config = _stat(layout.config, "the run's config") is not None
+        if not have_config and not _generation and \
+                _stat(os.path.join(layout.root, CHAIN_NAME), "the chain record") is not None:
+            return cls._open_chain(layout.root, scheduler)
+        if not have_config:
+            raise RunDirError(f"{run_dir}: not a run directory (no "
+                              f"{os.path.basename(layout.config)}; made by aegis submit or "
+                              "aegis launch)")
+        config = _load_run_config(layout.config)
+        job_id = None
+        text = _read(layout.job_id, MAX_JOB_ID_BYTES, "the job id")
+        if text is not None:
+            try:
+                job_id = check_job_id(text.strip())
+            except ConfigError:
+                shown = repr(text.strip()[:40]) + ("..." if len(text.strip()) > 40 else "")
+                raise RunDirError(f"{layout.job_id}: {shown} is not a job id (e.g. '12345' or "
+                                  "'12345.aurora-pbs-0001')") from None
         backend = get_backend(scheduler or config.effective_scheduler) if job_id else None
         return cls(layout, config, job_id=job_id, backend=backend)
 
     @classmethod
     def _open_chain(cls, chain_dir: str, scheduler: str | None) -> Run:
         """The generation the chain's endpoints file names (the first before any wrote it)."""
-        import json
-
         try:
-            with open(os.path.join(chain_dir, CHAIN_NAME), encoding="utf-8") as f:
-                generations = json.load(f)["generations"]
-            runs = {int(g["generation"]): (str(g["job_id"]), g["run_dir"]) for g in generations}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{chain_dir}/{CHAIN_NAME}: unreadable chain record: {err}") from None
+            runs = read_record(chain_dir)
+        except (OSError, ValueError) as err:
+            raise RunDirError(str(err) if isinstance(err, ValueError) else
+                              f"{chain_dir}/{CHAIN_NAME}: cannot read the chain record "
+                              f"({err.strerror or err})") from None
         if not runs:
-            raise ConfigError(f"{chain_dir}/{CHAIN_NAME}: no generation recorded")
+            raise RunDirError(f"{chain_dir}/{CHAIN_NAME}: no generation recorded")
+        current = min(runs)
         try:
-            current = int(read_endpoints(os.path.join(chain_dir, ENDPOINTS_NAME))["generation"])
-        except (OSError, ValueError, KeyError, TypeError):
-            current = min(runs)
-        run = cls.open(runs.get(current, runs[min(runs)])[1], scheduler=scheduler)
+            doc = read_endpoints(os.path.join(chain_dir, ENDPOINTS_NAME), owner=os.getuid())
+            current = doc.get("generation") or current
+        except FileNotFoundError:
+            pass  # no generation wrote it yet
+        except (OSError, ValueError) as err:
+            raise RunDirError(_endpoints_problem(err)) from None
+        run_dir = runs.get(current, runs[min(runs)])[1]
+        if run_dir is None:
+            raise RunDirError(f"{chain_dir}/{CHAIN_NAME}: generation {current} has no run_dir")
+        run = cls.open(run_dir, scheduler=scheduler, _generation=True)
         run.chain_dir = chain_dir
         run.chain_jobs = [runs[g][0] for g in sorted(runs)]
         return run
@@ -171,30 +262,22 @@ class Run:
     # -- reading ---------------------------------------------------------------------------
     def _document(self) -> dict[str, Any] | None:
         try:
-            return read_endpoints(self.endpoints_path)
+            return read_endpoints(self.endpoints_path, owner=os.getuid())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as err:
-            raise RunError(f"{self.endpoints_path}: unreadable endpoints file: {err}") from None
+            raise RunDirError(_endpoints_problem(err, self.endpoints_path)) from None
 
     @staticmethod
     def _launcher(doc: dict[str, Any] | None) -> dict[str, Any] | None:
-        """The launcher record plus `alive` (its pid, on this host; else its heartbeat) and
-        `heartbeat_age` in seconds."""
+        """The launcher record plus `alive` (launch.endpoints.launcher_alive: a fresh heartbeat
+        and, on its host, the recorded process) and `heartbeat_age` in seconds."""
         if not doc:
             return None
         info = dict(doc["launcher"])
         now = time.time()
-        heartbeat = info.get("heartbeat_at")
-        age = now - heartbeat if isinstance(heartbeat, (int, float)) else None
-        pid, host = info.get("pid"), str(info.get("host", ""))
-        try:
-            alive = launcher_alive(doc, now)
-        except (KeyError, TypeError):
-            alive = False
-        if alive and isinstance(pid, int) and _this_host(host):
-            alive = pid_alive(pid)  # killed outright: known at once, not after 3 heartbeats
-        info.update(alive=alive, heartbeat_age=None if age is None else round(age, 1))
+        age = now - info["heartbeat_at"]
+        info.update(alive=launcher_alive(doc, now), heartbeat_age=round(age, 1))
         return info
 
     def state(self, min_ready: int | None = None) -> Status:
@@ -209,15 +292,16 @@ class Run:
         else:
             job_state = "running" if launcher["alive"] else "ended"
         records = (doc or {}).get("instances") or []
+        # read_endpoints checked every field's type
         instances = tuple(Endpoint(
             url=r.get("base_url", ""), model=r.get("served_name", r.get("model", "")),
-            node=str(r.get("host", "")), state=r.get("state", "unknown"), id=r.get("id"),
-            restarts=int(r.get("restarts") or 0), error=r.get("error", ""))
-            for r in records if isinstance(r, dict))
+            node=r.get("host", ""), state=r["state"], id=r.get("id"),
+            restarts=r.get("restarts") or 0, error=r.get("error", ""))
+            for r in records)
         routers = tuple(Endpoint(url=r.get("url", ""), model=r.get("model", ""),
-                                 node=str(r.get("host", "")), state=r.get("state", "ready"),
+                                 node=r.get("host", ""), state=r.get("state", "ready"),
                                  error=r.get("error", ""))
-                        for r in (doc or {}).get("routers") or [] if isinstance(r, dict))
+                        for r in (doc or {}).get("routers") or [])
         total = len(instances) or self.config.total_instances
         # a dead launcher or an ended job serves nothing, whatever its last write said
         ready = 0 if _gone(job_state, launcher) else sum(e.state == "ready" for e in instances)
@@ -348,7 +432,12 @@ class Run:
 
     def cancel(self) -> str:
         """Cancel the batch job, or stop a launched run's launcher (SIGTERM; it cleans up).
-        Returns what was done, one line."""
+        Returns what was done, one line. Acts only through a run directory (and endpoints
+        file) of the caller's that nobody else can write (RunDirError), and signals only the
+        recorded launcher process (pid, start time, boot id), through a pidfd."""
+        _owned_dir(self.run_dir, for_cancel=True)
+        if self.chain_dir:
+            _owned_dir(self.chain_dir, "chain directory", for_cancel=True)
         if self.chain_jobs and self.backend is not None:  # every generation, queued or not
             from .scheduler import SchedulerError
 
@@ -365,20 +454,48 @@ class Run:
         if self.backend is not None:
             self.backend.cancel(self.job_id)
             return f"cancelled job {self.job_id}"
-        launcher = self._launcher(self._document())
-        if launcher is None:
-            raise RunError(f"{self.run_dir}: no launcher recorded in {self.endpoints_path} yet; "
+        return self._stop_launcher()
+
+    def _stop_launcher(self) -> str:
+        path = self.endpoints_path
+        doc = self._document()  # a regular file of yours, every field checked
+        if doc is None:
+            raise RunError(f"{self.run_dir}: no launcher recorded in {path} yet; "
                            "stop `aegis launch` with Ctrl-C or SIGTERM")
-        pid, host = launcher.get("pid"), str(launcher.get("host", ""))
-        if not launcher["alive"]:
-            return f"the launcher (pid {pid} on {host}) is not running; nothing to stop"
-        if not (isinstance(pid, int) and _this_host(host)):
+        for where, what in ((os.path.dirname(path), "endpoints file's directory"),
+                            (path, "endpoints file")):
+            st = _stat(where, f"the {what}")
+            if st is not None:
+                _check_owned(where, st, what, for_cancel=True)
+        launcher = doc["launcher"]
+        pid, host = launcher["pid"], launcher["host"]
+        who = f"the launcher (pid {pid} on {host})"
+        if launcher["state"] in FINAL_LAUNCHER_STATES:
+            return f"{who} has {launcher['state']}; nothing to stop"
+        verdict = launcher_identity(launcher)
+        if verdict == "remote":
+            if not launcher_alive(doc, time.time()):
+                return f"{who} is not running (stale heartbeat); nothing to stop"
             raise RunError(f"the launcher runs on {host} (pid {pid}); run aegis cancel there")
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return f"the launcher (pid {pid}) had already ended"
-        return f"sent SIGTERM to the launcher (pid {pid} on {host})"
+        if verdict == pids.SAME:
+            try:
+                verdict = pids.signal_process(pid, launcher.get("start_ticks"),
+                                              launcher.get("boot_id"), signal.SIGTERM)
+            except PermissionError:
+                raise RunError(f"{who}: not permitted to signal it") from None
+            if verdict == pids.SAME:
+                return f"sent SIGTERM to {who}"
+        if verdict == pids.GONE:
+            return f"{who} is not running; nothing to stop"
+        if verdict == pids.OTHER:
+            return (f"{who} is not running: pid {pid} now names another process (it started "
+                    "at another time, or before a reboot); not signalled, nothing to stop")
+        why = ("its endpoints file records no start time and boot id (written by an older "
+               "aegis, or where /proc did not tell)"
+               if launcher.get("start_ticks") is None or not launcher.get("boot_id")
+               else "/proc does not say when that process started")
+        raise RunError(f"cannot verify that pid {pid} is the launcher: {why}; not signalled "
+                       f"(if it is, stop it yourself: kill {pid})")
 
 
 def submit(config: Config | str | os.PathLike, **overrides: Any) -> Run:

@@ -170,6 +170,15 @@ CASES = [
     ("huge-value-shown-short", "model: m\ninstance_env: [" + "x, " * 50_000 + "x]\n", [],
      ["instance_env: expected a mapping of NAME: value, got ['x', 'x', 'x', 'x', 'x', 'x', "
       "...] (list)"]),
+    # a walltime with no time to serve, and every other problem of the file, at once
+    ("walltime-too-short-and-ports", "model: m\ninstances: 2\nwalltime: '00:00:20'\n"
+     "port_start: 65535\n", [],
+     ["drain_seconds: 60 s is not shorter than the walltime 00:00:20 (20 s); the instances "
+      "would drain from the job's start and never serve",
+      "stop_grace: 15 s plus 10 s to exit do not fit in the walltime 00:00:20 (20 s); the job "
+      "would stop as it starts",
+      "port_start: 65535 + 2 instances and 1 router(s) runs past 65535 (last port 65537); "
+      "allowed: port_start <= 65533"]),
 ]
 
 

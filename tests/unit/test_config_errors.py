@@ -162,6 +162,47 @@ CORPUS = [
     ('flag-override-file', 'model: m\ninstances: 2\n', ['--port-start', '65535'],
      'port_start: 65535 + 2 instances and 1 router(s) runs past 65535 (last port 65537); '
      'allowed: port_start <= 65533'),
+    # a walltime that leaves no time to serve: the job would drain from its start, exit 0
+    ('drain-at-walltime', "model: m\nwalltime: '00:01:00'\ndrain_seconds: 60\n", [],
+     "drain_seconds: 60 s is not shorter than the walltime 00:01:00 (60 s); the instances "
+     "would drain from the job's start and never serve"),
+    ('flag-walltime-below-default-drain', None, ['--model', 'm', '--walltime', '00:00:30'],
+     "drain_seconds: 60 s is not shorter than the walltime 00:00:30 (30 s); the instances "
+     "would drain from the job's start and never serve"),
+    ('walltime-below-stop-grace', "model: m\nwalltime: '00:00:20'\ndrain_seconds: 1\n", [],
+     "stop_grace: 15 s plus 10 s to exit do not fit in the walltime 00:00:20 (20 s); the job "
+     "would stop as it starts"),
+    ('walltime-no-time-to-serve', "model: m\nwalltime: '00:01:00'\ndrain_seconds: 40\n", [],
+     "walltime: 00:01:00 (60 s) leaves no time to serve: drain_seconds (40 s) + stop_grace "
+     "(15 s) + 10 s to exit take all of it; lengthen walltime or shorten drain_seconds"),
+    # endpoints_file: a file, never a directory or another run file
+    ('endpoints-file-dot', "model: m\nendpoints_file: .\n", [],
+     "endpoints_file: '.' names a directory, not a file; give a file name such as "
+     "'endpoints.json'"),
+    ('flag-endpoints-file-dot', None, ['--model', 'm', '--endpoints-file', '.'],
+     "endpoints_file (--endpoints-file): '.' names a directory, not a file; give a file name "
+     "such as 'endpoints.json'"),
+    ('endpoints-file-dotdot', "model: m\nendpoints_file: ..\n", [],
+     "endpoints_file: '..' names a directory, not a file; give a file name such as "
+     "'endpoints.json'"),
+    ('endpoints-file-slash', "model: m\nendpoints_file: out/\n", [],
+     "endpoints_file: 'out/' names a directory, not a file; give a file name such as "
+     "'endpoints.json'"),
+    ('endpoints-file-back-to-run-dir', "model: m\nendpoints_file: sub/..\n", [],
+     "endpoints_file: 'sub/..' names a directory, not a file; give a file name such as "
+     "'endpoints.json'"),
+    ('endpoints-file-home', "model: m\nendpoints_file: '~'\n", [],
+     "endpoints_file: '~' names a directory, not a file; give a file name such as "
+     "'endpoints.json'"),
+    ('endpoints-file-root', "model: m\nendpoints_file: /\n", [],
+     "endpoints_file: '/' names a directory, not a file; give a file name such as "
+     "'endpoints.json'"),
+    ('endpoints-file-config', "model: m\nendpoints_file: config.yaml\n", [],
+     "endpoints_file: 'config.yaml' would overwrite the run directory's config.yaml; give "
+     "another name such as 'endpoints.json'"),
+    ('endpoints-file-txt', "model: m\nendpoints_file: e.txt\n", [],
+     "endpoints_file: 'e.txt' ends in .txt: the host:port list is written beside it as "
+     "<name>.txt; give a name such as 'endpoints.json'"),
 ]
 
 

@@ -146,6 +146,30 @@ def test_readers_tell_a_dead_launcher(tmp_path, state, age, alive):
     assert len(serving(doc, clock.now + age)) == (1 if alive else 0)
 
 
+def test_the_launcher_record_names_its_process(tmp_path):
+    """pid, start time (field 22 of /proc/<pid>/stat) and boot id: a reader on this host
+    does not take a later process with the same pid for the launcher."""
+    import os
+
+    ep = _file(tmp_path, clock=time.time)
+    ep.update([_state(0)], state="serving")
+    doc = read_endpoints(ep.json_path)
+    launcher = doc["launcher"]
+    with open(f"/proc/{os.getpid()}/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    assert (launcher["pid"], launcher["start_ticks"], launcher["boot_id"]) == (
+        os.getpid(), ticks, boot)
+    assert launcher_alive(doc, time.time())
+    doc["launcher"]["start_ticks"] = ticks - 1  # the pid now names another process
+    assert not launcher_alive(doc, time.time()) and serving(doc, time.time()) == []
+    doc["launcher"].update(start_ticks=ticks, heartbeat_at=float("inf"))  # never trusted
+    assert not launcher_alive(doc, time.time())
+    for garbage in (None, [], {"launcher": "x"}, {"launcher": {"state": "serving"}}):
+        assert not launcher_alive(garbage, time.time()) and serving(garbage, time.time()) == []
+
+
 def test_read_endpoints_refuses_other_json(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('{"ready": 1}')

@@ -54,9 +54,34 @@ def recorder(tmp_path, monkeypatch):
 def test_job_end_and_schedule():
     assert walltime_seconds("01:02:03") == 3723
     assert job_end({"AEGIS_JOB_START": "1000"}, "00:10:00") == 1600
-    assert job_end({}, "00:10:00") is None and job_end({"AEGIS_JOB_START": "x"}, "01:00:00") is None
+    assert job_end({}, "00:10:00") is None and job_end({"AEGIS_JOB_START": ""}, "1:00:00") is None
     plan = schedule(1600, drain_seconds=60, stop_grace=15)
     assert (plan.stop_at, plan.drain_at) == (1600 - EXIT_MARGIN_S - 15, 1600 - EXIT_MARGIN_S - 75)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e300", "1e10000", "-5", "x",
+                                   "12 34", "99999999999", "\u0661\u0662"])
+def test_a_job_start_that_is_no_unix_time_is_refused(value):
+    from aegis.config import ConfigError
+    from aegis.launch.walltime import job_start
+
+    with pytest.raises(ConfigError, match=r"^AEGIS_JOB_START: .* is not a Unix time in seconds "
+                       r"\(the batch script sets it with `date \+%s`\); unset it for a launch "
+                       r"by hand$"):
+        job_end({"AEGIS_JOB_START": value}, "01:00:00")
+    assert job_start({"AEGIS_JOB_START": " 1764600000 \n"}) == 1764600000.0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e300"])
+def test_launch_refuses_a_job_start_that_is_no_unix_time(tmp_path, value):
+    """It used to start everything, then die with a traceback computing the schedule."""
+    run = Run(tmp_path, [{"name": "org/tiny", "served_model_name": "tiny"}])
+    res = run.launch("--once", env={**_env(), "AEGIS_JOB_START": value}, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [
+        f"aegis launch: error: AEGIS_JOB_START: {value!r} is not a Unix time in seconds (the "
+        "batch script sets it with `date +%s`); unset it for a launch by hand"]
+    assert not run.run_dir.exists()
 
 
 def test_launch_drains_then_stops_cleanly_before_the_jobs_end(tmp_path):
@@ -183,8 +208,10 @@ def test_chain_overlap_must_be_shorter_than_the_walltime(tmp_path, recorder):
 
 
 def test_the_jobs_end_during_startup_stops_cleanly_too(tmp_path):
+    # 16 s: 10 s to exit + 3 s stop grace + 1 s draining leave 2 s to serve, not enough to start
     run = Run(tmp_path, [{"name": "org/slow", "served_model_name": "slow",
-                          "extra_vllm_args": ["--start-delay", "30"]}], walltime="00:00:16")
+                          "extra_vllm_args": ["--start-delay", "30"]}], walltime="00:00:16",
+              drain_seconds=1)
     res = run.launch(env={**_env(), "AEGIS_JOB_START": str(int(time.time()))}, timeout=30)
     assert res.returncode == 0, res.stderr
     assert "walltime: stopping cleanly" in res.stderr

@@ -9,28 +9,44 @@ finish), then stops everything cleanly while the scheduler would still wait.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+# EXIT_MARGIN_S: after the stop begins, stop_grace for TERM -> KILL, then this much for the
+# launcher to write its last endpoints file and exit before the scheduler's kill. The config
+# refuses a walltime that leaves no time to serve (aegis.config.timing_problems).
+from ..config import EXIT_MARGIN_S, ConfigError, walltime_seconds
+
+__all__ = ["EXIT_MARGIN_S", "JOB_START_VAR", "Schedule", "job_end", "job_start", "schedule",
+           "walltime_seconds"]
+
 JOB_START_VAR = "AEGIS_JOB_START"
-# After the stop begins: stop_grace for TERM -> KILL, then this much for the launcher to write
-# its last endpoints file and exit before the scheduler's kill.
-EXIT_MARGIN_S = 10.0
+# A Unix time, in seconds: what `date +%s` prints (up to the year 2286).
+MAX_JOB_START = 1e10
 
 
-def walltime_seconds(walltime: str) -> int:
-    hours, minutes, seconds = (int(part) for part in walltime.split(":"))
-    return hours * 3600 + minutes * 60 + seconds
+def job_start(env: Mapping[str, str]) -> float | None:
+    """When the batch script says this job started (AEGIS_JOB_START), or None when it is not
+    set (a launch by hand). Anything but a Unix time in seconds is refused: ConfigError, one
+    line (nan, inf or 1e300 would make every time computed from it meaningless)."""
+    text = env.get(JOB_START_VAR, "")
+    if not text.strip():
+        return None
+    shown = repr(text[:40] + ("..." if len(text) > 40 else ""))
+    start = float(text) if re.fullmatch(r"\s*[0-9]{1,11}(\.[0-9]{0,9})?\s*", text) else math.nan
+    if not (math.isfinite(start) and 0 <= start <= MAX_JOB_START):
+        raise ConfigError(f"{JOB_START_VAR}: {shown} is not a Unix time in seconds (the batch "
+                          "script sets it with `date +%s`); unset it for a launch by hand")
+    return start
 
 
 def job_end(env: Mapping[str, str], walltime: str) -> float | None:
     """Epoch seconds when the scheduler ends this job, or None when unknown (a launch
-    by hand, outside a batch script aegis wrote)."""
-    start = env.get(JOB_START_VAR, "")
-    try:
-        return float(start) + walltime_seconds(walltime) if start else None
-    except ValueError:
-        return None
+    by hand, outside a batch script aegis wrote). ConfigError for a bad AEGIS_JOB_START."""
+    start = job_start(env)
+    return None if start is None else start + walltime_seconds(walltime)
 
 
 @dataclass(frozen=True)

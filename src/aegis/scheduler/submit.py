@@ -60,9 +60,11 @@ def resolved_for_run(config: Config, run_dir: str) -> Config:
 
 
 def write_resolved_config(config: Config, layout: RunLayout) -> None:
-    """config.yaml in the run directory: what the launcher runs and `aegis status` reads."""
-    Path(layout.config).write_text(dump_yaml(resolved_for_run(config, layout.root).to_mapping()),
-                                   encoding="utf-8")
+    """config.yaml in the run directory: what the launcher runs and `aegis status` reads.
+    Written atomically (temp file + rename): whatever was there (`aegis launch --run-dir` into
+    an existing directory), even a FIFO, is replaced, never opened."""
+    write_atomic(layout.config, dump_yaml(resolved_for_run(config, layout.root).to_mapping()),
+                 0o644)
 
 
 def job_environment(config: Config, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str], list[str]]:
