@@ -39,7 +39,8 @@ def _node_parts(tmp_path, platform="local", instances=2, **cfg):
 def _environment_of(part, tmp_path) -> dict:
     """What the instance process really gets: run its script with a command that dumps it."""
     out = subprocess.run(["bash", "-c", render_script(part)], capture_output=True, text=True,
-                         check=True, cwd=tmp_path)
+                         check=True, cwd=tmp_path,
+                         env={**os.environ, "AEGIS_API_KEY": "k" * 43})  # the run's key
     return json.loads(out.stdout)
 
 

@@ -468,9 +468,28 @@ def _stage_tuning(config: Config, stage) -> dict:
     return {k: v for k, v in tuning.items() if v is not None and k in accepted}
 
 
+def _sweep_node(node_local_dir: str, cache_root: Path, node_log) -> None:
+    """Record this rank as a user of its job's node-local caches, and remove what earlier
+    runs left on the node (aegis.launch.leftovers) before staging fills it again. A problem
+    here is a warning: it never stops the launch."""
+    from .leftovers import claim, sweep
+    from .pernode import NodeStepError, node_lock
+
+    try:
+        with node_lock(Path(node_local_dir) / "aegis-cache" / ".sweep.lock", timeout=60):
+            claim(cache_root)
+            removed = sweep(node_local_dir, cache_root)
+    except (OSError, NodeStepError) as e:
+        node_log(f"warning: cleaning up after earlier runs: {e}")
+        return
+    for line in removed:
+        node_log(f"removed {line}")
+
+
 def _stage_and_serve(args, config, platform, coll, stop, api_key, sources, make_parts,
                      cache_root, node, run_dir, board, log) -> int:
     rank = coll.rank
+    _sweep_node(config.node_local_dir, cache_root, log)
     coll.barrier()
     # Per node, once: stage each model source into the node-local cache (collective).
     for model, source in zip(config.models, sources):

@@ -77,15 +77,16 @@ def descendants(root: int, tree: dict[int, list[int]] | None = None) -> list[int
     return out
 
 
-def shm_files(pid: int) -> set[str]:
-    """The /dev/shm files `pid` maps or holds open."""
+def shm_files(pid: int, dirs: tuple[str, ...] = (SHM_DIR,)) -> set[str]:
+    """The files in `dirs` (each ending in /) that `pid` maps or holds open."""
     found = set()
+    marks = tuple(d.encode() for d in dirs)
     try:
         with open(f"/proc/{pid}/maps", "rb") as f:
             for line in f:
-                start = line.find(SHM_DIR.encode())
-                if start >= 0:
-                    path = line[start:].rstrip(b"\n").decode(errors="replace")
+                starts = [i for i in (line.find(m) for m in marks) if i >= 0]
+                if starts:
+                    path = line[min(starts):].rstrip(b"\n").decode(errors="replace")
                     found.add(path.removesuffix(" (deleted)"))
     except OSError:
         pass
@@ -95,7 +96,7 @@ def shm_files(pid: int) -> set[str]:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if target.startswith(SHM_DIR):
+            if target.startswith(dirs):
                 found.add(target.removesuffix(" (deleted)"))
     except OSError:
         pass
@@ -112,11 +113,12 @@ def remove_unused_shm(paths: set[str]) -> list[str]:
             st = os.lstat(path)
         except OSError:
             continue
-        if st.st_uid == os.getuid() and os.path.dirname(path) + "/" == SHM_DIR:
+        if st.st_uid == os.getuid():
             mine.add(path)
+    dirs = tuple({os.path.dirname(p) + "/" for p in mine})
     for entry in os.listdir("/proc") if mine else ():
         if entry.isdigit():
-            mine -= shm_files(int(entry))
+            mine -= shm_files(int(entry), dirs)
     removed = []
     for path in sorted(mine):
         try:

@@ -12,6 +12,7 @@ from ..config import Config
 from ..platforms import Platform
 from .environment import Runtime, runtime_for, staged_dir, staged_file
 from .instances import render_prewarm, vllm_command_argv
+from .leftovers import hold_environment
 from .pernode import NodeStepError, prewarm_node, unpack_environment
 
 
@@ -62,6 +63,7 @@ def prepare_runtime(config: Config, platform: Platform, coll, cache_root: Path, 
                                                   should_stop=lambda: stop.signum)
             except (NodeStepError, OSError) as e:
                 return Runtime(), f"env_source on node {node}: {e}", False
+            hold_environment(path)  # until this process ends: no sweep removes it meanwhile
             env_dir = str(path)
             if not cached:
                 node_log(f"environment unpacked in {path}")

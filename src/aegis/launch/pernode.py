@@ -54,7 +54,7 @@ def node_lock(path: Path, timeout: float, should_stop=lambda: False):
         os.close(fd)  # releases the lock
 
 
-def _remove(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     elif path.exists():
@@ -206,15 +206,15 @@ def unpack_environment(tarball: Path, node_local_dir: str, source: str, *, timeo
         if (dest / ENV_MARKER).is_file():
             return dest, True  # another rank on this node did it while we waited
         for leftover in dest.parent.glob(f".{dest.name}.tmp-*"):
-            _remove(leftover)  # a killed unpack (we hold the lock: nobody else is unpacking)
-        _remove(dest)  # an unpack that died before its marker
+            remove_tree(leftover)  # a killed unpack (we hold the lock: nobody else is unpacking)
+        remove_tree(dest)  # an unpack that died before its marker
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
         try:
             extract_environment(tarball, tmp, timeout=timeout, should_stop=should_stop)
             os.chmod(tmp, 0o755)
             os.rename(tmp, dest)
         except BaseException:
-            _remove(tmp)
+            remove_tree(tmp)
             raise
         unpack_script = dest / "bin" / "conda-unpack"
         if unpack_script.is_file():
@@ -262,7 +262,7 @@ def remove_job_caches(cache_root: Path, part_dirs: list[Path]) -> None:
     directory once no instance directory is left in it (other ranks on the node may still
     be stopping theirs)."""
     for d in part_dirs:
-        _remove(d)
+        remove_tree(d)
     with contextlib.suppress(OSError):
         if not any(p.name.startswith("instance-") for p in cache_root.iterdir()):
-            _remove(cache_root)
+            remove_tree(cache_root)
