@@ -155,12 +155,20 @@ class FiniteRange(click.FloatRange):
         return number
 
 
+APPEAR_TIMEOUT = 300.0  # seconds `wait` waits, without --timeout, for a run directory to appear
+CANCEL_WAIT = 120.0  # seconds `cancel --wait` waits by default
+
+
 def _wait_options(command: Callable) -> Callable:
     command = click.option("--min-ready", type=click.IntRange(min=1), metavar="N",
-                           help="Ready when N instances are (default: all of them).")(command)
+                           help="Ready when N instances are (default: all of them while the "
+                           "run starts; once it serves, one: a run with some instances down "
+                           "is ready, degraded).")(command)
     return click.option("--timeout", type=FiniteRange(min=0), metavar="S",
                         help="Give up after S seconds (exit 3; the run keeps going).  "
-                        "[default: no limit]")(command)
+                        "[default: no limit once the run exists (its launcher ends the wait: "
+                        f"ready, failed or ended); {APPEAR_TIMEOUT:g}s for a run directory "
+                        "that does not exist yet]")(command)
 
 
 @main.command()
@@ -509,11 +517,17 @@ def wait(run: str, scheduler: str | None, platform: str | None, timeout: float |
     instances').
 
     Exit 0 ready, 1 the run failed or ended, 3 timed out (the run keeps going)."""
-    if (os.sep in run or run.startswith(".")) and not _has_entries(run):
-        # `aegis launch --run-dir D &` may not have made D (or written in it) yet
-        deadline = None if timeout is None else time.monotonic() + timeout
-        _await_run_dir(run, deadline)
-        timeout = None if deadline is None else round(max(0.0, deadline - time.monotonic()), 1)
+    if _exists(run) and not os.path.isdir(run):
+        raise ConfigError(f"{run}: not a run directory (a file; give the directory that "
+                          "aegis submit or aegis launch --run-dir made)")
+    if not _has_entries(run) and (os.sep in run or run.startswith(".") or
+                                  not run[:1].isdigit()):
+        # `aegis launch --run-dir D &` may not have made D (or written in it) yet; a bare
+        # NAME that is no job id (job ids start with a digit) is such a directory too
+        limit = APPEAR_TIMEOUT if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        _await_run_dir(run, deadline, given=timeout is not None)
+        timeout = None if timeout is None else round(max(0.0, deadline - time.monotonic()), 1)
     return _wait(_need_run(_open_run(run, scheduler, platform), "aegis wait"), timeout,
                  min_ready)
 
@@ -530,7 +544,8 @@ def _has_entries(path: str) -> bool:
         return True
 
 
-def _await_run_dir(run_dir: str, deadline: float | None, interval: float = 0.5) -> None:
+def _await_run_dir(run_dir: str, deadline: float, *, given: bool,
+                   interval: float = 0.5) -> None:
     """Until `run_dir` holds a run (its config, or a chain record: anything by those names,
     which Run.open then judges); WaitTimeout at `deadline`."""
     from .layout import CHAIN_NAME
@@ -538,11 +553,11 @@ def _await_run_dir(run_dir: str, deadline: float | None, interval: float = 0.5) 
 
     click.echo(f"aegis: waiting for {run_dir} to appear", err=True)
     while not any(_exists(os.path.join(run_dir, name)) for name in (CONFIG_NAME, CHAIN_NAME)):
-        if deadline is not None and time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:
             raise WaitTimeout(f"{run_dir}: no such run directory yet (not made within "
-                              "--timeout)")
-        time.sleep(interval if deadline is None else
-                   max(0.0, min(interval, deadline - time.monotonic())))
+                              + ("--timeout)" if given else
+                                 f"{APPEAR_TIMEOUT:g}s; --timeout S waits longer)"))
+        time.sleep(max(0.0, min(interval, deadline - time.monotonic())))
 
 
 @_run_command("endpoints")
@@ -582,8 +597,27 @@ def endpoints(run: str, scheduler: str | None, platform: str | None, model: str 
     return 0
 
 
+@_run_command("key")
+def key(run: str, scheduler: str | None, platform: str | None) -> int:
+    """Print the key every request to RUN's instances and routers must carry
+    (Authorization: Bearer KEY; the OpenAI SDK's api_key), e.g.
+    `export OPENAI_API_KEY=$(aegis key RUN)`.
+
+    It is the value of the run's api_key_env variable when it has one (from this shell), else
+    the key its launcher made in RUN/api-key (docs/security.md). Exit 1 when there is none
+    yet."""
+    click.echo(_need_run(_open_run(run, scheduler, platform), "aegis key").api_key())
+    return 0
+
+
 @_run_command("cancel")
-def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
+@click.option("--wait", "wait_stopped", is_flag=True,
+              help="Return only once the run has stopped (its job ended, or its launcher "
+              "exited after stopping every instance and router).")
+@click.option("--timeout", type=FiniteRange(min=0), metavar="S", default=CANCEL_WAIT,
+              show_default=True, help="With --wait: give up after S seconds (exit 3).")
+def cancel(run: str, scheduler: str | None, platform: str | None, wait_stopped: bool,
+           timeout: float) -> int:
     """Cancel RUN: qdel/scancel a submitted job; SIGTERM a launched run's launcher (it stops
     every instance and router).
 
@@ -596,9 +630,25 @@ def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
         job_id, backend = opened
         backend.cancel(job_id)
         click.echo(f"aegis: cancelled job {job_id}", err=True)
+        if wait_stopped:
+            _await_stopped(lambda: backend.state(job_id) in ("completed", "failed", "cancelled",
+                                                              "unknown"), timeout)
         return 0
     click.echo(f"aegis: {opened.cancel()}", err=True)
+    if wait_stopped:
+        _await_stopped(lambda: opened.state().gone, timeout)
     return 0
+
+
+def _await_stopped(stopped: Callable[[], bool], timeout: float, interval: float = 0.5) -> None:
+    from .run import WaitTimeout
+
+    deadline = time.monotonic() + timeout
+    while not stopped():
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"still running after {timeout:g}s (the stop goes on)")
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    click.echo("aegis: stopped", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

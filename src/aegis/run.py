@@ -315,7 +315,10 @@ class Run:
 
     def _phase(self, job_state, launcher, instances, routers, total, ready, have_file,
                min_ready) -> tuple[str, str]:
-        need = total if min_ready is None else min(min_ready, total)
+        # Once the fleet serves, one ready instance serves: a run with some instances down
+        # (restarting, unhealthy, failed) is ready, degraded; --min-ready still decides.
+        serving = launcher is not None and launcher.get("state") == "serving"
+        need = min(min_ready, total) if min_ready is not None else 1 if serving else total
         if job_state in ("queued", "held"):
             return "pending", f"job {self.job_id} is {job_state}"
         if job_state in _ENDED_JOB_STATES or job_state == "exiting":
@@ -343,8 +346,11 @@ class Run:
         settled = {r.model for r in routers if r.state in ("ready", "failed", "stopped")}
         missing = [m for m in self.config.routed_models if m not in settled
                    and any(e.model == m and e.state == "ready" for e in instances)]
-        if missing:
+        if missing and not serving:
             return "starting", f"router of {', '.join(missing)} not up yet"
+        down = [f"router of {r.model} {r.state}" for r in routers if r.state != "ready"]
+        if ready < total or down:
+            return "ready", "; ".join([f"degraded: {ready} of {total} instance(s) ready", *down])
         return "ready", ""
 
     def endpoints(self, model: str | None = None, *, ready_only: bool = True) -> list[Endpoint]:

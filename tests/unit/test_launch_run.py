@@ -5,6 +5,7 @@ mpiexec, one rank per "node", every node 127.0.0.1)."""
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -361,7 +362,8 @@ def test_bad_input_is_one_line_exit_2_and_starts_nothing(tmp_path, extra, env_ex
 
 
 def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if not line.startswith("aegis launch: starting")]
+    return [line for line in stderr.splitlines()
+            if not re.match(r"\d\d:\d\d:\d\d aegis launch: starting", line)]
 
 
 def test_run_dir_on_a_read_only_file_system_is_refused_on_every_rank(tmp_path):

@@ -78,8 +78,10 @@ class LaunchOptions:
 
 
 def _log(rank: int | None, msg: str) -> None:
+    """A progress line on stderr, with the time (a launch runs for hours; its log is read
+    afterwards). Errors (_error) stay one plain line, like every aegis error."""
     who = PROG if rank is None else f"{PROG} [rank {rank}]"
-    print(f"{who}: {msg}", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%H:%M:%S')} {who}: {msg}", file=sys.stderr, flush=True)
 
 
 def _error(msg: str) -> None:

@@ -378,12 +378,13 @@ class EndpointsFile:
                 raise
             self._failed_writes += 1
             if self._failed_writes == 1:
-                print(f"aegis launch: cannot write {self.json_path}: {e.strerror or e} "
-                      "(retrying; readers see a stale heartbeat meanwhile)",
-                      file=sys.stderr, flush=True)
+                print(f"{time.strftime('%H:%M:%S')} aegis launch: cannot write "
+                      f"{self.json_path}: {e.strerror or e} (retrying; readers see a stale "
+                      "heartbeat meanwhile)", file=sys.stderr, flush=True)
             return
         if self._failed_writes:
-            print(f"aegis launch: {self.json_path} written again", file=sys.stderr, flush=True)
+            print(f"{time.strftime('%H:%M:%S')} aegis launch: {self.json_path} written again",
+                  file=sys.stderr, flush=True)
         self._failed_writes = 0
         self._txt_behind = self._txt_behind and not txt
 
