@@ -343,10 +343,12 @@ class Run:
             return "starting", "no endpoints file yet"
         if ready < need:
             return "starting", f"{ready} of {need} instance(s) ready"
-        settled = {r.model for r in routers if r.state in ("ready", "failed", "stopped")}
+        # a router that was up and is restarting makes the run degraded, not starting
+        settled = {r.model for r in routers
+                   if r.state in ("ready", "failed", "stopped", "restarting")}
         missing = [m for m in self.config.routed_models if m not in settled
                    and any(e.model == m and e.state == "ready" for e in instances)]
-        if missing and not serving:
+        if missing:
             return "starting", f"router of {', '.join(missing)} not up yet"
         down = [f"router of {r.model} {r.state}" for r in routers if r.state != "ready"]
         if ready < total or down:

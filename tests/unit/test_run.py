@@ -71,13 +71,14 @@ def launcher_record(pid=None, host=None, heartbeat=None, state="serving",
 
 
 def launched_run(tmp_path: Path, instances=2, pid=None, host=None, heartbeat=None,
-                 **config) -> Path:
-    """A run directory as `aegis launch` leaves it (config.yaml, no job.id)."""
+                 state="serving", **config) -> Path:
+    """A run directory as `aegis launch` leaves it (config.yaml, no job.id); the launcher in
+    `state` ("starting": the fleet is still coming up; "serving": it was ready once)."""
     run_dir = tmp_path / "run"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(json.dumps(
         {"platform": "local", "model": "m", "instances": instances, **config}))
-    launcher = launcher_record(pid, host, heartbeat)
+    launcher = launcher_record(pid, host, heartbeat, state=state)
     write_doc(run_dir, [instance(i) for i in range(instances)],
               routers=[{"model": "m", "url": "http://n1:9000/v1", "host": "n1", "state": "ready",
                         "workers": instances}] if instances >= 2 else [],
@@ -166,7 +167,7 @@ def test_launched_run_on_another_host_is_judged_by_its_heartbeat(tmp_path):
 
 
 def test_phase_counts_failed_instances_against_min_ready(tmp_path):
-    run_dir = launched_run(tmp_path, instances=3, router=False)
+    run_dir = launched_run(tmp_path, instances=3, router=False, state="starting")
     doc = json.loads((run_dir / "endpoints.json").read_text())
     doc["instances"][2] = instance(2, "failed")
     doc["instances"][1] = instance(1, "starting")
@@ -181,7 +182,7 @@ def test_phase_counts_failed_instances_against_min_ready(tmp_path):
 
 
 def test_wait_ready_times_out_and_reports_progress(tmp_path):
-    run_dir = launched_run(tmp_path, instances=2)
+    run_dir = launched_run(tmp_path, instances=2, state="starting")
     doc = json.loads((run_dir / "endpoints.json").read_text())
     doc["instances"][1]["state"] = "starting"
     (run_dir / "endpoints.json").write_text(json.dumps(doc))
@@ -268,7 +269,7 @@ def test_wait_exit_codes(tmp_path):
     run_dir = launched_run(tmp_path / "d")
     write_doc(run_dir, [instance(0), instance(1, "starting")],
               routers=[{"model": "m", "url": "http://n1:9000/v1", "state": "ready"}],
-              launcher=launcher_record())
+              launcher=launcher_record(state="starting"))
     slow = invoke("wait", str(run_dir), "--timeout", "0.2")
     assert slow.exit_code == EXIT_TIMEOUT == 3
     assert "not ready after 0.2s" in slow.stderr
@@ -456,7 +457,7 @@ def test_progress_names_the_loading_instances_and_failures_show_their_log_tail(t
     lines: list[str] = []
     board = Board(config, make_plan(config, get_platform("local")), endpoints,
                   layout=RunLayout(str(tmp_path)), router_host="127.0.0.1",
-                  router_node="127.0.0.1", log=lines.append)
+                  router_node="127.0.0.1", api_key="k" * 43, log=lines.append)
 
     def state(i, s, **kw):
         return InstanceState(id=i, model="m", served_name="m", node=0, host="h", port=8000 + i,
