@@ -60,8 +60,8 @@ def marked_processes(token: str) -> dict[int, str]:
         try:
             if needle not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            stat = (entry / "stat").read_text()
-            if stat[stat.rindex(")") + 2] == "Z":
+            stat = (entry / "stat").read_bytes()  # the name in it need not be UTF-8
+            if stat[stat.rindex(b")") + 2:].startswith(b"Z"):
                 continue
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -127,14 +127,14 @@ def standin_processes(token: str) -> dict[int, tuple[int, str]]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
+        try:  # bytes: another process's name or command line need not be UTF-8
+            stat = (entry / "stat").read_bytes()
             argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        state, ppid = stat[stat.rindex(b")") + 2:].split()[:2]
         role = _standin_role(argv)
-        if state != "Z" and role and any(token in arg for arg in argv):
+        if state != b"Z" and role and any(token in arg for arg in argv):
             found[int(entry.name)] = (int(ppid), role)
     return found
 

@@ -32,14 +32,36 @@ def processes_with(token: str) -> list[str]:
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        try:  # bytes: any process of the machine may have a command line (or name) that is
+            # not UTF-8 (setproctitle leftovers were seen), and only ours matter here
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if token in cmd and state != "Z":
+        if token in cmd and state != b"Z":
             found.append(f"{pid}: {cmd}")
     return found
+
+
+def test_process_table_helpers_survive_processes_named_in_no_utf8():
+    """Any process of a shared machine can carry a command line or a name that is not UTF-8
+    (a setproctitle leftover broke the router test once: UnicodeDecodeError in
+    processes_with); the helpers that scan /proc must skip past it."""
+    from harness import standin_processes
+
+    code = ("import ctypes, sys; ctypes.CDLL(None).prctl(15, b'\\xff\\xfeaegis-odd', 0, 0, 0); "
+            "print('named', flush=True); sys.stdin.readline()")
+    odd = subprocess.Popen([sys.executable, "-c", code, b"\xff\xfe-odd-argv"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert odd.stdout.readline() == b"named\n"
+        assert Path(f"/proc/{odd.pid}/comm").read_bytes() == b"\xff\xfeaegis-odd\n"
+        assert [line for line in processes_with("-odd-argv") if line.startswith(f"{odd.pid}:")]
+        assert standin_processes("-odd-argv") == {} and marked_processes("-odd-argv") == {}
+    finally:
+        odd.kill()
+        odd.wait()
 
 
 class Run:
