@@ -142,17 +142,26 @@ def _why(err: OSError) -> str:
 def check_models(models: Sequence[ModelConfig], *, skip_missing: bool = False
                  ) -> tuple[list[ModelSource | None], list[str], list[str]]:
     """resolve() every model's source: (sources, one line per problem naming the key, notes).
-    skip_missing: a path that does not exist here is noted, not refused (`aegis submit` on a
-    login node that may not see a node-local or compute-only path)."""
+    skip_missing: a path of which nothing is visible here (its parent directory does not
+    exist here either: a file system that only the compute nodes mount) is noted, not refused
+    (`aegis submit` on a login node). A missing path whose parent directory is visible is
+    refused: that file system is mounted here, so the path is wrong, and a job would queue
+    for hours only to fail at its start."""
     sources: list[ModelSource | None] = []
     problems: list[str] = []
     notes: list[str] = []
     for i, model in enumerate(models):
         key = "model_source" if len(models) == 1 else f"models[{i}].model_source"
         source = None
-        if model.model_source and skip_missing and not os.path.lexists(model.model_source):
-            notes.append(f"{key}: {model.model_source} is not visible here; it is checked on "
-                         "the first node before staging")
+        missing = _missing(model.model_source) if model.model_source and skip_missing else None
+        if missing:
+            parent = os.path.dirname(os.path.abspath(model.model_source))
+            if os.path.lexists(parent):
+                problems.append(f"{key}: {model.model_source}: {missing} (its parent {parent} "
+                                "exists here)")
+            else:
+                notes.append(f"{key}: {model.model_source} is not visible here; it is checked "
+                             "on the first node before staging")
         elif model.model_source:
             try:
                 source = resolve(model.model_source)
@@ -160,3 +169,13 @@ def check_models(models: Sequence[ModelConfig], *, skip_missing: bool = False
                 problems.append(f"{key}: {e}")
         sources.append(source)
     return sources, problems, notes
+
+
+def _missing(path: str) -> str | None:
+    """Why nothing is at `path` (not found, its parent is no directory, no permission to look
+    in its parent, ...), or None when something is (even a dangling link: resolve() says)."""
+    try:
+        os.lstat(path)
+    except OSError as e:
+        return _why(e)
+    return None

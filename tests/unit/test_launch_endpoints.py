@@ -18,6 +18,16 @@ def _state(i, state="ready", **kw):
     return InstanceState(**{**base, **kw})
 
 
+def _until(condition, timeout=10.0, what="condition"):
+    """Poll condition() until it is true; fail at the deadline. A wait for something that must
+    happen, however loaded the machine (a fixed sleep only guesses how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        time.sleep(0.01)
+    return result
+
+
 class Clock:
     def __init__(self, now=1_000_000.0):
         self.now = now
@@ -86,9 +96,8 @@ def test_heartbeat_thread_refreshes_only_the_heartbeat_until_finish(tmp_path):
     ep.update([_state(0)], state="serving")
     first = read_endpoints(ep.json_path)["launcher"]
     ep.start_heartbeat()
-    time.sleep(0.3)
-    beat = read_endpoints(ep.json_path)["launcher"]
-    assert beat["heartbeat_at"] > first["heartbeat_at"]
+    beat = _until(lambda: (doc := read_endpoints(ep.json_path)["launcher"])["heartbeat_at"]
+                  > first["heartbeat_at"] and doc, what="a heartbeat")
     assert beat["updated_at"] == first["updated_at"]  # no change, only a heartbeat
     ep.finish("stopped", 0)
     assert not ep._thread.is_alive()
@@ -105,9 +114,11 @@ def test_a_failing_file_system_does_not_stop_the_launch(tmp_path, monkeypatch, c
     assert ep.txt_path.read_text() == "n0:8000\n"
     real = endpoints.write_atomic
     full = [True]
+    refused = []  # writes refused while the file system is full
 
     def write(path, text, mode=0o600):
         if full[0]:
+            refused.append(path)
             raise OSError(28, "No space left on device")
         real(path, text, mode)
 
@@ -116,14 +127,14 @@ def test_a_failing_file_system_does_not_stop_the_launch(tmp_path, monkeypatch, c
     ep.update([_state(0, "restarting")])  # neither raises
     with pytest.raises(OSError):
         ep.update(must_write=True)  # the first write of a launch must succeed
-    time.sleep(0.2)
-    assert ep._thread.is_alive()
+    tried = len(refused)
+    _until(lambda: len(refused) >= tried + 3, what="heartbeats on the full file system")
+    assert ep._thread.is_alive()  # the failed beats did not end the thread
     stale = read_endpoints(ep.json_path)
     assert stale["instances"][0]["state"] == "ready"  # the old content, whose heartbeat ages
     full[0] = False
-    time.sleep(0.2)
-    fresh = read_endpoints(ep.json_path)
-    assert fresh["launcher"]["heartbeat_at"] > stale["launcher"]["heartbeat_at"]
+    fresh = _until(lambda: (doc := read_endpoints(ep.json_path))["launcher"]["heartbeat_at"]
+                   > stale["launcher"]["heartbeat_at"] and doc, what="a beat once writable")
     assert fresh["instances"][0]["state"] == "restarting"  # the change caught up
     assert ep.txt_path.read_text() == ""  # ... in the .txt too
     ep.finish("stopped", 0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aegis.launch.processes import KEEPER_ARGV
-from harness import RUN_MARKER, kill_marked, marked_processes, wait_gone
+from harness import RUN_MARKER, kill_marked, wait_gone, wait_standin_families
 
 STANDIN = Path(__file__).resolve().parents[1] / "standin_vllm.py"
 FAMILY = ["--spawn-child", "--spawn-grandchild", "--spawn-daemon"]
@@ -36,14 +36,6 @@ def _family(token, *extra):
     return [sys.executable, str(STANDIN), "serve", f"m-{token}", "--port", "0", *FAMILY, *extra]
 
 
-def _wait_count(token, n, timeout=15):
-    deadline = time.monotonic() + timeout
-    while len(found := marked_processes(token)) < n:
-        assert time.monotonic() < deadline, found
-        time.sleep(0.05)
-    return found
-
-
 def test_exit_status_of_the_instance_is_relayed(token):
     for code in (0, 3):
         keeper = _keeper(token, [sys.executable, "-c", f"import sys; sys.exit({code})"])
@@ -56,26 +48,35 @@ def test_exit_status_of_the_instance_is_relayed(token):
 
 
 def test_leftovers_of_an_exited_instance_are_removed(token):
-    # the server dies after 1 request; its child, grandchild and daemon must not outlive it
-    script = (f"import subprocess, sys, time; subprocess.Popen({_family(token)!r}); "
-              "time.sleep(2); sys.exit(4)")
-    keeper = _keeper(token, [sys.executable, "-c", script])
-    _wait_count(token, 1 + 1 + 5)  # keeper, the script, server + 4 spawned
+    # the instance's leader exits once its server's whole family runs (a line on its stdin,
+    # not a fixed sleep: under load the family can take longer than any sleep to start);
+    # the server, its child, grandchild and daemon must not outlive it
+    script = (f"import subprocess, sys; subprocess.Popen({_family(token)!r}); "
+              "sys.stdin.readline(); sys.exit(4)")
+    keeper = _keeper(token, [sys.executable, "-c", script], stdin=subprocess.PIPE, text=True)
+    wait_standin_families(token, 1)
+    keeper.stdin.write("exit\n")
+    keeper.stdin.flush()
     assert keeper.wait(timeout=15) == 4
     assert wait_gone(token, 0.5) == {}
 
 
 @pytest.mark.parametrize("deaf", [False, True])
 def test_stop_reaches_every_descendant_and_kills_after_the_grace(token, deaf):
-    keeper = _keeper(token, _family(token, *(["--ignore-term"] if deaf else [])), grace=1)
-    _wait_count(token, 1 + 5)
+    # the deaf one needs the KILL after a 1 s grace; the others go on TERM, long before a
+    # 10 s grace would end (a margin that no load on the machine eats)
+    grace = 1 if deaf else 10
+    keeper = _keeper(token, _family(token, *(["--ignore-term"] if deaf else [])), grace=grace)
+    # the whole family, settled: a process forked after the keeper's TERM would wait for the
+    # KILL at the end of the grace (a stop while the family still forms proves less)
+    wait_standin_families(token, 1)
     t0 = time.monotonic()
     keeper.send_signal(signal.SIGTERM)
-    code = keeper.wait(timeout=15)
+    code = keeper.wait(timeout=30)
     took = time.monotonic() - t0
     assert wait_gone(token, 0) == {}
-    # the deaf one needs the KILL after the 1 s grace; the others go at once on TERM
-    assert code == (137 if deaf else 143) and (took >= 1 if deaf else took < 1), (code, took)
+    assert code == (137 if deaf else 143), (code, took)
+    assert took >= grace if deaf else took < grace, (code, took)
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "exit"])
@@ -86,11 +87,14 @@ def test_launcher_death_stops_everything_within_the_death_grace(token, how):
          "import os, subprocess, sys, time; "
          f"subprocess.Popen([*{list(KEEPER_ARGV)!r}, '--parent', str(os.getpid()), '--grace', "
          f"'60', '--', *{_family(token, '--ignore-term')!r}]); "
-         + ("time.sleep(600)" if how == "SIGKILL" else "time.sleep(3)")],
-        env={**os.environ, RUN_MARKER: token})
-    _wait_count(token, 2 + 5)
+         "sys.stdin.readline()"],  # until told: die (SIGKILL) or exit
+        env={**os.environ, RUN_MARKER: token}, stdin=subprocess.PIPE, text=True)
+    wait_standin_families(token, 1)
     if how == "SIGKILL":
         launcher.kill()
+    else:
+        launcher.stdin.write("exit\n")
+        launcher.stdin.flush()
     launcher.wait(timeout=15)
     t0 = time.monotonic()
     left = wait_gone(token, 10)
@@ -116,7 +120,7 @@ def test_launcher_dying_during_a_long_grace_cuts_it(token):
          "time.sleep(float(sys.stdin.readline())); k.terminate(); time.sleep(1); "
          "os.kill(os.getpid(), 9)"],
         env={**os.environ, RUN_MARKER: token}, stdin=subprocess.PIPE, text=True)
-    _wait_count(token, 2 + 5)
+    wait_standin_families(token, 1)
     launcher.stdin.write("0\n")  # stop (grace 60 s), then die 1 s later
     launcher.stdin.flush()
     launcher.wait(timeout=15)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import RUN_MARKER, kill_marked, marked_processes, wait_gone
+from harness import RUN_MARKER, kill_marked, marked_processes, wait_gone, wait_standin_families
 from ports import free_port_block
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,14 +33,36 @@ def processes_with(token: str) -> list[str]:
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        try:  # bytes: any process of the machine may have a command line (or name) that is
+            # not UTF-8 (setproctitle leftovers were seen), and only ours matter here
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if token in cmd and state != "Z":
+        if token in cmd and state != b"Z":
             found.append(f"{pid}: {cmd}")
     return found
+
+
+def test_process_table_helpers_survive_processes_named_in_no_utf8():
+    """Any process of a shared machine can carry a command line or a name that is not UTF-8
+    (a setproctitle leftover broke the router test once: UnicodeDecodeError in
+    processes_with); the helpers that scan /proc must skip past it."""
+    from harness import standin_processes
+
+    code = ("import ctypes, sys; ctypes.CDLL(None).prctl(15, b'\\xff\\xfeaegis-odd', 0, 0, 0); "
+            "print('named', flush=True); sys.stdin.readline()")
+    odd = subprocess.Popen([sys.executable, "-c", code, b"\xff\xfe-odd-argv"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert odd.stdout.readline() == b"named\n"
+        assert Path(f"/proc/{odd.pid}/comm").read_bytes() == b"\xff\xfeaegis-odd\n"
+        assert [line for line in processes_with("-odd-argv") if line.startswith(f"{odd.pid}:")]
+        assert standin_processes("-odd-argv") == {} and marked_processes("-odd-argv") == {}
+    finally:
+        odd.kill()
+        odd.wait()
 
 
 class Run:
@@ -242,8 +264,9 @@ def test_hung_instance_is_stopped_and_restarted(tmp_path):
         assert marker.exists()
         log = (run.run_dir / "logs" / "instance-0000.log").read_text()
         assert "standin: hanging" in log and "--- aegis: restart 1" in log
-        time.sleep(0.3)
-        alive = processes_with(run.token)  # the hung server and its child are gone
+        # the hung server and its child went before the restart (it waits for the keeper,
+        # which waits for both); the new server started its child before it listened
+        alive = processes_with(run.token)
         assert len(alive) == 2 and sum("standin-child" in p for p in alive) == 1, alive
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=30)
@@ -263,8 +286,8 @@ def test_crash_is_restarted_then_sigterm_stops_everything(tmp_path):
         doc = run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
                                  and d["instances"][0]["state"] == "ready")
         assert marker.exists()
-        # the restarted server and its child; the crashed one's child was cleared
-        time.sleep(0.3)
+        # the restarted server and its child; the crashed one's child was cleared before the
+        # restart (no settling time needed: the restart waits for the keeper's sweep)
         alive = processes_with(run.token)
         assert len(alive) == 2 and sum("standin-child" in p for p in alive) == 1, alive
         log = (run.run_dir / "logs" / "instance-0000.log").read_text()
@@ -435,13 +458,15 @@ def test_missing_config_and_unknown_option(tmp_path):
 FAMILY = ["--spawn-child", "--spawn-grandchild", "--spawn-daemon"]
 
 
-def _wait_family(run, instances: int, timeout=30):
-    """Until every instance's server and its 4 spawned processes run."""
-    deadline = time.monotonic() + timeout
-    while len(found := processes_with(run.token)) < 5 * instances:
-        assert time.monotonic() < deadline, found
-        time.sleep(0.1)
-    assert sum("standin-daemon" in p for p in found) == instances, found
+def _wait_family(run, instances: int, timeout=30) -> dict[int, tuple[int, str]]:
+    """Until every instance's server and its 4 spawned processes run, each where it stays
+    (harness.unsettled_families: counting them is not enough); pid -> (parent, role)."""
+    return wait_standin_families(run.token, instances, timeout)
+
+
+def _pids(lines: list[str]) -> list[int]:
+    """The pids of processes_with()'s "pid: command" lines."""
+    return [int(line.split(":")[0]) for line in lines]
 
 
 def _sigkill_leaves_nothing(run, pid, within=10.0):
@@ -524,14 +549,18 @@ def test_sigstopped_instance_counts_as_hung_and_is_replaced(tmp_path):
     proc = run.start("--liveness-interval", "0.3", "--probe-timeout", "0.5", "--stop-grace", "1")
     try:
         run.wait_endpoints(lambda d: d["ready"] == 1)
-        _wait_family(run, 1)
-        first = [int(p.split(":")[0]) for p in processes_with(f"serve m-{run.token}")]
-        os.kill(first[0], signal.SIGSTOP)
+        first = _wait_family(run, 1)
+        (server,) = [pid for pid, (_, role) in first.items() if role == "server"]
+        os.kill(server, signal.SIGSTOP)
         run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
                            and d["instances"][0]["state"] == "ready")
-        _wait_family(run, 1)  # the old family is gone, the new one complete
+        # the whole old family went before the replacement started (the restart waits for
+        # its keeper, which waits for every descendant): nothing of it is left now
+        left = processes_with(run.token)
+        assert not set(first) & set(_pids(left)), (first, left)
+        second = _wait_family(run, 1)  # the new family complete and settled: it stays so
         alive = processes_with(run.token)
-        assert len(alive) == 5 and str(first[0]) not in [p.split(":")[0] for p in alive], alive
+        assert set(_pids(alive)) == set(second) and len(alive) == 5, (second, alive)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     finally:
@@ -614,10 +643,12 @@ def test_a_killed_keeper_leaves_nothing_either(tmp_path):
         os.kill(keepers[0], signal.SIGKILL)
         run.wait_endpoints(lambda d: d["instances"][0]["restarts"] == 1
                            and d["instances"][0]["state"] == "ready")
-        _wait_family(run, 1)
-        time.sleep(0.5)
+        # removed before the restart (remove_strays), so already gone now: no settling time
         alive = marked_processes(run.token)
-        assert len(processes_with(run.token)) == 5 and not (first - {proc.pid}) & set(alive), alive
+        assert not (first - {proc.pid}) & set(alive), alive
+        _wait_family(run, 1)
+        alive = marked_processes(run.token)
+        assert len(processes_with(run.token)) == 5, alive
         zombies = [pid for pid in alive if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"]
         assert zombies == []
         proc.send_signal(signal.SIGTERM)

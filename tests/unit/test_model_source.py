@@ -229,3 +229,61 @@ def test_an_unreadable_blob_behind_a_snapshot_link_is_refused(tmp_path, monkeypa
     with pytest.raises(ModelSourceError, match=rf"snapshots/{REV}/model.safetensors: links to "
                                                rf"../../blobs/{blob.name}, which is not readable$"):
         resolve(str(hub))
+
+
+def _submit(*args):
+    return CliRunner().invoke(main, ["submit", "--dry-run", "--platform", "local", *args])
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_submit_refuses_a_missing_source_whose_parent_is_visible(tmp_path, monkeypatch, relative):
+    """The file system is mounted here, so the path is wrong: a job would queue for hours and
+    fail at its start. Exit 2, one line naming the key and the path, nothing printed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hub").mkdir()
+    path = "hub/models--org--typo" if relative else str(tmp_path / "hub" / "models--org--typo")
+    result = _submit("--model", "org/tiny", "--model-source", path)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (f"aegis: error: model_source: {path}: not found "
+                             f"(its parent {tmp_path / 'hub'} exists here)\n")
+    assert result.stdout == ""
+
+
+def test_submit_refuses_a_missing_source_under_a_parent_that_is_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.tar").write_text("")
+    path = str(tmp_path / "weights.tar" / "m")
+    result = _submit("--model", "m", "--model-source", path)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (f"aegis: error: model_source: {path}: Not a directory "
+                             f"(its parent {tmp_path / 'weights.tar'} exists here)\n")
+
+
+def test_submit_names_the_missing_source_of_a_models_list_by_its_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_plain(tmp_path / "good")
+    (tmp_path / "c.yaml").write_text(
+        "platform: local\nmodels:\n  - model: a\n    model_source: good\n"
+        "  - model: b\n    model_source: gone\n  - model: c\n    model_source: /compute-only/c\n")
+    result = CliRunner().invoke(main, ["submit", "--dry-run", "-c", "c.yaml"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"aegis: error: models[1].model_source: {tmp_path}/gone: not found "
+                             f"(its parent {tmp_path} exists here)\n")
+
+
+def test_check_models_notes_only_a_source_of_which_nothing_is_visible(tmp_path):
+    from aegis.config import ModelConfig
+    from aegis.model_source import check_models
+
+    (tmp_path / "hub").mkdir()
+    models = [ModelConfig(name="a", model_source=str(tmp_path / "hub" / "gone")),
+              ModelConfig(name="b", model_source=str(tmp_path / "not-mounted" / "m"))]
+    sources, problems, notes = check_models(models, skip_missing=True)
+    assert sources == [None, None]
+    assert problems == [f"models[0].model_source: {tmp_path}/hub/gone: not found "
+                        f"(its parent {tmp_path}/hub exists here)"]
+    assert notes == [f"models[1].model_source: {tmp_path}/not-mounted/m is not visible here; "
+                     "it is checked on the first node before staging"]
+    # the launcher (no skip_missing) refuses both: there, every path must be visible
+    _, problems, notes = check_models(models)
+    assert len(problems) == 2 and notes == []
