@@ -22,7 +22,7 @@ from aegis.run import Run
 from test_launch_run import Run as LaunchRun
 from test_launch_run import _no_strays, processes_with  # noqa: F401 (autouse: no strays)
 
-DETECT = 5.0  # seconds a stopped or killed instance may keep being chosen
+DETECT = 8.0  # seconds within which a stopped or killed instance must leave the rotation
 
 
 def _client(url: str, timeout: float, key: str):
@@ -77,6 +77,37 @@ def _open_when_there(run_dir, timeout: float) -> Run:
     return Run.open(run_dir)
 
 
+def _router_workers(router: str, key: str) -> dict[str, bool]:
+    """The router's own view: worker URL -> healthy (GET /workers, with the run's key)."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(f"{router}/workers",
+                                     headers={"Authorization": f"Bearer {key}"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=10) as reply:
+        return {w["url"].rstrip("/"): w["is_healthy"] for w in json.load(reply)["workers"]}
+
+
+def _until(predicate, timeout: float, what: str) -> float:
+    """Poll until `predicate()` holds; -> the monotonic time it was first seen to hold."""
+    return _until_with_last_miss(predicate, timeout, what)[0]
+
+
+def _until_with_last_miss(predicate, timeout: float, what: str) -> tuple[float, float]:
+    """Poll until `predicate()` holds -> (when it was first seen to hold, when the last poll
+    that found it false began: it was still false then)."""
+    deadline = time.monotonic() + timeout
+    last_miss = time.monotonic()
+    while True:
+        began = time.monotonic()
+        if predicate():
+            return time.monotonic(), last_miss
+        last_miss = began
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        time.sleep(0.05)
+
+
 def _instance_pid(port: int) -> int:
     (line,) = [p for p in processes_with(f"--port {port} ") if "standin_vllm" in p]
     return int(line.split(":", 1)[0])
@@ -103,32 +134,48 @@ def test_router_spreads_requests_and_follows_stopped_and_killed_instances(tmp_pa
         assert set(served) == {f"standin-{p}" for p in ports}, served
 
         stopped, killed = ports[0], ports[1]
-        with Load(url, "m", run.api_key()) as load:
-            time.sleep(1)
+        key = run.api_key()
+        router = url.removesuffix("/v1")
+
+        def in_rotation(port: int) -> bool:
+            """What the router itself says (GET /workers): healthy and in its list."""
+            return _router_workers(router, key).get(f"http://127.0.0.1:{port}", False)
+
+        with Load(url, "m", key) as load:
+            _until(lambda: len(load.results) >= 20, 30, "the load is running")
             pid = _instance_pid(stopped)
             os.kill(pid, signal.SIGSTOP)
             t_stop = time.monotonic()
-            time.sleep(DETECT + 3)
+            # events, not sleeps: the moment the router reports it out (within DETECT)
+            t_out = _until(lambda: not in_rotation(stopped), DETECT + 10, "stopped: out")
+            _until(lambda: len(load.between(t_out, 1e18)) >= 20, 30, "requests meanwhile")
             os.kill(pid, signal.SIGCONT)
             t_cont = time.monotonic()
-            time.sleep(4)
+            t_in = _until(lambda: in_rotation(stopped), 15, "resumed: back in rotation")
+            _until(lambda: f"standin-{stopped}" in
+                   {who for _, _, who in load.between(t_in, 1e18)}, 15, "served again")
             os.kill(_instance_pid(killed), signal.SIGKILL)
             t_kill = time.monotonic()
+            t_gone = _until(lambda: not in_rotation(killed), DETECT + 10, "killed: out")
             # the launcher restarts it (backoff 0.2 s) and gives it back to the router
-            run.wait_ready(timeout=30)
-            t_back = time.monotonic()
-            time.sleep(3)
-        out_of_rotation = load.between(t_stop + DETECT, t_cont)
-        assert out_of_rotation, "no request was sent while the instance was stopped"
-        assert all(who not in (None, f"standin-{stopped}") for _, _, who in out_of_rotation), \
-            Counter(who for _, _, who in out_of_rotation)
-        assert f"standin-{stopped}" in {who for _, _, who in load.between(t_cont + 3, t_kill)}
-        after_kill = load.between(t_kill + DETECT, t_back)
-        assert all(who not in (None, f"standin-{killed}") for _, _, who in after_kill)
-        assert f"standin-{killed}" in {who for _, _, who in load.between(t_back + 1, 1e18)}
+            # still out when the last poll that found it out began: nothing sent before that
+            # (less the time a request takes to be routed) can have reached it
+            t_back, t_still_out = _until_with_last_miss(lambda: in_rotation(killed), 30,
+                                                        "restarted: back in rotation")
+            _until(lambda: f"standin-{killed}" in
+                   {who for _, _, who in load.between(t_back, 1e18)}, 15, "served again")
+        # what it proves: out of rotation within DETECT seconds (the router's health checks
+        # and the launcher's own), no request sent after that reaches it or fails, and it
+        # serves again once back
+        assert t_out - t_stop < DETECT and t_gone - t_kill < DETECT, (t_out - t_stop,
+                                                                      t_gone - t_kill)
+        for start, end, port in ((t_out, t_cont, stopped), (t_gone, t_still_out - 0.1, killed)):
+            sent = load.between(start, end)
+            assert sent and all(who not in (None, f"standin-{port}") for _, _, who in sent), \
+                Counter(who for _, _, who in sent)
         # failures only among requests in flight when an instance stopped or died
         failed = [sent for sent, _, who in load.results if who is None]
-        assert all(t_stop - 2.5 <= t < t_stop + DETECT or t_kill - 2.5 <= t < t_kill + DETECT
+        assert all(t_stop - 2.5 <= t < t_out or t_kill - 2.5 <= t < t_gone
                    for t in failed), failed
         restarted = [e for e in run.state().instances if e.url.endswith(f":{killed}/v1")]
         assert restarted[0].restarts == 1
