@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from aegis.launch.processes import KEEPER_ARGV
-from harness import RUN_MARKER, kill_marked, wait_gone, wait_standin_families
+from harness import RUN_MARKER, kill_marked, marked_processes, wait_gone, wait_standin_families
 
 STANDIN = Path(__file__).resolve().parents[1] / "standin_vllm.py"
 FAMILY = ["--spawn-child", "--spawn-grandchild", "--spawn-daemon"]
