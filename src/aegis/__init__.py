@@ -11,7 +11,8 @@ Data flow (one module or package per step):
     -> launch.board (endpoints file, launch.router)
 """
 
-__version__ = "0.1.0"
+from .version import __version__
+
 __all__ = ["Run", "submit"]
 
 

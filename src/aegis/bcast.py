@@ -755,18 +755,22 @@ def stage(source, dest, comm=None, *, root: int = 0, chunk_size: int = DEFAULT_C
         looked, error = _attempt(E_PREPARE, f"dest {dest_path}", look_at_dest)
         _agree(comm, error, cancel)
         cached_here, manifest = looked
-        roles = comm.allgather((host, rank, str(dest_path), is_writer, cached_here))
-        writer_infos = [WriterInfo(h, r, d, c) for h, r, d, w, c in roles if w]
+        # (a writer's manifest holds the checksum of the stream it was staged from: every
+        # rank gets it, so what callers key on it agree, writers or not)
+        roles = comm.allgather((host, rank, str(dest_path), is_writer, cached_here,
+                                manifest.get("checksum") if manifest else None))
+        writer_infos = [WriterInfo(h, r, d, c) for h, r, d, w, c, _ in roles if w]
         reader_ranks = pick_readers([h for h, *_ in roles], root, readers)
-        if all(c for *_, c in roles):
+        if all(c for *_, c, _ in roles):
+            checksum = next((k for *_, k in roles if k), None)
             return StageResult(info["source"], str(dest_path), 0, info["size"],
-                               time.monotonic() - t0, 0.0, True, manifest.get("checksum")
-                               if manifest else None, writer_infos, reader_ranks)
+                               time.monotonic() - t0, 0.0, True, checksum, writer_infos,
+                               reader_ranks)
 
         tmp = _sibling(dest_path, "tmp")
 
         def prepare():
-            same_host = [d for h, r, d, w, _ in roles if w and h == host]
+            same_host = [d for h, r, d, w, *_ in roles if w and h == host]
             if same_host.count(str(dest_path)) > 1:
                 raise ValueError(f"dest {dest_path} is used by several writer ranks on {host}; "
                                  "give each rank its own dest with writers='all'")

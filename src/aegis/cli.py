@@ -23,8 +23,9 @@ from typing import Any, Callable
 
 import click
 
-from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, FileTooLarge, Key, ModelConfig,
-                     _scheduler_names, byte_size, load_config, read_small_file, why_unreadable)
+from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, Key, ModelConfig, byte_size,
+                     load_config, scheduler_names)
+from .files import FileTooLarge, read_small_file, why_unreadable
 from .layout import CONFIG_NAME, RunLayout
 from .model_source import check_models
 from .platforms import get_platform, platform_names
@@ -346,11 +347,8 @@ def launch(config_path: str | None, nodes: str | None, nodefile: str | None,
     Starts one launcher rank per node (the platform's MPI launcher) unless already one of
     them, or the plan needs one node. Exit 0 all ready (or allow_partial), 1 failed, 2 bad
     input, 128+N stopped by signal N."""
-    from .launch import LaunchOptions
+    from .launch import EXIT_BAD_INPUT, LaunchOptions, print_error
     from .launch import launch as start
-
-    from .launch import EXIT_BAD_INPUT as BAD_INPUT
-    from .launch import _error as launch_error
 
     if nodes and nodefile:
         raise click.UsageError("--nodes and --nodefile: give one of them")
@@ -360,8 +358,8 @@ def launch(config_path: str | None, nodes: str | None, nodefile: str | None,
         config = config_from_flags(config_path, flags)
         job_start(os.environ)  # the batch script's AEGIS_JOB_START: a Unix time, or unset
     except ConfigError as err:
-        launch_error(str(err))
-        return BAD_INPUT
+        print_error(str(err))
+        return EXIT_BAD_INPUT
     return start(config, LaunchOptions(nodes=nodes, nodefile=nodefile, run_dir=launch_run_dir,
                                        bind_host=bind_host, once=once),
                  config_path=config_path)
@@ -436,7 +434,7 @@ def _run_command(name: str, **settings: Any) -> Callable:
             help="Platform whose batch system to ask when RUN is a job id and --scheduler is "
             "not given.")(function)
         function = click.option(
-            "--scheduler", type=click.Choice(_scheduler_names()),
+            "--scheduler", type=click.Choice(scheduler_names()),
             help="Batch system (default: the run directory's; for a job id, the one whose "
             "qstat or squeue is on PATH).")(function)
         function = click.argument("run", metavar="RUN")(function)

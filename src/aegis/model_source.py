@@ -23,7 +23,8 @@ import stat
 from dataclasses import dataclass
 from typing import Sequence
 
-from .config import ModelConfig, read_small_file, why_unreadable
+from .config import ModelConfig
+from .files import read_small_file, why_unreadable
 
 REFS_MAIN = os.path.join("refs", "main")
 _REVISION = re.compile(r"[A-Za-z0-9._-]{1,255}")

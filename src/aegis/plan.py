@@ -19,12 +19,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from .config import Config
+from .config import INTERNAL_PORTS_PER_SLOT, MAX_NODES, Config, nodes_per_instance
 from .platforms import Platform
-
-INTERNAL_PORTS_PER_SLOT = 16
-# More nodes than any machine has: plans and node lists above it are refused before they are built.
-MAX_NODES = 100_000
 
 
 @dataclass(frozen=True)
@@ -80,10 +76,6 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"nodes_needed": self.nodes_needed, "devices_per_node": self.devices_per_node,
                 "instances": [i.to_dict() for i in self.instances]}
-
-
-def nodes_per_instance(tp: int, devices_per_node: int) -> int:
-    return -(-tp // devices_per_node)
 
 
 def make_plan(config: Config, platform: Platform) -> Plan:

@@ -10,6 +10,9 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+# The batch systems a platform may name (aegis.scheduler has one backend module for each).
+SCHEDULERS = ("pbs", "slurm")
+
 
 @dataclass(frozen=True)
 class Platform:

@@ -32,11 +32,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import pids
-from .config import (MAX_JOB_ID_BYTES, Config, ConfigError, RefusedFile, load_config,
-                     read_run_file, why_unreadable)
-from .launch.endpoints import (FINAL_LAUNCHER_STATES, launcher_alive, launcher_identity,
-                               read_endpoints)
-from .launch.chain import read_record
+from .config import Config, ConfigError, load_config
+from .files import MAX_JOB_ID_BYTES, RefusedFile, read_run_file, why_unreadable
+from .runfiles import (FINAL_LAUNCHER_STATES, launcher_alive, launcher_identity, read_endpoints,
+                       read_record)
 from .layout import API_KEY_NAME, CHAIN_NAME, ENDPOINTS_NAME, RunLayout
 
 # Phases of a run, in order; failed and ended are final.

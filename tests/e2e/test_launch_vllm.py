@@ -215,7 +215,7 @@ def test_sigkilled_launcher_leaves_no_vllm_process(vllm_venv, tiny_model, tmp_pa
     """The real proof of the keeper: vLLM's engine core is a grandchild of the launcher (the
     API server's child, renamed VLLM::EngineCore). SIGKILL `aegis launch` once it serves:
     within 10 s no process of the run may be left, and the endpoints file's heartbeat stops."""
-    from aegis.launch.endpoints import launcher_alive
+    from aegis.runfiles import launcher_alive
 
     token = uuid.uuid4().hex
     config = _write_config(tmp_path, models={"tiny": tiny_model}, vllm_venv=vllm_venv,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aegis.launch import run_rank
+from aegis.launch.__main__ import main as run_rank  # one rank, in this process
 
 from packed_env import make_packed_env
 from ports import free_port_block

@@ -216,10 +216,10 @@ SUBPROCESS_CASES = ["alias-bomb", "merge-key-bomb", "nested-flow-20000", "config
 
 
 def test_a_pipe_whose_writer_stays_silent_is_refused_not_waited_on(tmp_path, monkeypatch):
-    import aegis.config
+    import aegis.files
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(aegis.config, "READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(aegis.files, "READ_TIMEOUT", 0.5)
     read, write = os.pipe()  # a writer that never writes nor closes
     try:
         result = CliRunner().invoke(main, ["submit", "--dry-run", "-c", f"/dev/fd/{read}"])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from aegis.launch.allocation import (
-    AllocationError, check_enough, expand_slurm_nodelist, find_allocation, parse_nodefile)
+from aegis.launch.allocation import check_enough, find_allocation
+from aegis.scheduler.nodelist import AllocationError, expand_slurm_nodelist, parse_nodefile
 
 
 @pytest.mark.parametrize("nodelist, expected", [
@@ -74,7 +74,7 @@ def test_too_few_nodes_names_both_numbers():
 
 
 def test_node_ranges_up_to_the_cap_expand_and_beyond_it_are_counted_not_built():
-    from aegis.launch.allocation import expand_slurm_nodelist
+    from aegis.scheduler.nodelist import expand_slurm_nodelist
     from aegis.plan import MAX_NODES
 
     assert len(expand_slurm_nodelist(f"n[1-{MAX_NODES}]")) == MAX_NODES

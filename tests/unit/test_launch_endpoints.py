@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from aegis.launch.endpoints import (
-    HEARTBEAT_INTERVAL, SCHEMA, STALE_AFTER, EndpointsFile, InstanceState, launcher_alive,
-    read_endpoints, serving)
+from aegis.launch.endpoints import EndpointsFile, InstanceState
+from aegis.runfiles import HEARTBEAT_INTERVAL, SCHEMA, STALE_AFTER, launcher_alive, read_endpoints, serving
 
 
 def _state(i, state="ready", **kw):

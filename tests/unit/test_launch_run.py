@@ -95,12 +95,12 @@ class Run:
 
     def launch(self, *extra, timeout=60, env=None):
         """`aegis launch` (main): starts mpiexec itself when the plan needs several nodes."""
-        code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
+        code = "import sys; from aegis.launch.__main__ import main; sys.exit(main(sys.argv[1:]))"
         return subprocess.run([sys.executable, "-c", code, *self.argv(*extra)],
                               env=self.env(env), capture_output=True, text=True, timeout=timeout)
 
     def start(self, *extra, env=None, quiet=False):
-        code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
+        code = "import sys; from aegis.launch.__main__ import main; sys.exit(main(sys.argv[1:]))"
         out = subprocess.DEVNULL if quiet else subprocess.PIPE
         return subprocess.Popen([sys.executable, "-c", code, *self.argv(*extra)],
                                 env=self.env(env), stdout=out, stderr=out, text=True,
@@ -440,7 +440,7 @@ def test_too_few_nodes_from_pbs_nodefile_on_every_rank(tmp_path):
 
 
 def test_missing_config_and_unknown_option(tmp_path):
-    code = "import sys; from aegis.launch import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from aegis.launch.__main__ import main; sys.exit(main(sys.argv[1:]))"
     res = subprocess.run([sys.executable, "-c", code, "--config", str(tmp_path / "nope.yaml")],
                          env=ENV, capture_output=True, text=True)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
@@ -495,7 +495,7 @@ def test_sigkilled_launcher_leaves_no_process_of_any_instance(tmp_path, when):
             proc.kill()
         proc.wait(timeout=10)
     doc = run.endpoints()  # the file cannot say "stopped", but its heartbeat stops
-    from aegis.launch.endpoints import launcher_alive
+    from aegis.runfiles import launcher_alive
 
     assert not launcher_alive(doc, doc["launcher"]["heartbeat_at"] + 16)
 
@@ -584,7 +584,7 @@ def _rank_pids(run) -> dict[int, int]:
     """MPI rank -> pid of the launcher ranks of this run."""
     ranks = {}
     for pid, cmd in marked_processes(run.token).items():
-        if "-m aegis.launch" in cmd or "from aegis.launch import main" in cmd:
+        if "-m aegis.launch" in cmd or "from aegis.launch.__main__ import main" in cmd:
             try:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:

@@ -20,7 +20,7 @@ import aegis
 from aegis.cli import EXIT_TIMEOUT, main
 from aegis.config import ConfigError, load_config
 from aegis.layout import RunLayout
-from aegis.launch.endpoints import STALE_AFTER
+from aegis.runfiles import STALE_AFTER
 from aegis.run import Run, RunError, WaitTimeout
 
 from conftest import EXAMPLES

@@ -244,13 +244,14 @@ def test_draining_takes_the_instances_out_of_the_router(tmp_path):
     from aegis.launch.router import router_installed
 
     assert router_installed(), "vllm-router is not installed (scripts/setup-dev)"
+    # serving from ready until 45 - 10 - 3 - 8 = 24 s: time for the router under load
     run = Run(tmp_path, [{"name": "org/tiny", "instances": 2, "served_model_name": "tiny"}],
-              walltime="00:00:30", drain_seconds=8)
+              walltime="00:00:45", drain_seconds=8)
     proc = run.start(env={**_env(), "AEGIS_JOB_START": str(int(time.time()))})
     try:
         serving = run.wait_endpoints(lambda d: d["launcher"]["state"] == "serving"
                                      and d["routers"] and d["routers"][0]["workers"] == 2,
-                                     timeout=25)
+                                     timeout=30)
         router = serving["routers"][0]
         workers_url = urllib.request.Request(
             f"http://{router['host']}:{router['port']}/list_workers",

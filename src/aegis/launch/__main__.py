@@ -1,7 +1,17 @@
-"""`python -m aegis.launch --config FILE ...`: run one launcher rank (start it on every node)."""
+"""`python -m aegis.launch --config FILE ...`: one launcher rank (started on every node by the
+batch script's MPI launcher); the flags are `aegis launch`'s."""
+
+from __future__ import annotations
 
 import sys
 
-from . import run_rank
 
-sys.exit(run_rank(sys.argv[1:]))
+def main(argv: list[str] | None = None) -> int:
+    from ..cli import main as cli  # the entry point parses; the launch package never imports it
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return cli.main(["launch", *argv], prog_name="aegis", standalone_mode=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Which nodes this job has, in rank order. Pure parsing; where a batch job lists its nodes is
-the batch system's knowledge (aegis.scheduler: Backend.nodes_in).
+"""Which nodes this job has, in rank order. The formats are parsed in aegis.scheduler.nodelist;
+where a batch job lists its nodes is the batch system's knowledge (Backend.nodes_in).
 
 Sources, first match wins: --nodes, --nodefile, the batch job's list (PBS_NODEFILE,
 SLURM_JOB_NODELIST), the local machine (every "node" is 127.0.0.1, so 2-4 MPI ranks on one
@@ -8,120 +8,14 @@ host can play nodes).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from ..plan import MAX_NODES
+from ..scheduler import BACKENDS
+from ..scheduler.nodelist import (LOCAL_HOST, MAX_NODEFILE_BYTES, Allocation, AllocationError,
+                                  expand_slurm_nodelist, parse_nodefile)
 
-LOCAL_HOST = "127.0.0.1"
-# A node file of MAX_NODES hosts, each repeated per rank slot, fits easily.
-MAX_NODEFILE_BYTES = 64 << 20
-_HOST = re.compile(r"[A-Za-z0-9_.:-]{1,255}")
-
-
-class AllocationError(ValueError):
-    """The node list is missing, malformed or too short: one line, exit 2."""
-
-
-@dataclass(frozen=True)
-class Allocation:
-    nodes: tuple[str, ...]
-    source: str  # where the list came from, for the log line
-
-
-def unique_in_order(names) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for name in names:
-        if name and name not in seen:
-            seen.add(name)
-            out.append(name)
-    return out
-
-
-def _checked_hosts(hosts: list[str], source: str) -> list[str]:
-    for host in hosts:
-        if not _HOST.fullmatch(host):
-            raise AllocationError(f"{source}: {host[:60]!r} is not a host name")
-    if len(hosts) > MAX_NODES:
-        raise AllocationError(f"{source}: {len(hosts)} nodes; at most {MAX_NODES} are supported")
-    return hosts
-
-
-def parse_nodefile(text: str, source: str = "node file") -> list[str]:
-    """PBS_NODEFILE repeats a host once per rank slot; keep each host once, in order."""
-    return _checked_hosts(unique_in_order(line.split()[0] for line in text.splitlines()
-                                          if line.strip() and not line.lstrip().startswith("#")),
-                          source)
-
-
-def _split_top_level(text: str, source: str) -> list[str]:
-    """Split on commas that are not inside [...]: 'a[1-2],b' -> ['a[1-2]', 'b']."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-            if depth < 0:
-                raise AllocationError(f"{source}: unbalanced ']' in {text[:60]!r}")
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    if depth != 0:
-        raise AllocationError(f"{source}: unbalanced '[' in {text[:60]!r}")
-    parts.append(text[start:])
-    return parts
-
-
-def _ranges(spec: str, whole: str, source: str) -> list[tuple[int, int, int]]:
-    """'1-3,05,7' -> [(1, 3, 1), (5, 5, 2), (7, 7, 1)]: (first, last, zero-padded width)."""
-    out = []
-    for item in spec.split(","):
-        m = re.fullmatch(r"(\d{1,18})(?:-(\d{1,18}))?", item.strip())
-        if not m:
-            raise AllocationError(f"{source}: bad range {item[:60]!r} in {whole!r}")
-        lo, hi = m.group(1), m.group(2) or m.group(1)
-        if int(hi) < int(lo):
-            raise AllocationError(f"{source}: descending range {item!r} in {whole!r}")
-        out.append((int(lo), int(hi), len(lo)))
-    return out
-
-
-def _expand_one(pattern: str, whole: str, source: str) -> list[str]:
-    """Expand every [...] group in one host pattern (cartesian product, left to right).
-    The count is computed first, so 'n[1-100000000]' is refused without building it."""
-    pieces = re.split(r"\[([^\]]*)\]", pattern)  # text, ranges, text, ranges, ..., text
-    groups = [_ranges(spec, whole, source) for spec in pieces[1::2]]
-    count = 1
-    for ranges in groups:
-        count *= sum(hi - lo + 1 for lo, hi, _ in ranges)
-        if count > MAX_NODES:
-            raise AllocationError(f"{source}: {pattern[:60]!r} names more than "
-                                  f"{MAX_NODES} nodes; at most {MAX_NODES} are supported")
-    hosts = [pieces[0]]
-    for ranges, text in zip(groups, pieces[2::2]):
-        hosts = [host + str(n).zfill(width) + text for host in hosts
-                 for lo, hi, width in ranges for n in range(lo, hi + 1)]
-    return hosts
-
-
-def expand_slurm_nodelist(nodelist: str, source: str = "node list") -> list[str]:
-    """Slurm's compact host list -> host names: 'node[1-3,5],gpu-[01-02]' -> node1..node5, gpu-01, gpu-02."""
-    text = nodelist.strip()
-    if not text:
-        raise AllocationError(f"{source} is empty")
-    hosts: list[str] = []
-    for part in _split_top_level(text, source):
-        part = part.strip()
-        if not part:
-            raise AllocationError(f"{source}: empty entry in {nodelist[:60]!r}")
-        hosts.extend(_expand_one(part, nodelist[:60], source))
-        if len(hosts) > MAX_NODES:
-            raise AllocationError(f"{source}: more than {MAX_NODES} nodes; at most "
-                                  f"{MAX_NODES} are supported")
-    return _checked_hosts(unique_in_order(hosts), source)
+__all__ = ["LOCAL_HOST", "MAX_NODEFILE_BYTES", "Allocation", "AllocationError", "check_enough",
+           "find_allocation"]
 
 
 def find_allocation(*, nodes: str | None, nodefile_text: str | None, nodefile_name: str | None,
@@ -135,8 +29,7 @@ def find_allocation(*, nodes: str | None, nodefile_text: str | None, nodefile_na
         if not hosts:
             raise AllocationError(f"--nodefile {nodefile_name}: no host names in it")
         return Allocation(tuple(hosts), f"--nodefile {nodefile_name}")
-    from ..scheduler import BACKENDS  # each batch system knows where its job lists its nodes
-
+    # each batch system knows where its job lists its nodes (Backend.nodes_in)
     for backend in BACKENDS.values():
         allocation = backend().nodes_in(env, read_file)
         if allocation is not None:

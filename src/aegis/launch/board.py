@@ -11,7 +11,8 @@ import time
 from ..layout import RunLayout
 from .endpoints import (EndpointsFile, InstanceState, draining, failure_report, merge_parts,
                         none_serving)
-from .endpoints import SERVING_STATES, summary_table
+from ..runfiles import SERVING_STATES
+from .endpoints import summary_table
 
 PROGRESS_INTERVAL = 10.0  # seconds between "still loading" lines
 

@@ -11,7 +11,7 @@ for the weights):
   A directory without any record (an aegis before this one) is removed once it is a day old.
 - `<node_local_dir>/aegis-env/<name>-<key>/` (unpacked environments): the KEEP_ENVIRONMENTS
   most recently used are kept, and every one a running launch uses (it holds a shared lock on
-  the environment's lock file for as long as it runs); older ones are removed.
+  the environment's in-use file for as long as it runs); older ones are removed.
 - `/dev/shm/mpich_shm_*`: this user's, older than a minute, that no live process maps or holds.
 
 Everything removed is named in the launch's log.
@@ -82,10 +82,16 @@ def _stale_job_caches(node_local_dir: str, current: Path, now: float) -> list[Pa
     return stale
 
 
+def _in_use_lock(env_dir: Path) -> Path:
+    """Held shared by every launch that runs from the environment (not its unpack lock: a
+    rank waiting to unpack must not wait for the others to finish serving)."""
+    return env_dir.parent / f".{env_dir.name}.in-use"
+
+
 def hold_environment(env_dir: Path) -> int:
-    """A shared lock on the environment's lock file, held (by the returned fd, until this
+    """A shared lock on the environment's in-use file, held (by the returned fd, until this
     process exits) while instances run from it: the sweep never removes it meanwhile."""
-    fd = os.open(env_dir.parent / f".{env_dir.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(_in_use_lock(env_dir), os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
@@ -102,7 +108,7 @@ def _old_environments(node_local_dir: str, keep: int) -> list[tuple[Path, int]]:
     envs.sort(reverse=True)
     old = []
     for _, env in envs[keep:]:
-        fd = os.open(root / f".{env.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(_in_use_lock(env), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # a running launch uses it

@@ -24,7 +24,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from .endpoints import SERVING_STATES as SERVING, InstanceState
+from ..runfiles import SERVING_STATES as SERVING
+from .endpoints import InstanceState
 from .instances import Part
 from .processes import Running, adopt_orphans, bind_problem, listeners, stop_all, write_script
 from .readiness import Probe, Target, probe_round

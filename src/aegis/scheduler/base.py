@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any, Mapping, Sequence
 
-from .. import __version__
+from ..version import __version__
 from ..config import Config, ConfigError
 from ..layout import RunLayout
 from ..plan import Plan

@@ -11,7 +11,9 @@ from ..config import Config
 from ..plan import Plan
 from ..platforms import Platform
 from ..layout import RunLayout
+from ..files import why_unreadable
 from .base import Backend, SchedulerError, check_job_id, one_line, run
+from .nodelist import Allocation, AllocationError, parse_nodefile
 
 # PBS one-letter job states -> aegis states (qstat -f prints "job_state = R").
 _STATES = {
@@ -95,9 +97,6 @@ class PBSBackend(Backend):
 
     def nodes_in(self, env, read_file):
         """PBS_NODEFILE: one line per rank slot; each host once, in file order."""
-        from ..config import why_unreadable
-        from ..launch.allocation import Allocation, AllocationError, parse_nodefile
-
         path = env.get("PBS_NODEFILE")
         if not path:
             return None

@@ -12,6 +12,7 @@ from ..plan import Plan
 from ..platforms import Platform
 from ..layout import RunLayout
 from .base import Backend, check_job_id, run
+from .nodelist import Allocation, expand_slurm_nodelist
 
 _STATES = {
     "PENDING": "queued", "CONFIGURING": "queued", "REQUEUED": "queued",
@@ -69,8 +70,6 @@ class SlurmBackend(Backend):
 
     def nodes_in(self, env, read_file):
         """SLURM_JOB_NODELIST, Slurm's compact host list, expanded."""
-        from ..launch.allocation import Allocation, expand_slurm_nodelist
-
         nodelist = env.get("SLURM_JOB_NODELIST")
         if not nodelist:
             return None

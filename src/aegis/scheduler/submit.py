@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from ..config import (DIRECTIVE_SAFE_PATH, Config, ConfigError, check_placement,
-                      check_submittable, dump_yaml)
-from ..launch.chain import CHAIN_NAME
-from ..launch.endpoints import write_atomic
-from ..launch.walltime import walltime_seconds
+from ..config import (DIRECTIVE_SAFE_PATH, INTERNAL_PORTS_PER_SLOT, Config, ConfigError,
+                      check_placement, check_submittable, dump_yaml, walltime_seconds)
+from ..files import write_atomic
+from ..layout import CHAIN_NAME, RunLayout
 from ..plan import Plan, make_plan
 from ..platforms import Platform
-from ..layout import RunLayout
 from .base import Backend, SchedulerError, SchedulerNotFound
 
 _DIRECTIVE_SAFE_PATH = re.compile(DIRECTIVE_SAFE_PATH)
@@ -164,7 +162,6 @@ def generation_config(config: Config, platform: Platform, generation: int) -> Co
     allocation; a test cluster on one machine) can bind. Clients read the endpoints file."""
     if generation % 2:
         return config
-    from ..plan import INTERNAL_PORTS_PER_SLOT
 
     shifted = config.replace(
         port_start=config.first_port + config.http_ports,
