@@ -451,9 +451,11 @@ def _need_run(opened, what: str):
 
 
 def _instance_table(status) -> str:
-    rows = [("MODEL", "NODE", "URL", "STATE", "RESTARTS")]
-    rows += [(e.model, e.node, e.url, e.state, str(e.restarts)) for e in status.instances]
-    rows += [(r.model, r.node, r.url, f"router {r.state}", "") for r in status.routers]
+    rows = [("MODEL", "NODE", "HOST", "URL", "STATE", "RESTARTS")]
+    rows += [(e.model, str(e.node), e.host, e.url, e.state, str(e.restarts))
+             for e in status.instances]
+    rows += [(r.model, str(r.node), r.host, r.url, f"router {r.state}", str(r.restarts))
+             for r in status.routers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 

@@ -119,8 +119,10 @@ class Endpoint:
 
     url: str  # OpenAI base URL, http://host:port/v1
     model: str  # the served model name (what requests name)
-    node: str  # host name
-    state: str  # starting | ready | restarting | failed | stopped (instances); ready (routers)
+    host: str  # the serving address of its node (as in the URL)
+    node: int | None  # its node's index in the allocation (0: the first node), as everywhere
+    state: str  # INSTANCE_STATES (aegis.runfiles); routers: starting | ready | restarting |
+    #             failed | stopped
     id: int | None = None  # instance id; None for a router
     restarts: int = 0
     error: str = ""
@@ -294,11 +296,12 @@ class Run:
         # read_endpoints checked every field's type
         instances = tuple(Endpoint(
             url=r.get("base_url", ""), model=r.get("served_name", r.get("model", "")),
-            node=r.get("host", ""), state=r["state"], id=r.get("id"),
+            host=r.get("host", ""), node=r.get("node"), state=r["state"], id=r.get("id"),
             restarts=r.get("restarts") or 0, error=r.get("error", ""))
             for r in records)
         routers = tuple(Endpoint(url=r.get("url", ""), model=r.get("model", ""),
-                                 node=r.get("host", ""), state=r.get("state", "ready"),
+                                 host=r.get("host", ""), node=r.get("node", 0),
+                                 state=r.get("state", "ready"), restarts=r.get("restarts") or 0,
                                  error=r.get("error", ""))
                         for r in (doc or {}).get("routers") or [])
         total = len(instances) or self.config.total_instances

@@ -96,8 +96,9 @@ _INSTANCE_FIELDS = {"id": "count?", "model": "name", "served_name": "name", "nod
                     "host": "word", "port": "port?", "state": "word", "log": "text",
                     "restarts": "count?", "exit_code": "int?", "error": "text", "url": "word",
                     "base_url": "word"}
-_ROUTER_FIELDS = {"model": "name", "url": "word", "host": "word", "port": "port?",
-                  "state": "word", "workers": "count?", "error": "text", "log": "text"}
+_ROUTER_FIELDS = {"model": "name", "url": "word", "host": "word", "node": "count?",
+                  "port": "port?", "state": "word", "workers": "count?", "restarts": "count?",
+                  "error": "text", "log": "text"}
 _DOC_FIELDS = {"schema": "count?", "job": "name?", "run_dir": "text?", "ready": "count?",
                "total": "count?", "generation": "count?"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

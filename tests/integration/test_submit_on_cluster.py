@@ -227,7 +227,8 @@ def test_submit_wait_endpoints_router_completion_cancel(deployment, jobs, venv_b
 
     records = json.loads(sj.run([*aegis_argv(), "endpoints", str(run_dir), "--json"],
                                 env=env).stdout)
-    assert [(r["node"], r["state"]) for r in records] == [(n, "ready") for n in nodes]
+    assert [(r["host"], r["node"], r["state"]) for r in records] == [
+        (n, k, "ready") for k, n in enumerate(nodes)]
     assert sj.run([*aegis_argv(), "endpoints", job_id, "--router", "--scheduler", "slurm"],
                   env=env).stdout.strip() == router  # a job id finds its run directory
     served = {complete_by(router, MODEL, run_key(run_dir)) for _ in range(8)}

@@ -242,7 +242,7 @@ def test_status_json_schema(tmp_path):
     doc = json.loads(result.stdout)
     assert set(doc) == {"run_dir", "job_id", "scheduler", "job_state", "phase", "reason",
                         "ready", "total", "instances", "routers", "launcher", "endpoints_file"}
-    assert set(doc["instances"][0]) == {"url", "model", "node", "state", "id", "restarts",
+    assert set(doc["instances"][0]) == {"url", "model", "host", "node", "state", "id", "restarts",
                                         "error"}
     assert doc["routers"][0]["url"] == "http://n1:9000/v1"
 

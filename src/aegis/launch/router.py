@@ -225,7 +225,7 @@ class Routers:
     def records(self) -> list[dict]:
         with self._lock:
             return [{"model": r.model, "url": f"http://{self.node}:{r.port}/v1",
-                     "host": self.node, "port": r.port, "state": r.state,
+                     "host": self.node, "node": 0, "port": r.port, "state": r.state,
                      "workers": len(r.workers), "restarts": r.restarts, "error": r.error,
                      "log": r.log_path}
                     for r in self.routers.values()]
