@@ -651,6 +651,17 @@ static void hang(ctx *x, local_error *e)
     set_error(e, AEGIS_E_STALL, "helper hung (injected fault)");
 }
 
+/* The monotonic time `ms` milliseconds from now (condition variables here use that clock). */
+static struct timespec in_ms(long ms)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_nsec += ms * 1000000L;
+    t.tv_sec += t.tv_nsec / 1000000000L;
+    t.tv_nsec %= 1000000000L;
+    return t;
+}
+
 /* Test hook for a slow transfer: the fault rank's helpers take 20 ms more per piece from
  * fault_after on; the nap ends early when the stage is being torn down. */
 static void dawdle(ctx *x, int64_t at)
@@ -658,13 +669,7 @@ static void dawdle(ctx *x, int64_t at)
     const aegis_stage_opts *o = x->opts;
     if (o->fault_kind != AEGIS_FAULT_SLOW || o->fault_rank != x->rank || at < o->fault_after)
         return;
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    t.tv_nsec += 20 * 1000000L;
-    if (t.tv_nsec >= 1000000000L) {
-        t.tv_sec++;
-        t.tv_nsec -= 1000000000L;
-    }
+    struct timespec t = in_ms(20);
     pthread_mutex_lock(&x->mu);
     while (!x->stop && pthread_cond_timedwait(&x->work_cv, &x->mu, &t) == 0)
         ;
@@ -1319,13 +1324,7 @@ static int transfer(ctx *x)
         waiting = !all_free(x) && x->err.code == AEGIS_OK;
         if (waiting) {
             check_stalled(x);
-            struct timespec t;
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            t.tv_nsec += 100 * 1000000L;
-            if (t.tv_nsec >= 1000000000L) {
-                t.tv_sec++;
-                t.tv_nsec -= 1000000000L;
-            }
+            struct timespec t = in_ms(100);
             pthread_cond_timedwait(&x->main_cv, &x->mu, &t);
         }
         pthread_mutex_unlock(&x->mu);

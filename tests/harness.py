@@ -180,3 +180,15 @@ def wait_standin_families(token: str, servers: int, timeout: float = 30
         assert time.monotonic() < deadline, (
             f"no {servers} settled stand-in families within {timeout}s: {why}; {procs}")
         time.sleep(0.05)
+
+
+def until(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Poll until `predicate()` is truthy; -> its value. Fails the test, naming `what`, after
+    `timeout` seconds: an event waited on with a clear deadline, never a bare sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        time.sleep(interval)

@@ -31,6 +31,7 @@ import pytest
 
 from aegis.launch.router import VERIFY_INTERVAL, router_installed
 from aegis.run import Run
+from harness import until
 from test_launch_run import Run as LaunchRun
 from test_launch_run import _no_strays, processes_with  # noqa: F401 (autouse: no strays)
 
@@ -114,16 +115,6 @@ def _router_workers(router_url: str, key: str) -> set[str]:
     return {u.rstrip("/") for u in json.loads(text)["urls"]}
 
 
-def _until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
-        time.sleep(0.1)
-
-
 @pytest.fixture
 def fleet(tmp_path):
     """Two stand-in instances of one model behind a router; yields (launch, run, router)."""
@@ -202,7 +193,7 @@ def test_workers_changed_behind_the_launchers_back_are_repaired(fleet):
         victim = sorted(instances)[0]
         assert call(f"{router}/remove_worker?url={urllib.parse.quote(victim, safe='')}",
                     "POST", key)[0] == 200
-        _until(lambda: _router_workers(router, key) == instances, 3 * VERIFY_INTERVAL + 5,
+        until(lambda: _router_workers(router, key) == instances, 3 * VERIFY_INTERVAL + 5,
                "the router's workers repaired")
         doc = launch.endpoints()
         assert doc["routers"][0]["workers"] == 2 and doc["routers"][0]["state"] == "ready"
@@ -217,11 +208,11 @@ def test_a_killed_router_comes_back_and_is_reported_down_meanwhile(fleet):
     (pid,) = [int(p.split(":")[0]) for p in processes_with(f"--port {port} ")
               if "router_start" in p]
     os.kill(pid, signal.SIGKILL)
-    down = _until(lambda: launch.endpoints()["routers"][0]["state"] != "ready" and
+    down = until(lambda: launch.endpoints()["routers"][0]["state"] != "ready" and
                   launch.endpoints()["routers"][0], 5, "the router reported down")
     assert down["state"] in ("restarting", "starting") and down["workers"] == 0
     assert run.state().phase != "ready" or run.state().routers[0].state != "ready"
-    back = _until(lambda: (lambda r: r["state"] == "ready" and r["workers"] == 2 and r)(
+    back = until(lambda: (lambda r: r["state"] == "ready" and r["workers"] == 2 and r)(
         launch.endpoints()["routers"][0]), 20, "the router back with both workers")
     assert back["restarts"] == 1
     status, _ = call(f"{router}/v1/completions", "POST", key,
@@ -239,7 +230,7 @@ def test_a_hung_instance_is_unhealthy_in_the_file_within_seconds(fleet):
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
     try:
-        doc = _until(lambda: (lambda d: d["instances"][stopped.id]["state"] != "ready" and d)(
+        doc = until(lambda: (lambda d: d["instances"][stopped.id]["state"] != "ready" and d)(
             launch.endpoints()), 8, "the stopped instance leaves `ready`")
         assert doc["instances"][stopped.id]["state"] == "unhealthy"
         assert time.monotonic() - t0 < 8
@@ -247,7 +238,7 @@ def test_a_hung_instance_is_unhealthy_in_the_file_within_seconds(fleet):
         assert [e.id for e in run.endpoints()] == [1 - stopped.id]
     finally:
         os.kill(pid, signal.SIGCONT)
-    _until(lambda: launch.endpoints()["instances"][stopped.id]["state"] == "ready", 10,
+    until(lambda: launch.endpoints()["instances"][stopped.id]["state"] == "ready", 10,
            "ready again after SIGCONT")
     assert launch.endpoints()["instances"][stopped.id]["restarts"] == 0
 

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aegis.launch.router import router_installed
 from aegis.run import Run
+from harness import until
 from test_launch_run import Run as LaunchRun
 from test_launch_run import _no_strays, processes_with  # noqa: F401 (autouse: no strays)
 
@@ -91,7 +92,8 @@ def _router_workers(router: str, key: str) -> dict[str, bool]:
 
 def _until(predicate, timeout: float, what: str) -> float:
     """Poll until `predicate()` holds; -> the monotonic time it was first seen to hold."""
-    return _until_with_last_miss(predicate, timeout, what)[0]
+    until(predicate, timeout, what)
+    return time.monotonic()
 
 
 def _until_with_last_miss(predicate, timeout: float, what: str) -> tuple[float, float]:
