@@ -959,8 +959,10 @@ def batch(run: Run, input: str | os.PathLike, output: str | os.PathLike, *,
         if status.gone:
             raise RunError(f"the run {status.phase}: {status.reason}")
         if status.ready == 0:
-            raise RunError(f"nothing of this run is ready ({status.phase}: {status.reason}); "
-                           f"wait for it: aegis wait {run.run_dir}")
+            hint = (f"; wait for it: aegis wait {run.run_dir}"
+                    if status.phase in ("pending", "starting") else "")
+            raise RunError(f"nothing of this run is ready ({status.phase}: {status.reason})"
+                           + hint)
         os.ftruncate(err_fd, 0)  # this invocation's failures only
         if on_start is not None and (answered or dropped):
             on_start(f"resuming: {len(answered)} answer(s) already in {output}"
