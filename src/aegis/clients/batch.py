@@ -417,8 +417,9 @@ class _Target:
     capacity: int
     in_flight: int = 0
     active: bool = True  # listed by the run now
-    down_until: float = 0.0  # not chosen before this (monotonic), after a failure
-    failures: int = 0  # in a row
+    down_until: float = 0.0  # not chosen before this (monotonic), after failures
+    strikes: int = 0  # retryable failures since its last answer
+    downs: int = 0  # times set aside since its last answer (the pause doubles)
 
 
 @dataclass
@@ -689,10 +690,8 @@ class _Batch:
                     self.counts.done += 1
                     return
                 retryable, code, message, response = outcome
-                now = time.monotonic()
-                if retryable and now >= target.down_until:  # failures at once count once
-                    target.failures += 1
-                    target.down_until = now + min(30.0, 0.5 * 2 ** target.failures)
+                if retryable:
+                    self._strike(target, code)
                 if not retryable or attempts > self.o["max_retries"]:
                     self.counts.failed += 1
                     self._write(False, self._error_record(
@@ -706,6 +705,18 @@ class _Batch:
         finally:
             self.budget.give(len(line.body))
             self._resolve(line.nbytes)
+
+    @staticmethod
+    def _strike(target: _Target, code: str) -> None:
+        """A target that cannot be reached (or timed out) is set aside at once, one that
+        answers 5xx after 3 in a row; for 1 s, doubling up to 30 s while it keeps failing.
+        Failures of requests in flight together count once."""
+        target.strikes += 1
+        now = time.monotonic()
+        if (code in ("connection_error", "timeout") or target.strikes >= 3) and \
+                now >= target.down_until:
+            target.down_until = now + min(30.0, 0.5 * 2 ** (target.downs + 1))
+            target.downs += 1
 
     async def _attempt(self, line: _Line, target: _Target):
         """None when answered (written); else (retryable, code, message, response)."""
@@ -735,7 +746,7 @@ class _Batch:
             if not isinstance(body, (dict, list)):
                 return True, "invalid_response", f"{target.url} answered {status} with a " \
                                                  "body that is not JSON", None
-            target.failures = 0
+            target.strikes = target.downs = 0
             self._write(True, {"id": f"aegis-{uuid.uuid4().hex}", "custom_id": line.custom_id,
                                "response": response, "error": None})
             return None
