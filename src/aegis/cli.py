@@ -571,8 +571,8 @@ def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
               default=600, show_default=True, help="Seconds one request may take.")
 @click.option("--wait-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
               default=300, show_default=True,
-              help="Seconds a model may have no ready instance (or router) before the batch "
-              "stops (exit 1; run again to resume).")
+              help="Seconds a model may go without a ready instance (or router) that answers "
+              "before the batch stops (exit 1; run again to resume).")
 @click.option("--strict", is_flag=True,
               help="Stop at the first malformed input line (exit 2); nothing after it is sent.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress, only the summary line.")

@@ -429,11 +429,27 @@ def test_no_ready_instance_for_the_wait_timeout_stops_the_batch(fleet, tmp_path)
         f.write()
     t = threading.Thread(target=gone)
     t.start()
-    with pytest.raises(BatchStopped, match="no ready instance of 'm' for 1s"):
+    with pytest.raises(BatchStopped, match="no ready instance of 'm' answered for 1s"):
         Run.open(f.run_dir).batch(inp, out, wait_timeout=1, refresh_interval=0.2,
                                   max_in_flight=2)
     t.join()
     assert len(set(output_ids(out))) == len(output_ids(out)) >= 10
+
+
+def test_a_fleet_that_stops_answering_stops_the_batch_instead_of_failing_every_line(
+        fleet, tmp_path):
+    f = fleet(2)
+    f.kill(0)
+    f.kill(1)  # both still listed ready: connections refused
+    inp = write_input(tmp_path / "in.jsonl", 500)
+    out = tmp_path / "out.jsonl"
+    res = invoke("batch", f.run_dir, inp, "-o", out, "--wait-timeout", "3")
+    assert res.exit_code == 1, res.stderr
+    assert "no ready instance of 'm' answered for 3s" in res.stderr
+    assert "run again with the same -o to resume" in res.stderr
+    failed = records(tmp_path / "out.errors.jsonl") if (tmp_path / "out.errors.jsonl").exists() \
+        else []
+    assert len(failed) < 10, len(failed)  # not 500 lines failed into the errors file
 
 
 def _wait_lines(path: Path, n: int, timeout: float = 60) -> None:

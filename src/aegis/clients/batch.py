@@ -428,7 +428,7 @@ class _Pool:
 
     targets: dict[str, _Target] = field(default_factory=dict)
     retry_waiting: int = 0  # retries waiting for a slot go before new lines
-    empty_since: float | None = None  # monotonic time since which nothing is listed
+    last_ok: float = field(default_factory=time.monotonic)  # its last answer (or the start)
 
     def free(self, now: float, avoid: str | None) -> _Target | None:
         usable = [t for t in self.targets.values()
@@ -609,10 +609,6 @@ class _Batch:
                     t.active = False
                     if not t.in_flight:
                         del pool.targets[url]
-            if wanted:
-                pool.empty_since = None
-            elif pool.empty_since is None:
-                pool.empty_since = now
         self._notify()
         if status.gone:
             raise BatchStopped(f"the run {status.phase}: {status.reason}")
@@ -647,7 +643,7 @@ class _Batch:
 
     async def acquire(self, model: str, avoid: str | None = None, retry: bool = False
                       ) -> _Target:
-        pool = self.pools.setdefault(model, _Pool(empty_since=time.monotonic()))
+        pool = self.pools.setdefault(model, _Pool())
         if retry:
             pool.retry_waiting += 1
         try:
@@ -658,12 +654,13 @@ class _Batch:
                     if target is not None:
                         target.in_flight += 1
                         return target
-                if pool.empty_since is not None and \
-                        now - pool.empty_since > self.o["wait_timeout"]:
+                # nothing listed, or all set aside as failing: how long since one answered
+                if not any(t.active and t.down_until <= now for t in pool.targets.values()) \
+                        and now - pool.last_ok > self.o["wait_timeout"]:
                     raise BatchStopped(
                         f"no ready {'router' if self.o['target'] == 'router' else 'instance'}"
-                        f" of {model!r} for {self.o['wait_timeout']:g}s (aegis status "
-                        f"{self.run.run_dir})")
+                        f" of {model!r} answered for {self.o['wait_timeout']:g}s (aegis "
+                        f"status {self.run.run_dir})")
                 downs = [t.down_until - now for t in pool.targets.values()
                          if t.active and t.down_until > now]
                 await self._changed(max(0.01, min([1.0] + downs)))
@@ -747,6 +744,7 @@ class _Batch:
                 return True, "invalid_response", f"{target.url} answered {status} with a " \
                                                  "body that is not JSON", None
             target.strikes = target.downs = 0
+            self.pools[line.model].last_ok = time.monotonic()
             self._write(True, {"id": f"aegis-{uuid.uuid4().hex}", "custom_id": line.custom_id,
                                "response": response, "error": None})
             return None
