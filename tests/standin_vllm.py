@@ -17,7 +17,7 @@ Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
   --delay S                   take S seconds to answer each completion (requests overlap)
   --fault flaky:K             every K-th completion answers 503 (a transient engine error)
 Per request (tests only): a completion body with "standin_status": N is answered with status N,
-and "standin_delay": S takes S seconds more.
+"standin_delay": S takes S seconds more, and "standin_pretty": true answers indented JSON.
   --spawn-child               start a child process (like vLLM's engine core) that outlives
                               this one unless its process group is stopped
   --spawn-grandchild          start a child that starts a child of its own (two levels down)
@@ -149,7 +149,8 @@ class Server:
                     if self.args.delay or extra:
                         await asyncio.sleep(self.args.delay + extra)
                 status, payload = self.route(method, path.split("?")[0], headers, body)
-                data = b"" if payload is None else json.dumps(payload).encode()
+                pretty = method == "POST" and b'"standin_pretty": true' in body
+                data = b"" if payload is None else json.dumps(payload, indent=2 if pretty else None).encode()
                 close = headers.get("connection", "").lower() == "close"
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
                              f"Content-Length: {len(data)}\r\n"

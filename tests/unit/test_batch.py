@@ -100,6 +100,19 @@ def test_every_line_answered_once_in_the_openai_batch_format(fleet, tmp_path):
     assert alive(f) and len(output_ids(out)) == 200
 
 
+def test_answers_that_are_not_compact_json_are_written_on_one_line(fleet, tmp_path):
+    f = fleet(1)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(line(0, standin_pretty=True) + "\n" + line(1) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert Run.open(f.run_dir).batch(inp, out).done == 2
+    assert_once(out, 2)
+    by_id = {r["custom_id"]: r for r in records(out)}
+    assert by_id["req-0"]["response"]["body"] == {**by_id["req-1"]["response"]["body"],
+                                                  "created": by_id["req-0"]["response"]["body"]
+                                                  ["created"]}
+
+
 def test_a_torn_last_line_is_dropped_and_answered_again(fleet, tmp_path):
     f = fleet(1)
     inp = write_input(tmp_path / "in.jsonl", 20)

@@ -557,6 +557,7 @@ class _Batch:
         self.fatal: BaseException | None = None
         self.stop_reading = threading.Event()
         self.status = None
+        self.id_prefix, self.ids = uuid.uuid4().hex[:16], 0  # ids unique across invocations
 
     # -- bookkeeping
     def _resolve(self, nbytes: int) -> None:
@@ -570,12 +571,16 @@ class _Batch:
             data = (json.dumps(record) + "\n").encode()
         (self.out_lines if to_output else self.err_lines).append(data)
 
+    def _new_id(self) -> str:
+        self.ids += 1
+        return f"aegis-{self.id_prefix}-{self.ids}"
+
     def _error_record(self, custom_id, lineno, code, message, response=None,
                       attempts: int | None = None) -> dict[str, Any]:
         error: dict[str, Any] = {"code": code, "message": message, "line": lineno}
         if attempts is not None:
             error["attempts"] = attempts
-        return {"id": f"aegis-{uuid.uuid4().hex}", "custom_id": custom_id,
+        return {"id": self._new_id(), "custom_id": custom_id,
                 "response": response, "error": error}
 
     def invalid(self, item: _Invalid) -> None:
@@ -731,23 +736,33 @@ class _Batch:
         except (aiohttp.ClientError, OSError) as err:
             return True, "connection_error", f"{target.url}: {err.__class__.__name__}: " \
                                              f"{str(err)[:200]}", None
+        text = None
         try:
-            body: Any = json.loads(raw)
-        except (ValueError, RecursionError):
+            text = raw.decode("utf-8")
+            body: Any = json.loads(text)
+        except (ValueError, RecursionError):  # (UnicodeDecodeError is a ValueError)
             body = raw.decode("utf-8", "replace")[:2000]
         if isinstance(body, dict) and request_id is None:
             request_id = body.get("id")
-        response = {"status_code": status, "request_id": request_id or
-                    f"aegis-{uuid.uuid4().hex}", "body": body}
+        request_id = request_id if isinstance(request_id, str) else self._new_id()
         if 200 <= status < 300:
             if not isinstance(body, (dict, list)):
                 return True, "invalid_response", f"{target.url} answered {status} with a " \
                                                  "body that is not JSON", None
             target.strikes = target.downs = 0
             self.pools[line.model].last_ok = time.monotonic()
-            self._write(True, {"id": f"aegis-{uuid.uuid4().hex}", "custom_id": line.custom_id,
-                               "response": response, "error": None})
+            if "\n" not in text and "\r" not in text:  # vLLM's compact JSON: kept as it came
+                self.out_lines.append(
+                    f'{{"id": "{self._new_id()}", "custom_id": {json.dumps(line.custom_id)}, '
+                    f'"response": {{"status_code": {status}, "request_id": '
+                    f'{json.dumps(request_id)}, "body": {text.strip()}}}, "error": null}}\n'
+                    .encode())
+            else:
+                self._write(True, {"id": self._new_id(), "custom_id": line.custom_id,
+                                   "response": {"status_code": status, "request_id": request_id,
+                                                "body": body}, "error": None})
             return None
+        response = {"status_code": status, "request_id": request_id, "body": body}
         if status in (401, 403):
             self.fatal = BatchStopped(f"{target.url} refused the run's key ({status}): is "
                                       f"this still the run that made {self.run.run_dir}?")
