@@ -86,14 +86,20 @@ def check_output(path: Path, n: int) -> str | None:
 # objects, run every request, write the output) once its engine is up, as aegis batch is timed
 # against a run that is up. Its own bar says mm:ss only.
 _TIMED_RUN_BATCH = """
-import sys, time
+import os, sys, time
 import vllm.entrypoints.launchers.run_batch as rb
 from vllm.entrypoints.cli.main import main
 inner = rb.run_batch
+def jiffies():
+    f = [float(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(f) - f[3] - f[4], sum(f)
 async def timed(*args, **kwargs):
-    t0 = time.perf_counter()
+    t0, (b0, s0) = time.perf_counter(), jiffies()
     await inner(*args, **kwargs)
+    (b1, s1), n = jiffies(), os.cpu_count()
     print(f"BENCH_RUN_BATCH_SECONDS {time.perf_counter() - t0:.4f}", file=sys.stderr, flush=True)
+    print(f"BENCH_RUN_BATCH_BUSY {(b1 - b0) / max(1.0, s1 - s0) * n:.4f}", file=sys.stderr,
+          flush=True)
 rb.run_batch = timed
 sys.argv = ["vllm", "run-batch", *sys.argv[1:]]
 sys.exit(main())
@@ -107,9 +113,8 @@ def baseline(model: Path, inp: Path, out: Path, tmp: Path) -> dict:
     argv = [str(vllm_env.VLLM_VENV / "bin" / "python"), "-c", _TIMED_RUN_BATCH, "-i", str(inp),
             "-o", str(out), "--model", str(model), "--served-model-name", "tiny",
             *vllm_env.VLLM_CPU_ARGS]
-    t0, cpu0 = time.perf_counter(), cpu_times()
+    t0 = time.perf_counter()
     res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    busy = cores_busy(cpu0)  # over its start-up too
     wall = time.perf_counter() - t0
     (tmp / "run-batch.log").write_text(res.stdout + res.stderr)
     if res.returncode != 0:
@@ -118,22 +123,29 @@ def baseline(model: Path, inp: Path, out: Path, tmp: Path) -> dict:
     if not found:
         raise RuntimeError(f"vllm run-batch printed no timing (see {tmp}/run-batch.log)")
     seconds = float(found[-1])
+    busy = float(re.findall(r"BENCH_RUN_BATCH_BUSY ([0-9.]+)", res.stderr)[-1])
     n = sum(1 for _ in open(out))
     return {"requests": n, "seconds": seconds, "req_per_s": n / seconds, "wall_s": wall,
-            "cores_busy": busy}
+            "cores_busy": busy, "cpu_ms_per_request": busy * seconds / n * 1e3,
+            "client_cpu_ms_per_request": None}
 
 
 def aegis_phase(run, inp: Path, out: Path, n: int, max_in_flight: int, target: str) -> dict:
     from aegis.clients.batch import batch
 
-    cpu0 = cpu_times()
+    import resource
+
+    cpu0, own0 = cpu_times(), resource.getrusage(resource.RUSAGE_SELF)
     counts = batch(run, inp, out, target=target, max_in_flight=max_in_flight)
-    busy = cores_busy(cpu0)
+    busy, own1 = cores_busy(cpu0), resource.getrusage(resource.RUSAGE_SELF)
+    client = (own1.ru_utime - own0.ru_utime) + (own1.ru_stime - own0.ru_stime)
     problem = check_output(out, n)
     if problem or not counts.complete:
         raise RuntimeError(f"{out.name}: {problem or counts.summary()}")
     return {"requests": counts.done, "seconds": counts.seconds, "req_per_s": counts.rate,
-            "retries": counts.retries, "cores_busy": busy}
+            "retries": counts.retries, "cores_busy": busy,
+            "cpu_ms_per_request": busy * counts.seconds / counts.done * 1e3,
+            "client_cpu_ms_per_request": client / counts.done * 1e3}
 
 
 def one_instance(run, url: str):
@@ -153,7 +165,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-in-flight", type=int, default=64, help="per instance (aegis batch)")
+    p.add_argument("--max-in-flight", type=int, default=256,
+                   help="per instance (aegis batch's default)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     problem = vllm_env.venv_problem(vllm_env.VLLM_VENV)
@@ -246,7 +259,8 @@ def main() -> int:
         return 0
     print(f"{n} chat completions of {args.max_tokens} tokens (ignore_eos), tiny model, "
           f"vLLM on CPU, {os.cpu_count()} cores; aegis --max-in-flight {args.max_in_flight}")
-    print(f"{'phase':<34} {'req/s':>8} {'seconds':>8} {'cores busy':>10}")
+    print(f"{'phase':<34} {'req/s':>8} {'seconds':>8} {'cores busy':>10} "
+          f"{'CPU ms/req':>10} {'client':>7}")
     rows = [("vllm run-batch, 1 engine", "run_batch_1"),
             ("aegis batch, instance 0 alone", "instance_0_alone"),
             ("aegis batch, instance 1 alone", "instance_1_alone"),
@@ -254,8 +268,11 @@ def main() -> int:
             ("aegis batch, 2 instances router", "aegis_router")]
     for label, key in rows:
         r = results[key]
+        per = r["cpu_ms_per_request"]
+        client = f"{r['client_cpu_ms_per_request']:.2f}" if r["client_cpu_ms_per_request"] \
+            else "-"
         print(f"{label:<34} {r['req_per_s']:>8.1f} {r['seconds']:>8.1f} "
-              f"{r['cores_busy']:>10.2f}")
+              f"{r['cores_busy']:>10.2f} {per:>10.2f} {client:>7}")
     print(f"vllm run-batch wall time incl. engine start: {results['run_batch_1']['wall_s']:.1f}s")
     print(f"sum of the instances' capacities: {capacity:.1f} req/s")
     for name, label in (("aegis_instances", "direct"), ("aegis_router", "router")):

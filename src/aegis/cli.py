@@ -560,9 +560,10 @@ def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
               help="Where lines go: each model's router, or straight to its ready instances "
               "(auto: the router while it is up, else the instances).")
 @click.option("--max-in-flight", type=click.IntRange(1, 100000), metavar="N",
-              default=64, show_default=True,
+              default=256, show_default=True,
               help="Requests in flight per instance (through a router: N x its ready "
-              "instances).")
+              "instances). vLLM runs up to its max_num_seqs at once and queues the rest; "
+              "all in flight to an instance that dies are sent again.")
 @click.option("--max-retries", type=click.IntRange(0, 1000), metavar="N", default=5,
               show_default=True,
               help="Retries of a line after a connection error, timeout, 5xx, 408 or 429, each on "

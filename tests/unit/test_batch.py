@@ -113,6 +113,38 @@ def test_answers_that_are_not_compact_json_are_written_on_one_line(fleet, tmp_pa
                                                   ["created"]}
 
 
+def test_crlf_a_byte_order_mark_and_no_final_newline_are_read(fleet, tmp_path):
+    f = fleet(1)
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(line(i) for i in range(5)).encode())
+    out = tmp_path / "out.jsonl"
+    counts = Run.open(f.run_dir).batch(inp, out)
+    assert (counts.done, counts.invalid) == (5, 0)
+    assert_once(out, 5)
+
+
+def test_a_full_disk_stops_the_batch_and_a_resume_finishes_it(fleet, tmp_path):
+    """Writes fail (EFBIG under RLIMIT_FSIZE, as ENOSPC would): exit 1 with the reason; what
+    was written (maybe with a torn last line) is resumed from."""
+    f = fleet(1)
+    inp = write_input(tmp_path / "in.jsonl", 300)
+    out = tmp_path / "out.jsonl"
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+    res = subprocess.run([*AEGIS, "batch", str(f.run_dir), str(inp), "-o", str(out), "-q"],
+                         env=ENV, capture_output=True, text=True, timeout=60,
+                         preexec_fn=small_files)
+    assert res.returncode == 1, res.stderr
+    assert "cannot write" in res.stderr and "File too large" in res.stderr
+    assert "run again with the same -o to resume" in res.stderr
+    assert 0 < out.stat().st_size <= 20000
+    res = invoke("batch", f.run_dir, inp, "-o", out)
+    assert res.exit_code == 0, res.stderr
+    assert_once(out, 300)
+
+
 def test_a_torn_last_line_is_dropped_and_answered_again(fleet, tmp_path):
     f = fleet(1)
     inp = write_input(tmp_path / "in.jsonl", 20)

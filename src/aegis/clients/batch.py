@@ -51,7 +51,8 @@ URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/score"
 TARGETS = ("auto", "router", "instances")
 MAX_LINE_BYTES = 32 << 20  # a longer input line is reported and skipped unread
 MAX_CUSTOM_ID = 4096  # characters
-DEFAULT_MAX_IN_FLIGHT = 64  # per instance: vLLM batches up to max_num_seqs (256) at once
+DEFAULT_MAX_IN_FLIGHT = 256  # per instance: vLLM's max_num_seqs (256 on most GPUs, 1024 on
+#   H100/H200-class, 128 on CPU): enough to keep its batch full, the rest waits in its queue
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_TIMEOUT = 600.0  # seconds per request
 DEFAULT_WAIT_TIMEOUT = 300.0  # seconds a model may have nothing ready before the batch stops
@@ -240,11 +241,15 @@ def _lines(fd: int, max_line: int, stop: threading.Event):
     """(lineno, bytes or None if longer than max_line, size on disk) of every line; a long
     line is skipped without being held."""
     lineno, buf, skipping, size = 0, bytearray(), False, 0
+    first = True
     while not stop.is_set():
         block = os.read(fd, _READ_BLOCK)
         if not block:
             break
         start = 0
+        if first and block.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            start, size = 3, 3
+        first = False
         while True:
             nl = block.find(b"\n", start)
             piece = block[start:] if nl < 0 else block[start:nl]
