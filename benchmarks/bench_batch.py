@@ -16,6 +16,12 @@ Order (each phase alone on the machine):
 Each phase writes its own output; every output is checked: every custom_id once, all 200.
 Requests: /v1/chat/completions (what `vllm run-batch` serves), max_tokens N, ignore_eos.
 Logs on stderr; the table (or JSON) on stdout. Exit 1 if a phase failed.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_batch.py --standin [--delay 0.25]
+
+does phases 3-4 on 2 stand-in servers (tests/standin_vllm.py) that answer each request after
+--delay seconds without using CPU: instances that do not compete for this machine's cores, as
+GPU instances on their own devices do not, so what is left is the client's own share.
 """
 
 from __future__ import annotations
@@ -161,6 +167,52 @@ def one_instance(run, url: str):
     return OneInstance(run.layout, run.config, job_id=run.job_id, backend=run.backend)
 
 
+def standin_main(args) -> int:
+    """Phases 3-4 on 2 stand-ins that sleep instead of computing."""
+    from batch_fleet import Fleet
+
+    from aegis.run import Run
+
+    tmp = Path(tempfile.mkdtemp(prefix="aegis-bench-batch-standin-"))
+    inp = tmp / "in.jsonl"
+    n = args.requests
+    with open(inp, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST",
+                                "url": "/v1/completions",
+                                "body": {"model": "m", "prompt": "hi", "max_tokens": 16}}) + "\n")
+    fleet = Fleet(tmp, 2, args=["--delay", str(args.delay)])
+    results = {}
+    try:
+        run = Run.open(fleet.run_dir)
+        for k in range(2):
+            results[f"instance_{k}_alone"] = aegis_phase(
+                one_instance(run, fleet.url(k)), inp, tmp / f"alone-{k}.jsonl", n,
+                args.max_in_flight, "instances")
+        results["aegis_instances"] = aegis_phase(run, inp, tmp / "both.jsonl", n,
+                                                 args.max_in_flight, "instances")
+    finally:
+        fleet.close()
+    capacity = results["instance_0_alone"]["req_per_s"] + results["instance_1_alone"]["req_per_s"]
+    summary = {"requests": n, "delay": args.delay, "max_in_flight": args.max_in_flight,
+               **results, "capacity_sum": capacity,
+               "aegis_instances_vs_capacity": results["aegis_instances"]["req_per_s"] / capacity,
+               "aegis_instances_vs_one": results["aegis_instances"]["req_per_s"]
+               / results["instance_0_alone"]["req_per_s"]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{n} requests to stand-ins answering after {args.delay:g}s (no CPU); "
+          f"--max-in-flight {args.max_in_flight}")
+    for key in ("instance_0_alone", "instance_1_alone", "aegis_instances"):
+        r = results[key]
+        print(f"{key:<20} {r['req_per_s']:>8.1f} req/s  client {r['client_cpu_ms_per_request']:.2f}"
+              " ms CPU/request")
+    print(f"2 instances: {summary['aegis_instances_vs_one']:.2f}x one instance, "
+          f"{100 * summary['aegis_instances_vs_capacity']:.0f}% of the capacity sum")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000)
@@ -168,7 +220,12 @@ def main() -> int:
     p.add_argument("--max-in-flight", type=int, default=256,
                    help="per instance (aegis batch's default)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--standin", action="store_true",
+                   help="stand-ins that sleep --delay s per request instead of vLLM")
+    p.add_argument("--delay", type=float, default=1.0)
     args = p.parse_args()
+    if args.standin:
+        return standin_main(args)
     problem = vllm_env.venv_problem(vllm_env.VLLM_VENV)
     if problem:
         log(f"{problem}; run scripts/setup-vllm")
