@@ -606,6 +606,8 @@ def batch(run: str, scheduler: str | None, platform: str | None, input_path: str
     except BatchStopped as err:
         if err.counts is not None:
             say(err.counts.summary())
+            if as_json:
+                click.echo(json.dumps(err.counts.to_dict(), indent=2))
         say(f"stopped: {err}; run again with the same -o to resume")
         return EXIT_FAILED
     say(counts.summary())

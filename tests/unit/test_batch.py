@@ -145,6 +145,20 @@ def test_a_full_disk_stops_the_batch_and_a_resume_finishes_it(fleet, tmp_path):
     assert_once(out, 300)
 
 
+def test_lines_answered_before_are_skipped_even_if_they_no_longer_check(fleet, tmp_path):
+    """A resume against a run that serves the model under another name: what is in the
+    output already is not reported again."""
+    f = fleet(1)
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    assert Run.open(f.run_dir).batch(inp, out).done == 3
+    write_input(inp, 4, model="renamed")
+    counts = Run.open(f.run_dir).batch(inp, out)
+    assert (counts.skipped, counts.invalid) == (3, 1)
+    (error,) = records(tmp_path / "out.errors.jsonl")
+    assert error["custom_id"] == "req-3" and error["error"]["code"] == "unknown_model"
+
+
 def test_a_torn_last_line_is_dropped_and_answered_again(fleet, tmp_path):
     f = fleet(1)
     inp = write_input(tmp_path / "in.jsonl", 20)

@@ -56,7 +56,8 @@ DEFAULT_MAX_IN_FLIGHT = 256  # per instance: vLLM's max_num_seqs (256 on most GP
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_TIMEOUT = 600.0  # seconds per request
 DEFAULT_WAIT_TIMEOUT = 300.0  # seconds a model may have nothing ready before the batch stops
-REFRESH_INTERVAL = 2.0  # seconds between reads of the run's endpoints
+REFRESH_INTERVAL = 2.0  # seconds between reads of the run's endpoints (Run.state())
+JOB_REFRESH_INTERVAL = 5.0  # the same for a submitted run: each read also asks squeue/qstat
 FSYNC_INTERVAL = 1.0  # seconds: OUTPUT is fsync'd at least this often while lines arrive
 QUEUE_BYTES = 64 << 20  # input handed over but not yet sent, at most (plus one line)
 SHOWN_INVALID = 5  # malformed lines named on stderr; the rest only in the errors file
@@ -316,6 +317,8 @@ class _Checker:
             return bad("duplicate_custom_id", f"custom_id already on line {first}; only the "
                        "first is processed", custom_id)
         self.seen[digest] = lineno
+        if digest in self.answered:  # answered before: whatever the line says now
+            return nbytes
         missing = [k for k in ("method", "url", "body") if k not in record]
         if missing:
             return bad("invalid_line", f"missing {', '.join(missing)}", custom_id)
@@ -342,8 +345,6 @@ class _Checker:
         if model in self.routerless:
             return bad("no_router", f"model {model!r} has no router in this run (--target "
                        "router); use --target instances", custom_id)
-        if digest in self.answered:
-            return nbytes
         try:
             data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         except UnicodeEncodeError:  # a lone surrogate escape: keep it escaped
@@ -488,10 +489,17 @@ class _Progress:
             except ImportError:  # plain lines then
                 tqdm = None
             if tqdm is not None:
-                self.bar = tqdm(total=total_bytes, file=self.stream, unit="B", unit_scale=True,
-                                desc="aegis batch", dynamic_ncols=True, leave=True,
-                                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}"
-                                if total_bytes else "{desc}: {postfix}")
+                class Bar(tqdm):  # our counts, rate and ETA where tqdm puts its own
+                    status = ""
+
+                    @property
+                    def format_dict(self):
+                        return {**super().format_dict, "status": self.status}
+
+                self.bar = Bar(total=total_bytes, file=self.stream, unit="B", unit_scale=True,
+                               desc="aegis batch", dynamic_ncols=True, leave=True,
+                               bar_format="{desc}: {percentage:3.0f}%|{bar}| {status}"
+                               if total_bytes else "{desc}: {status}")
 
     @staticmethod
     def _clock(seconds: float) -> str:
@@ -524,7 +532,8 @@ class _Progress:
         text = self.text(counts, resolved_bytes, now)
         if self.bar is not None:
             self.bar.n = min(resolved_bytes, self.total or resolved_bytes)
-            self.bar.set_postfix_str(text, refresh=True)
+            self.bar.status = text
+            self.bar.refresh()
         elif force or now - self.last_line >= self.interval:
             self.last_line = now
             share = (f"{100 * resolved_bytes / self.total:.0f}% of input, "
@@ -695,12 +704,14 @@ class _Batch:
                 await self.release(line.model, target)
                 if outcome is None:
                     self.counts.done += 1
+                    self._resolve(line.nbytes)
                     return
                 retryable, code, message, response = outcome
                 if retryable:
                     self._strike(target, code)
                 if not retryable or attempts > self.o["max_retries"]:
                     self.counts.failed += 1
+                    self._resolve(line.nbytes)
                     self._write(False, self._error_record(
                         line.custom_id, line.lineno, code, message, response, attempts))
                     return
@@ -709,9 +720,8 @@ class _Batch:
                 await asyncio.sleep(backoff)
                 avoid = target.url
                 target = await self.acquire(line.model, avoid=avoid, retry=True)
-        finally:
+        finally:  # (a line cancelled mid-request is not resolved: it is not sent)
             self.budget.give(len(line.body))
-            self._resolve(line.nbytes)
 
     @staticmethod
     def _strike(target: _Target, code: str) -> None:
@@ -944,7 +954,7 @@ def batch(run: Run, input: str | os.PathLike, output: str | os.PathLike, *,
           max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, max_retries: int = DEFAULT_MAX_RETRIES,
           timeout: float = DEFAULT_TIMEOUT, wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
           strict: bool = False, progress: bool = False, progress_interval: float = 10.0,
-          refresh_interval: float = REFRESH_INTERVAL, handle_signals: bool = False,
+          refresh_interval: float | None = None, handle_signals: bool = False,
           on_start: Callable[[str], None] | None = None) -> BatchCounts:
     """Send every line of `input` (OpenAI batch JSONL) to the run; append the answers to
     `output`, skipping custom_ids already there. Returns the counts.
@@ -961,6 +971,8 @@ def batch(run: Run, input: str | os.PathLike, output: str | os.PathLike, *,
     for name, value, low in (("max_in_flight", max_in_flight, 1), ("max_retries", max_retries, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ConfigError(f"--{name.replace('_', '-')} {value!r}: an integer >= {low}")
+    if refresh_interval is None:
+        refresh_interval = REFRESH_INTERVAL if run.backend is None else JOB_REFRESH_INTERVAL
     for name, value in (("timeout", timeout), ("wait_timeout", wait_timeout),
                         ("refresh_interval", refresh_interval)):
         if not isinstance(value, (int, float)) or not value > 0:
