@@ -541,12 +541,16 @@ def test_a_signal_mid_batch_then_a_resume_answers_each_line_once(fleet, tmp_path
     assert_once(out, 300)
 
 
-def test_input_from_stdin(fleet, tmp_path):
+def test_input_from_stdin_and_never_through_a_proxy(fleet, tmp_path):
     f = fleet(1)
     data = "".join(line(i) + "\n" for i in range(10))
     out = tmp_path / "out.jsonl"
-    res = subprocess.run([*AEGIS, "batch", str(f.run_dir), "-", "-o", str(out)], env=ENV,
-                         input=data, capture_output=True, text=True, timeout=60)
+    proxy = "http://127.0.0.1:9"  # nothing listens: a request through it would fail
+    env = {**ENV, "http_proxy": proxy, "HTTP_PROXY": proxy, "all_proxy": proxy,
+           "ALL_PROXY": proxy, "NO_PROXY": "", "no_proxy": ""}
+    res = subprocess.run([*AEGIS, "batch", str(f.run_dir), "-", "-o", str(out),
+                          "--max-retries", "0"], env=env, input=data, capture_output=True,
+                         text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert_once(out, 10)
 
