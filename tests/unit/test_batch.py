@@ -347,6 +347,10 @@ def test_two_batches_on_one_output_the_second_is_refused(fleet, tmp_path):
             time.sleep(0.05)
         res = invoke("batch", f.run_dir, inp, "-o", out)
         assert res.exit_code == 2 and "another aegis batch is writing it" in res.stderr
+        res = invoke("batch", f.run_dir, inp, "-o", tmp_path / "other.jsonl", "--errors",
+                     tmp_path / "out.errors.jsonl")
+        assert res.exit_code == 2, res.stderr
+        assert "errors file" in res.stderr and "another aegis batch is writing it" in res.stderr
         assert first.wait(timeout=60) == 0, first.stderr.read()
     finally:
         first.kill()

@@ -171,11 +171,11 @@ def _same_file(a: int, b: int) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def _lock(fd: int, path: str) -> None:
+def _lock(fd: int, path: str, what: str = "output") -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise ConfigError(f"output {path}: another aegis batch is writing it") from None
+        raise ConfigError(f"{what} {path}: another aegis batch is writing it") from None
     except OSError as err:  # a file system without flock: go on, unguarded
         if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
@@ -994,6 +994,7 @@ def batch(run: Run, input: str | os.PathLike, output: str | os.PathLike, *,
         if _same_file(err_fd, out_fd) or _same_file(err_fd, in_fd):
             raise ConfigError(f"errors file {errors}: is the "
                               f"{'output' if _same_file(err_fd, out_fd) else 'input'} file")
+        _lock(err_fd, errors, "errors file")
         answered, dropped = read_answered(out_fd, output)
         key = run.api_key()
         status = run.state()
