@@ -443,10 +443,6 @@ class _Pool:
             usable = [t for t in usable if t.url != avoid] or usable
         return min(usable, key=lambda t: t.in_flight / t.capacity) if usable else None
 
-    @property
-    def capacity(self) -> int:
-        return sum(t.capacity for t in self.targets.values() if t.active)
-
 
 def _plan_targets(status, models: list[str], target: str, per_instance: int,
                   ) -> dict[str, dict[str, int]]:
@@ -570,7 +566,6 @@ class _Batch:
         self.tasks: set[asyncio.Task] = set()
         self.fatal: BaseException | None = None
         self.stop_reading = threading.Event()
-        self.status = None
         self.id_prefix, self.ids = uuid.uuid4().hex[:16], 0  # ids unique across invocations
 
     # -- bookkeeping
@@ -612,9 +607,7 @@ class _Batch:
     # -- the run's endpoints
     async def refresh(self) -> None:
         status = await asyncio.to_thread(self.run.state)
-        self.status = status
         plan = _plan_targets(status, self.models, self.o["target"], self.o["max_in_flight"])
-        now = time.monotonic()
         for model, wanted in plan.items():
             pool = self.pools.setdefault(model, _Pool())
             for url, capacity in wanted.items():
@@ -979,8 +972,8 @@ def batch(run: Run, input: str | os.PathLike, output: str | os.PathLike, *,
             raise ConfigError(f"--{name.replace('_', '-')} {value!r}: must be > 0")
     models = run.models()
     if target == "router" and not set(models) & set(run.config.routed_models):
-        raise ConfigError(f"--target router: this run has no router (router off, or every "
-                          f"model has one instance); use --target instances")
+        raise ConfigError("--target router: this run has no router (router off, or every "
+                          "model has one instance); use --target instances")
     in_fd, total = _open_input(input)
     fds = [in_fd]
     try:
