@@ -615,3 +615,17 @@ def test_run_batch_returns_counts_and_checks_its_options(fleet, tmp_path):
     f.write()
     with pytest.raises(RunError, match="nothing of this run is ready"):
         run.batch(inp, tmp_path / "other.jsonl")
+
+
+def test_run_batch_from_async_code_as_in_a_notebook(fleet, tmp_path):
+    """Jupyter runs cells inside an event loop: asyncio.run() there refuses to start."""
+    import asyncio
+
+    f = fleet(1)
+    inp = write_input(tmp_path / "in.jsonl", 10)
+
+    async def cell():
+        return Run.open(f.run_dir).batch(inp, tmp_path / "out.jsonl", handle_signals=True)
+    counts = asyncio.run(cell())
+    assert counts.done == 10
+    assert_once(tmp_path / "out.jsonl", 10)

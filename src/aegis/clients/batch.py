@@ -1030,16 +1030,27 @@ def _run_loop(job: _Batch, in_fd: int, total: int | None, handle_signals: bool) 
     """Runs the batch; a stop (fatal error or signal) is recorded in job.counts."""
     got: list[int] = []
 
+    try:
+        asyncio.get_running_loop()
+        in_loop = True  # called from async code (a Jupyter cell): run in a thread of our own
+    except RuntimeError:
+        in_loop = False
+    handle_signals = handle_signals and not in_loop and \
+        threading.current_thread() is threading.main_thread()
+
     async def guarded():
+        job.loop, task = asyncio.get_running_loop(), asyncio.current_task()
         if handle_signals:
-            loop = asyncio.get_running_loop()
-            task = asyncio.current_task()
             for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, lambda s=signum: (got.append(s), task.cancel()))
+                job.loop.add_signal_handler(signum,
+                                            lambda s=signum: (got.append(s), task.cancel()))
         await job.main(in_fd, total)
 
     try:
-        asyncio.run(guarded())
+        if in_loop:
+            _in_thread(job, guarded)
+        else:
+            asyncio.run(guarded())
     except (asyncio.CancelledError, KeyboardInterrupt):
         if job.fatal is None and not got:
             raise
@@ -1058,6 +1069,30 @@ def _run_loop(job: _Batch, in_fd: int, total: int | None, handle_signals: bool) 
             job.fatal.counts = counts
             raise job.fatal
         raise job.fatal
+
+
+def _in_thread(job: _Batch, make) -> None:
+    """asyncio.run(make()) in another thread, waited for; Ctrl-C here cancels it there."""
+    box: dict[str, BaseException] = {}
+
+    def runner():
+        try:
+            asyncio.run(make())
+        except BaseException as err:  # noqa: BLE001 (raised again in the caller's thread)
+            box["error"] = err
+
+    thread = threading.Thread(target=runner, name="aegis-batch", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        if getattr(job, "main_task", None) is not None:
+            job.loop.call_soon_threadsafe(job.main_task.cancel)
+        thread.join()
+        raise
+    if "error" in box:
+        raise box["error"]
 
 
 def _unlink_quietly(path: str) -> None:
