@@ -542,7 +542,6 @@ def cancel(run: str, scheduler: str | None, platform: str | None) -> int:
     return 0
 
 
-
 # ------------------------------------------------------------------ clients of a run
 
 
