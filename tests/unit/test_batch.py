@@ -557,6 +557,11 @@ def test_input_from_stdin_and_never_through_a_proxy(fleet, tmp_path):
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert_once(out, 10)
+    res = subprocess.run([*AEGIS, "batch", str(f.run_dir), "-", "-o", str(out)], env=env,
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: os.close(0))
+    assert res.returncode == 2 and "there is no standard input to read" in res.stderr, \
+        res.stderr
 
 
 # ------------------------------------------------------------------ progress

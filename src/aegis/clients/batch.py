@@ -135,7 +135,10 @@ def _describe(mode: int) -> str:
 def _open_input(path: str) -> tuple[int, int | None]:
     """(fd, size or None for a stream). A FIFO or /dev/stdin streams; a directory is refused."""
     if path == "-":
-        fd = os.dup(sys.stdin.fileno())
+        try:
+            fd = os.dup(sys.stdin.fileno())
+        except (AttributeError, ValueError, OSError):  # closed, or not a file (None, StringIO)
+            raise ConfigError("input -: there is no standard input to read") from None
     else:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
