@@ -14,6 +14,10 @@ Switches (also via STANDIN_FAULT / STANDIN_START_DELAY env vars):
   --crash-once-marker PATH    with crash-after/hang-after: strike only if PATH is absent (and create it),
                               so a restarted copy stays up
   --start-delay S             sleep S seconds before listening (model "loading")
+  --delay S                   take S seconds to answer each completion (requests overlap)
+  --fault flaky:K             every K-th completion answers 503 (a transient engine error)
+Per request (tests only): a completion body with "standin_status": N is answered with status N,
+"standin_delay": S takes S seconds more, and "standin_pretty": true answers indented JSON.
   --spawn-child               start a child process (like vLLM's engine core) that outlives
                               this one unless its process group is stopped
   --spawn-grandchild          start a child that starts a child of its own (two levels down)
@@ -50,6 +54,7 @@ def parse(argv):
     p.add_argument("--crash-once-marker", default=None)
     p.add_argument("--start-delay", type=float, default=float(os.environ.get("STANDIN_START_DELAY", "0")))
     p.add_argument("--port-range", default=None)
+    p.add_argument("--delay", type=float, default=0.0)
     p.add_argument("--spawn-child", action="store_true")
     p.add_argument("--spawn-grandchild", action="store_true")
     p.add_argument("--spawn-daemon", action="store_true")
@@ -67,7 +72,9 @@ class Server:
         self.served = 0
         self.crash_after = None
         self.hang_after = None
+        self.completions = 0
         kind, _, count = args.fault.partition(":")
+        self.flaky = int(count) if kind == "flaky" else 0
         # With --crash-once-marker the fault strikes only the first run (the marker records it).
         if kind in ("crash-after", "hang-after") and not self._struck_before(args.crash_once_marker):
             setattr(self, kind.replace("-", "_"), int(count))
@@ -94,6 +101,12 @@ class Server:
             if fault == "bad-completions":
                 return 500, {"error": "EngineDeadError: engine core died"}
             req = json.loads(body or b"{}")
+            self.completions += 1
+            if self.flaky and self.completions % self.flaky == 0:
+                return 503, {"error": {"message": "flaky: try again", "code": 503}}
+            if isinstance(req.get("standin_status"), int):
+                return req["standin_status"], {"error": {"message": "standin_status asked",
+                                                         "code": req["standin_status"]}}
             if req.get("model") != self.name:
                 return 404, {"error": f"model {req.get('model')!r} not found"}
             if path == "/v1/completions":
@@ -129,8 +142,15 @@ class Server:
                 if self.hang_after is not None and self.served >= self.hang_after:
                     print("standin: hanging", file=sys.stderr, flush=True)
                     await asyncio.sleep(3600)
+                if method == "POST" and path.startswith("/v1/"):
+                    extra = 0.0
+                    if b"standin_delay" in body:
+                        extra = float(json.loads(body).get("standin_delay", 0))
+                    if self.args.delay or extra:
+                        await asyncio.sleep(self.args.delay + extra)
                 status, payload = self.route(method, path.split("?")[0], headers, body)
-                data = b"" if payload is None else json.dumps(payload).encode()
+                pretty = method == "POST" and b'"standin_pretty": true' in body
+                data = b"" if payload is None else json.dumps(payload, indent=2 if pretty else None).encode()
                 close = headers.get("connection", "").lower() == "close"
                 writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"
                              f"Content-Length: {len(data)}\r\n"

@@ -651,5 +651,111 @@ def _await_stopped(stopped: Callable[[], bool], timeout: float, interval: float 
     click.echo("aegis: stopped", err=True)
 
 
+# ------------------------------------------------------------------ clients of a run
+
+
+@_run_command("batch")
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", required=True, metavar="FILE",
+              help="Answers, one JSON line each, appended. Give the same FILE again to resume: "
+              "custom_ids already in it are skipped.")
+@click.option("--errors", metavar="FILE",
+              help="Lines that failed for good and malformed input lines, with the reason and "
+              "line number; rewritten on each start, removed when empty.  "
+              "[default: OUTPUT with .errors.jsonl]")
+@click.option("--target", type=click.Choice(["auto", "router", "instances"]), default="auto",
+              show_default=True,
+              help="Where lines go: each model's router, or straight to its ready instances "
+              "(auto: the router while it is up, else the instances).")
+@click.option("--max-in-flight", type=click.IntRange(1, 100000), metavar="N",
+              default=256, show_default=True,
+              help="Requests in flight per instance (through a router: N x its ready "
+              "instances). vLLM runs up to its max_num_seqs at once and queues the rest; "
+              "all in flight to an instance that dies are sent again.")
+@click.option("--max-retries", type=click.IntRange(0, 1000), metavar="N", default=5,
+              show_default=True,
+              help="Retries of a line after a connection error, timeout, 5xx, 408 or 429, each on "
+              "another instance where there is one, with backoff. Other 4xx are not retried.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              default=600, show_default=True, help="Seconds one request may take.")
+@click.option("--wait-timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+              default=300, show_default=True,
+              help="Seconds a model may go without a ready instance (or router) that answers "
+              "before the batch stops (exit 1; run again to resume).")
+@click.option("--strict", is_flag=True,
+              help="Stop at the first malformed input line (exit 2); nothing after it is sent.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress, only the summary line.")
+@click.option("--json", "as_json", is_flag=True, help="The counts as JSON on stdout.")
+def batch(run: str, scheduler: str | None, platform: str | None, input_path: str, output: str,
+          errors: str | None, target: str, max_in_flight: int, max_retries: int,
+          timeout: float, wait_timeout: float, strict: bool, quiet: bool,
+          as_json: bool) -> int:
+    """Send an OpenAI batch file (JSONL: custom_id, method, url, body per line; INPUT may be
+    - for stdin) over RUN's fleet, and write the answers (id, custom_id, response, error) to
+    OUTPUT. Exactly once: run it again with the same -o after any stop and each custom_id ends
+    up in OUTPUT once. See docs/batch.md.
+
+    Exit 0 every line answered; 1 some lines failed (see the errors file), nothing of RUN is
+    ready, or the batch stopped early (the run ended; run again to resume); 2 bad input (a
+    missing run, an unwritable output, an unreadable INPUT, malformed lines, or with --strict
+    the first one); 128+N stopped by signal N (run again to resume)."""
+    from .clients.batch import BatchStopped
+
+    run_ = _need_run(_open_run(run, scheduler, platform), "aegis batch")
+
+    def say(message: str) -> None:
+        click.echo(f"aegis: batch: {message}", err=True)
+
+    try:
+        counts = run_.batch(input_path, output, errors=errors, target=target,
+                            max_in_flight=max_in_flight, max_retries=max_retries,
+                            timeout=timeout, wait_timeout=wait_timeout, strict=strict,
+                            progress=not quiet, handle_signals=True, on_start=say)
+    except BatchStopped as err:
+        if err.counts is not None:
+            say(err.counts.summary())
+            if as_json:
+                click.echo(json.dumps(err.counts.to_dict(), indent=2))
+        say(f"stopped: {err}; run again with the same -o to resume")
+        return EXIT_FAILED
+    say(counts.summary())
+    if as_json:
+        click.echo(json.dumps(counts.to_dict(), indent=2))
+    if counts.signal:
+        say(f"{counts.stopped}; run again with the same -o to resume")
+        return 128 + counts.signal
+    if counts.failed or counts.invalid:
+        say(f"{counts.failed + counts.invalid} line(s) not answered: see {counts.errors}")
+    return EXIT_FAILED if counts.failed else EXIT_BAD_INPUT if counts.invalid else 0
+
+
+@main.command(name="list")
+@click.option("--run-dir", "run_dir", metavar="DIR",
+              help="Where to look.  [default: the run_dir config default, aegis-runs]")
+@click.option("--json", "as_json", is_flag=True,
+              help="One record per run as JSON (name, path, kind, job_id, phase, ready, total, "
+              "age_s, ...).")
+def list_runs(run_dir: str | None, as_json: bool) -> int:
+    """The runs under a run directory, newest first: name, job id, phase, ready/total, age.
+
+    A chain directory (submit --chain) is one entry; entries that are not runs are left out
+    with a note on stderr."""
+    import dataclasses as dc
+
+    from .clients.runs import list_runs as find, table
+
+    parent = run_dir or next(f.default for f in dc.fields(Config) if f.name == "run_dir")
+    runs, notes = find(os.path.expanduser(parent))
+    for note in notes:
+        click.echo(f"aegis: note: {parent}/{note}", err=True)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in runs], indent=2))
+    elif runs:
+        click.echo(table(runs))
+    else:
+        click.echo(f"aegis: no runs in {parent}", err=True)
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -414,6 +414,11 @@ class Run:
         except CredentialError as err:
             raise RunError(str(err)) from None
 
+    def batch(self, input, output, **options):
+        """An OpenAI batch file over this run, exactly once (aegis.clients.batch.batch)."""
+        from .clients.batch import batch
+        return batch(self, input, output, **options)
+
     # -- waiting and stopping ----------------------------------------------------------------
     def wait_ready(self, timeout: float | None = None, min_ready: int | None = None, *,
                    interval: float = 1.0, on_change=None) -> Status:
