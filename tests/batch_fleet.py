@@ -93,7 +93,7 @@ class Fleet:
                "launcher": {"pid": os.getpid(), "host": socket.gethostname(), "ranks": 1,
                             "state": launcher_state, "exit_code": None, "started_at": now,
                             "updated_at": now, "heartbeat_at": now,
-                            "heartbeat_interval": 3600.0}}
+                            "heartbeat_interval": 600.0}}
         tmp = self.run_dir / ".endpoints.tmp"
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.run_dir / "endpoints.json")

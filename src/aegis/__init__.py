@@ -18,7 +18,7 @@ __all__ = ["Run", "submit"]
 
 def __getattr__(name):  # Run and submit on first use: `import aegis` stays light
     if name in __all__:
-        from . import run
+        from . import clients  # the Run you hold, with what you do with a fleet
 
-        return getattr(run, name)
+        return getattr(clients, name)
     raise AttributeError(f"module 'aegis' has no attribute {name!r}")

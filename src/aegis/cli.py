@@ -216,7 +216,7 @@ def submit(config_path: str | None, dry_run: bool, chain: int, wait_ready: bool,
                    f"; chain directory {chain_dir} (endpoints: {chain_dir}/endpoints.json)",
                    err=True)
         if wait_ready:
-            from .run import Run
+            from .clients import Run
 
             return _wait(Run.open(results[0].run_dir), timeout, min_ready)
         for r in results:
@@ -229,7 +229,7 @@ def submit(config_path: str | None, dry_run: bool, chain: int, wait_ready: bool,
     if not wait_ready:
         click.echo(result.job_id)
         return 0
-    from .run import Run
+    from .clients import Run
 
     return _wait(Run.open(result.run_dir), timeout, min_ready)
 
@@ -381,7 +381,7 @@ def _open_run(run: str, scheduler: str | None, platform: str | None):
     """RUN is a run directory, or a job id whose run directory the batch system knows.
     Returns a Run, or (job id, backend) for a job with no run directory to read (or one that
     is not this user's: the batch system's word, and its permissions, alone)."""
-    from .run import Run
+    from .clients import Run
     from .scheduler import check_job_id, get_backend
 
     path_like = os.sep in run or run.startswith(".")

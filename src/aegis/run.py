@@ -247,6 +247,24 @@ class Run:
         run.chain_jobs = [runs[g][0] for g in sorted(runs)]
         return run
 
+    @classmethod
+    def submit(cls, config: Config | str | os.PathLike, **overrides: Any) -> Run:
+        """Render, write and submit a run (like `aegis submit`) and hold it; `config` is a
+        Config or a YAML path, `overrides` config keys on top."""
+        from .platforms import get_platform
+        from .scheduler import get_backend
+        from .scheduler import submit as submission
+
+        if not isinstance(config, Config):
+            config = load_config(os.fspath(config), overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        backend = get_backend(config.effective_scheduler)
+        result = submission.submit(config, get_platform(config.platform), backend)
+        run = cls.open(result.run_dir)
+        run.warnings = result.warnings
+        return run
+
     @property
     def run_dir(self) -> str:
         return self.layout.root
@@ -344,7 +362,8 @@ class Run:
         if not have_file:
             return "starting", "no endpoints file yet"
         if ready < need:
-            return "starting", f"{ready} of {need} instance(s) ready"
+            return "starting", (f"{ready} of {total} instance(s) ready"
+                                + (f"; {need} needed" if need != total else ""))
         # a router that was up and is restarting makes the run degraded, not starting
         settled = {r.model for r in routers
                    if r.state in ("ready", "failed", "stopped", "restarting")}
@@ -413,11 +432,6 @@ class Run:
             raise RunError(f"{path}: no key yet (the launcher makes it when it starts)") from None
         except CredentialError as err:
             raise RunError(str(err)) from None
-
-    def batch(self, input, output, **options):
-        """An OpenAI batch file over this run, exactly once (aegis.clients.batch.batch)."""
-        from .clients.batch import batch
-        return batch(self, input, output, **options)
 
     # -- waiting and stopping ----------------------------------------------------------------
     def wait_ready(self, timeout: float | None = None, min_ready: int | None = None, *,
@@ -516,16 +530,4 @@ class Run:
 def submit(config: Config | str | os.PathLike, **overrides: Any) -> Run:
     """Render, write and submit a run (like `aegis submit`); `config` is a Config or a YAML
     path, `overrides` config keys on top."""
-    from .platforms import get_platform
-    from .scheduler import get_backend
-    from .scheduler import submit as submission
-
-    if not isinstance(config, Config):
-        config = load_config(os.fspath(config), overrides)
-    elif overrides:
-        config = config.replace(**overrides)
-    backend = get_backend(config.effective_scheduler)
-    result = submission.submit(config, get_platform(config.platform), backend)
-    run = Run.open(result.run_dir)
-    run.warnings = result.warnings
-    return run
+    return Run.submit(config, **overrides)

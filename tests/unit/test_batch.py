@@ -23,7 +23,8 @@ from aegis.cli import main
 from aegis.clients import batch as batch_module
 from aegis.clients.batch import BatchStopped, _Progress, BatchCounts
 from aegis.config import ConfigError
-from aegis.run import Run, RunError
+from aegis.clients import Run
+from aegis.run import RunError
 from batch_fleet import KEY, Fleet, line, output_ids, write_input
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,8 +321,8 @@ def test_a_run_with_nothing_ready_exits_1_with_the_reason(fleet, tmp_path):
     inp = write_input(tmp_path / "in.jsonl", 3)
     res = invoke("batch", f.run_dir, inp, "-o", tmp_path / "out.jsonl")
     assert res.exit_code == 1
-    assert "nothing of this run is ready (starting: 0 of 2 instance(s) ready); wait for it: " \
-        "aegis wait" in res.stderr
+    assert "nothing of this run is ready (starting: 0 of 2 instance(s) ready" in res.stderr
+    assert "wait for it: aegis wait" in res.stderr
     f.states = ["failed", "starting"]
     f.write()
     res = invoke("batch", f.run_dir, inp, "-o", tmp_path / "out.jsonl")

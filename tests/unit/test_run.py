@@ -251,9 +251,9 @@ def test_status_table(tmp_path):
     result = invoke("status", str(launched_run(tmp_path)))
     lines = result.stdout.splitlines()
     assert lines[0] == "launched run: running; 2/2 instance(s) ready; ready"
-    assert lines[1].split() == ["MODEL", "NODE", "URL", "STATE", "RESTARTS"]
-    assert lines[2].split() == ["m", "n1", "http://n1:8000/v1", "ready", "0"]
-    assert lines[4].split() == ["m", "n1", "http://n1:9000/v1", "router", "ready"]
+    assert lines[1].split() == ["MODEL", "NODE", "HOST", "URL", "STATE", "RESTARTS"]
+    assert lines[2].split() == ["m", "0", "n1", "http://n1:8000/v1", "ready", "0"]
+    assert lines[4].split() == ["m", "0", "n1", "http://n1:9000/v1", "router", "ready", "0"]
 
 
 def test_wait_exit_codes(tmp_path):

@@ -4,3 +4,24 @@
 - batch: OpenAI batch files (JSONL) spread over the run's routers or instances, exactly once
 - runs: the runs under a run directory (`aegis list`)
 """
+
+from __future__ import annotations
+
+from ..run import Run as _HeldRun
+
+
+class Run(_HeldRun):
+    """The Run you hold (aegis.run.Run: state, wait, endpoints, key, cancel), with what you do
+    with the fleet once it serves. `aegis.Run` and `aegis.submit` give this one."""
+
+    def batch(self, input, output, **options):
+        """An OpenAI batch file over this run, exactly once -> aegis.clients.batch.BatchCounts
+        (aegis.clients.batch.batch; docs/batch.md)."""
+        from .batch import batch  # its client (aiohttp, tqdm) only when a batch runs
+
+        return batch(self, input, output, **options)
+
+
+submit = Run.submit
+
+__all__ = ["Run", "submit"]
