@@ -324,7 +324,7 @@ def test_a_run_with_nothing_ready_exits_1_with_the_reason(fleet, tmp_path):
     assert "nothing of this run is ready (starting: 0 of 2 instance(s) ready" in res.stderr
     assert "wait for it: aegis wait" in res.stderr
     f.states = ["failed", "starting"]
-    f.write()
+    f.write(launcher_state="starting")  # still starting: every instance is needed
     res = invoke("batch", f.run_dir, inp, "-o", tmp_path / "out.jsonl")
     assert res.exit_code == 1
     assert "nothing of this run is ready (failed: 1 of 2 instance(s) failed; 2 needed)\n" \
