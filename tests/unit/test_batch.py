@@ -49,8 +49,17 @@ def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+BATCH_SCHEMA = json.loads((ROOT / "docs" / "schemas" / "batch-output.schema.json").read_text())
+
+
 def records(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    """The lines of an output or errors file, each checked against the published schema."""
+    import jsonschema
+
+    out = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    for record in out:
+        jsonschema.validate(record, BATCH_SCHEMA, cls=jsonschema.Draft202012Validator)
+    return out
 
 
 def served_by(path: Path) -> set[str]:

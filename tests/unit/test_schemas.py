@@ -69,6 +69,15 @@ def test_a_real_launch_matches_every_schema(tmp_path):
     assert Run.open(run).state().instances[0].node == 0
 
 
+def test_batch_output_schema_takes_answers_and_errors_only():
+    check("batch-output", {"id": "a-1", "custom_id": "c", "error": None,
+                           "response": {"status_code": 200, "request_id": "r", "body": {}}})
+    check("batch-output", {"id": "a-2", "custom_id": "c", "response": None,
+                           "error": {"code": "unknown_model", "message": "m", "line": 3}})
+    with pytest.raises(jsonschema.ValidationError):  # neither an answer nor an error
+        check("batch-output", {"id": "a-3", "custom_id": "c", "response": None, "error": None})
+
+
 def test_a_job_without_a_run_directory_matches_the_status_schema():
     check("status", {"job_id": "4242", "scheduler": "slurm", "job_state": "running"})
     with pytest.raises(jsonschema.ValidationError):
