@@ -271,3 +271,36 @@ def test_a_server_that_takes_the_port_is_never_called_ready(tmp_path):
     assert not any(path.startswith("/v1/") for _, path, _ in squatter.seen), squatter.seen
     assert "ready on" not in err
     assert launch.leftovers() == []
+
+
+def test_an_instance_whose_chosen_port_is_taken_moves_to_a_free_one(tmp_path):
+    """Where the plan allows (platform local, port_start unset: aegis chose the ports), an
+    instance whose port another server takes moves to a free port and serves there; the
+    squatter never sees the run's key. With a port_start of the user's it fails instead
+    (test_a_server_that_takes_the_port_is_never_called_ready)."""
+    launch = LaunchRun(tmp_path, [{"name": "m", "served_model_name": "m", "instances": 2,
+                                   "extra_vllm_args": ["--start-delay", "3"]}],
+                       port_start=None, router=False, startup_timeout=30)
+    proc = launch.start()
+    squatter = None
+    try:
+        doc = launch.wait_endpoints(lambda d: d["launcher"]["state"] == "starting", timeout=30)
+        taken = doc["instances"][0]["port"]
+        squatter = Recorder(taken, "m")
+        run = _serving(launch, timeout=60)
+        (moved, other) = sorted(run.endpoints(), key=lambda e: e.id)
+        port = int(moved.url.rsplit(":", 1)[1].removesuffix("/v1"))
+        assert port not in (taken, doc["instances"][1]["port"])
+        key = run.api_key()
+        status, text = call(f"{moved.url}/completions", "POST", key,
+                            {"model": "m", "prompt": "hi", "max_tokens": 1})
+        assert status == 200 and json.loads(text)["system_fingerprint"] == f"standin-{port}"
+        assert all(auth is None for _, _, auth in squatter.seen), squatter.seen
+        err = _stop(proc)
+        assert f"moves to port {port}" in err
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if squatter is not None:
+            squatter.close()
+    assert launch.leftovers() == []

@@ -95,7 +95,7 @@ def launch(config: Config, options: LaunchOptions, *, config_path: str | None = 
         if config.port_start is None and config.platform == "local":
             # No ports given: free ones on this machine (every local "node" is this machine).
             config = config.replace(port_start=free_port_start(config.http_ports))
-            prepared = dataclasses.replace(prepared, config=config,
+            prepared = dataclasses.replace(prepared, config=config, movable_ports=True,
                                            plan=make_plan(config, prepared.platform))
     except (UsageError, ConfigError, AllocationError) as e:
         print_error(str(e))

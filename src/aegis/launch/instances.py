@@ -6,6 +6,7 @@ serves HTTP; the others run vLLM with --headless and join it.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from dataclasses import dataclass
@@ -131,6 +132,13 @@ def build_part(*, instance: Instance, model: ModelConfig, config: Config, platfo
                 log_path=RunLayout(run_dir).instance_log(name),
                 bind_host=bind_host or address, address=address, port=instance.port,
                 env_dir=runtime.env_dir, cache_dirs=tuple(writable_dirs(caches)))
+
+
+def with_port(part: Part, port: int) -> Part:
+    """The same process serving on another HTTP port (a port taken after it was planned)."""
+    argv = list(part.argv)
+    argv[argv.index("--port") + 1] = str(port)
+    return dataclasses.replace(part, argv=tuple(argv), port=port)
 
 
 def render_script(part: Part) -> str:

@@ -49,3 +49,6 @@ class Prepared:
     allocation: Allocation
     config_path: str | None  # the file the config came from (None: flags only)
     api_key: str | None  # api_key_env's value; None: the run makes its own key
+    # aegis chose the ports (platform local, port_start unset): an instance whose port another
+    # process takes may move to a free one
+    movable_ports: bool = False

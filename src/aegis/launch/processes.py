@@ -92,6 +92,14 @@ def port_in_use(host: str, port: int) -> bool:
     return bind_problem(host, port) is not None
 
 
+def free_port(host: str, above: int, avoid: set[int]) -> int | None:
+    """The first port after `above` that nothing listens on and that is not in `avoid`."""
+    for port in range(above + 1, 65536):
+        if port not in avoid and not port_in_use(host, port):
+            return port
+    return None
+
+
 # --- whose server answers on a port ---
 
 class Listener(NamedTuple):

@@ -317,8 +317,14 @@ class Rank:
                                 liveness_interval=config.liveness_interval,
                                 liveness_failures=config.liveness_failures,
                                 probe_timeout=config.probe_timeout,
-                                stop_grace=config.stop_grace, api_key=self.api_key, log=self.log)
+                                stop_grace=config.stop_grace, api_key=self.api_key,
+                                reserved_ports=self._planned_ports()
+                                if self.prepared.movable_ports else None, log=self.log)
         return None
+
+    def _planned_ports(self) -> set[int]:
+        """Every HTTP port of the plan: the instances' and the routers'."""
+        return {inst.port for inst in self.plan.instances} | set(self.plan.router_ports.values())
 
     def _sweep_node(self) -> None:
         """Record this rank as a user of its job's node-local caches, and remove what earlier

@@ -27,12 +27,15 @@ from dataclasses import dataclass, field
 from ..runfiles import SERVING_STATES as SERVING
 from .endpoints import InstanceState
 from .instances import Part
-from .processes import Running, adopt_orphans, bind_problem, listeners, stop_all, write_script
+from .instances import with_port
+from .processes import (Running, adopt_orphans, bind_problem, free_port, listeners, stop_all,
+                        write_script)
 from .readiness import Probe, Target, probe_round
 
 _WILDCARDS = ("0.0.0.0", "::", "")
 HEALTH_INTERVAL = 2.0  # seconds between quick /health checks of a serving instance
 HEALTH_TIMEOUT = 2.0  # the router's own health-check timeout (router.HEALTH_ARGS)
+MAX_MOVES = 3  # times an instance moves to another port because its own was taken
 
 
 # What vLLM's API server logs when its engine process died under it (it then exits 0).
@@ -76,14 +79,19 @@ class Slot:
     next_check: float = 0.0  # when a serving head gets its next full check
     next_health: float = 0.0  # ... and its next quick /health
     failed_checks: int = 0
+    moves: int = 0  # times it moved to another port (its own was taken)
 
 
 class LocalFleet:
     def __init__(self, parts: list[Part], *, startup_timeout: float, max_restarts: int,
                  restart_backoff: float = 2.0, api_key: str | None = None,
                  probe_timeout: float = 5.0, liveness_interval: float = 30.0,
-                 stop_grace: float = 15.0, liveness_failures: int = 3, log=lambda msg: None):
+                 stop_grace: float = 15.0, liveness_failures: int = 3,
+                 reserved_ports: set[int] | None = None, log=lambda msg: None):
         self.slots = [Slot(p) for p in parts]
+        # None: ports are the user's (fixed); else the run's planned ports, which a moving
+        # instance must not take: aegis chose them and may choose again
+        self.reserved_ports = reserved_ports
         self.startup_timeout = startup_timeout
         self.max_restarts = max_restarts
         self.restart_backoff = restart_backoff
@@ -151,7 +159,7 @@ class LocalFleet:
         for slot in self.slots:
             if slot.state in ("starting", *SERVING) and slot.running is not None:
                 code = slot.running.exit_code()
-                if code is not None:
+                if code is not None and not self._lost_port(slot, now):
                     self._on_exit(slot, code, now)
             if slot.state == "restarting" and now >= slot.next_start and \
                     slot.running.exit_code() is not None:  # the old one holds no port now
@@ -186,9 +194,10 @@ class LocalFleet:
     def _starting(self, slot: Slot, result: Probe, now: float, *, taken: bool) -> None:
         if taken:  # another server on our port: never probe it with the key, never offer it
             slot.log_tail = slot.running.log_tail()
-            self._fail(slot, f"{result.detail}: it was taken after aegis checked it was free "
-                             "(choose another port_start)")
             slot.running.stop()
+            if not self._move(slot, now, result.detail):
+                self._fail(slot, f"{result.detail}: it was taken after aegis checked it was "
+                                 "free (choose another port_start)")
         # An answered completion counts even if the process died since: the next tick
         # sees the exit and treats it as a crash in service (restartable).
         elif result.ready:
@@ -206,6 +215,37 @@ class LocalFleet:
             slot.log_tail = slot.running.log_tail()
             self._fail(slot, f"not ready within {self.startup_timeout:g}s; last check: {result.detail}")
             slot.running.stop()
+
+    def _lost_port(self, slot: Slot, now: float) -> bool:
+        """A starting instance that exited because another process took its port (vLLM: "Address
+        already in use"): moved to a free one where the plan allows. -> whether it moved."""
+        part = slot.part
+        if slot.state != "starting" or not part.is_head or self.reserved_ports is None:
+            return False
+        holder = listeners({0: (slot.running.pid, part.port)})[0]
+        if holder.state != "foreign":
+            return False
+        slot.log_tail = slot.running.log_tail()
+        return self._move(slot, now, holder.detail)
+
+    def _move(self, slot: Slot, now: float, why: str) -> bool:
+        """Where the plan allows (aegis chose the ports), start the instance again at once on
+        a free port. -> whether it moves."""
+        part = slot.part
+        if self.reserved_ports is None or not part.is_head or part.nnodes > 1 or \
+                slot.moves >= MAX_MOVES:
+            return False
+        taken = {s.part.port for s in self.slots} | self.reserved_ports
+        port = free_port(part.bind_host, max(taken), taken)
+        if port is None:
+            return False
+        slot.moves += 1
+        slot.part = with_port(part, port)
+        write_script(slot.part)
+        slot.state, slot.next_start = "restarting", now  # once the old one is gone
+        slot.error = f"{why}; moving to port {port}"
+        self.log(f"{part.name}: {why}; it moves to port {port}")
+        return True
 
     def _health(self, slot: Slot, result: Probe, now: float) -> None:
         """The quick check of a serving instance: out of service while /health fails."""
