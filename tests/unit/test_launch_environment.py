@@ -167,6 +167,19 @@ def test_a_link_to_outside_is_never_written_through(tmp_path):
     assert list(target.iterdir()) == []
 
 
+def test_a_venv_whose_python_links_outside_unpacks(tmp_path):
+    """A plain venv (not --copies): bin/python3 -> /usr/bin/python3.x (absolute), and
+    bin/python -> python3 (relative, resolving outside through it). Both are kept."""
+    tarball = tmp_path / "env.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.addfile(_member("bin", tarfile.DIRTYPE, mode=0o755))
+        tar.addfile(_member("bin/python3", tarfile.SYMTYPE, linkname=sys.executable))
+        tar.addfile(_member("bin/python", tarfile.SYMTYPE, linkname="python3"))
+    env, _ = unpack_environment(tarball, str(tmp_path / "nl"), "env.tar", timeout=30)
+    assert os.readlink(env / "bin" / "python") == "python3"
+    assert os.path.realpath(env / "bin" / "python") == os.path.realpath(sys.executable)
+
+
 def test_set_id_bits_and_owners_are_not_kept_and_absolute_names_stay_inside(tmp_path):
     tarball = tmp_path / "env.tar"
     with tarfile.open(tarball, "w") as tar:

@@ -102,10 +102,11 @@ class _EnvMembers:
     """The extraction filter of a packed environment: Python's `data` filter (regular files,
     directories and links that stay inside; no device nodes, FIFOs or absolute paths; set-id,
     sticky and group/other-write bits cleared; owners not applied), with one exception: a
-    symlink to an absolute path outside is kept (venv-pack keeps bin/python ->
-    /usr/bin/python3.x). It is never written through: the data filter resolves every later
-    member's path on disk and refuses one that ends up outside. Also ends a stopped or
-    overdue extraction between members."""
+    symlink to an absolute path outside is kept (venv-pack keeps bin/python3 ->
+    /usr/bin/python3.x), and so is one whose own target is inside but resolves outside
+    through such a link (bin/python -> python3). Neither is ever written through: the data
+    filter resolves every later member's path on disk and refuses one that ends up outside.
+    Also ends a stopped or overdue extraction between members."""
 
     def __init__(self, deadline: float, should_stop):
         self.deadline, self.should_stop = deadline, should_stop
@@ -119,8 +120,15 @@ class _EnvMembers:
         self.member = member.name
         try:
             return tarfile.data_filter(member, dest)
-        except tarfile.AbsoluteLinkError:
-            if not member.issym():
+        except (tarfile.AbsoluteLinkError, tarfile.LinkOutsideDestinationError) as e:
+            # a symlink to an absolute path (bin/python3 -> /usr/bin/python3.11), or one that
+            # stays inside by its own words but resolves outside through such a link
+            # (bin/python -> python3): kept, never written through
+            root = os.path.realpath(dest)
+            inside = os.path.normpath(os.path.join(root, os.path.dirname(member.name),
+                                                   member.linkname))
+            if not member.issym() or (isinstance(e, tarfile.LinkOutsideDestinationError)
+                                      and os.path.commonpath([inside, root]) != root):
                 raise
             return member.replace(uid=None, gid=None, uname=None, gname=None, deep=False)
 
