@@ -37,6 +37,8 @@ request_success{finished_reason="length"} counted per port, http_requests_total 
                               nan (NaN/Inf values), empty, status-500, old-names (vLLM <= 0.10:
                               gpu_cache_usage_perc, gpu_prefix_cache_*), slow:S (answers after S s)
   --metrics-fault-ports LIST  only these ports (e.g. 8000-8009,8042); default every port
+  --metrics-busy              every /metrics answer shows new numbers, as under load: counters
+                              grow, running/waiting/KV usage change (no two answers share them)
 POST /standin/metrics (tests only; the port it reaches): {"set": {"running": 0, "waiting": 5,
 "kv": 1.0, ...}} pins values, {"reset": true} zeroes the counters and takes a new start time
 (a restart), {"fault": KIND or null} changes that port's /metrics fault.
@@ -75,6 +77,7 @@ def parse(argv):
     p.add_argument("--shm-segment", action="append", default=[])
     p.add_argument("--metrics-fault", default="")
     p.add_argument("--metrics-fault-ports", default="")
+    p.add_argument("--metrics-busy", action="store_true")
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -103,7 +106,8 @@ class Server:
             fault = self.args.metrics_fault
             if self.fault_ports is not None and number not in self.fault_ports:
                 fault = ""
-            state = self.ports[number] = PortState(fault)
+            state = self.ports[number] = PortState(fault, busy=self.args.metrics_busy,
+                                                   seed=number)
         return state
 
     @staticmethod
@@ -188,6 +192,8 @@ class Server:
         elif kind == "empty":
             data = b""
         else:
+            if here.busy:
+                here.advance()
             data = self.metrics_template.render(here, old_names=kind == "old-names").encode()
             if kind == "not-utf8":
                 data = data.replace(b'vllm:num_requests_waiting{engine="0",model_name="',
@@ -293,11 +299,24 @@ def _port_set(text: str):
 class PortState:
     """One port's numbers, as one vLLM instance counts them."""
 
-    def __init__(self, fault: str = ""):
+    def __init__(self, fault: str = "", busy: bool = False, seed: int = 0):
         self.fault = fault
         self.running = 0
         self.pinned: dict[str, float] = {}
+        self.busy = busy
+        self.tick = seed % 97  # --metrics-busy: a per-port phase
         self.reset()
+
+    def advance(self) -> None:
+        """--metrics-busy: what a loaded engine's numbers do between two scrapes."""
+        self.tick += 1
+        t = self.tick
+        self.prompt_tokens += 500 + 37 * (t % 11)
+        self.generation_tokens += 900 + 53 * (t % 7)
+        self.success["length"] += 3 + t % 4
+        self.success["stop"] += 1 + t % 2
+        self.http["2xx"] = self.http.get("2xx", 0) + 4 + t % 5
+        self.pinned.update(running=10 + t % 17, waiting=t % 5, kv=(t % 90) / 100 + 0.0123)
 
     def reset(self) -> None:
         self.start = time.time()

@@ -14,9 +14,10 @@ a full KV cache, an instance serving nothing while others of its model queue, co
 went backwards (the server restarted), values that are not numbers (docs/metrics.md).
 
 The text is parsed with prometheus_client's parser. Parsing all of vLLM's /metrics (~50 KB,
-~600 lines, histograms included) costs ~8 ms of CPU, 8 s for 1,000 instances; so the lines of
-the metrics read here are selected first (one regular expression over the bytes, ~0.2 ms) and
-only those (~20 lines) go through the parser.
+~600 lines, histograms included) costs ~10 ms of CPU, 10 s for 1,000 instances; so the sample
+lines of the metrics read here are picked out first (select_lines: bytes.find, ~50 us) and
+only those (~17 lines) go through the parser, each distinct line once (a line seen before, in
+another instance's text or the last scrape's, is not parsed again).
 
 Every request carries the run's key (vLLM 0.32 does not ask for it on /metrics, but every
 request to a run's servers carries it: docs/security.md); no proxy variable is followed.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import resource
 import threading
 import time
@@ -46,7 +46,9 @@ from ..runfiles import SERVING_STATES
 
 DEFAULT_TIMEOUT = 2.0  # seconds per /metrics: what the launcher gives /health before it
 #                        calls an instance unhealthy
-DEFAULT_CONCURRENCY = 256  # requests in flight; also bounds the sockets held at once
+DEFAULT_CONCURRENCY = 1000  # requests in flight at once (and sockets held): a fleet of
+#   1,000 is asked all at once, so a hung instance costs the scrape its timeout and no more;
+#   never more than the open-files limit leaves room for
 MAX_BODY = 16 << 20  # a /metrics answer larger than this is refused (vLLM's is ~50 KB)
 KV_FULL = 0.99  # KV-cache usage at or above this is flagged as full
 JOB_REFRESH_INTERVAL = 5.0  # --watch on a submitted run: its endpoints (and squeue/qstat)
@@ -69,8 +71,9 @@ HTTP = ("http_requests_total",)  # by status: 2xx 4xx 5xx (vLLM's API server, pr
 #                                  fastapi-instrumentator)
 STARTED = ("process_start_time_seconds",)  # the API server's start: a new one is a restart
 NOT_FAILURES = ("abort", "error")  # finished reasons that are no success
-INSTANCE_NAMES = (RUNNING + WAITING + KV_USAGE + PROMPT + GENERATION + FINISHED + PREFIX_HITS
-                  + PREFIX_QUERIES + PREFIX_HIT_RATE + REJECTED + HTTP + STARTED)
+# each group: its names in order of preference (only the first that is there is read)
+INSTANCE_NAMES = (RUNNING, WAITING, KV_USAGE, PROMPT, GENERATION, FINISHED,
+                  PREFIX_HITS, PREFIX_QUERIES + PREFIX_HIT_RATE, REJECTED, HTTP, STARTED)
 
 # vllm-router's exporter (metrics-exporter-prometheus): counters appear once they count.
 R_REQUESTS = ("vllm_router_requests_total",)
@@ -79,22 +82,62 @@ R_RETRIES = ("vllm_router_retries_total",)
 R_ACTIVE = ("vllm_router_active_workers",)
 R_HEALTH = ("vllm_router_worker_health",)
 R_PROCESSED = ("vllm_router_processed_requests_total",)  # by worker
-ROUTER_NAMES = R_REQUESTS + R_ERRORS + R_RETRIES + R_ACTIVE + R_HEALTH + R_PROCESSED
+ROUTER_NAMES = (R_REQUESTS, R_ERRORS, R_RETRIES, R_ACTIVE, R_HEALTH, R_PROCESSED)
 
 # Scrape outcomes (InstanceMetrics.scrape, RouterMetrics.scrape)
 OK, TIMEOUT, UNREACHABLE, HTTP_ERROR, BAD_METRICS = ("ok", "timeout", "unreachable",
                                                     "http_error", "bad_metrics")
 
 
-def _selector(names: tuple[str, ...]) -> re.Pattern:
-    """Whole sample lines of these metrics (a name, then its labels or a space)."""
-    alternatives = b"|".join(re.escape(n.encode()) for n in sorted(set(names), key=len,
-                                                                    reverse=True))
-    return re.compile(rb"^(?:" + alternatives + rb")[{ \t][^\n]*", re.M)
+_INSTANCE_LINES = tuple(tuple(n.encode() for n in group) for group in INSTANCE_NAMES)
+_ROUTER_LINES = tuple(tuple(n.encode() for n in group) for group in ROUTER_NAMES)
+_AFTER_NAME = b"{ \t"
 
 
-_INSTANCE_LINES = _selector(INSTANCE_NAMES)
-_ROUTER_LINES = _selector(ROUTER_NAMES)
+def _sample_at(body: bytes, at: int, name: bytes) -> bool:
+    """A sample line of `name` starts at `at`: at a line's start, the name, then `{` or a
+    space (not a longer name, not a comment)."""
+    after = at + len(name)
+    return after < len(body) and (at == 0 or body[at - 1] == 10) and \
+        body[after] in _AFTER_NAME and body.startswith(name, at)
+
+
+def select_lines(body: bytes, groups: tuple[tuple[bytes, ...], ...]) -> list[bytes]:
+    """The sample lines of these metrics, as they are: of each group of names, the first name
+    that has any (a family's samples are one block of lines; a second block is taken too).
+    Found with bytes.find: ~0.15 ms for vLLM's 50 KB, where a regular expression over the
+    text took 0.45."""
+    out = []
+    for group in groups:
+        for name in group:
+            found = len(out)
+            _select(body, name, out)
+            if len(out) > found:
+                break
+    return out
+
+
+def _select(body: bytes, name: bytes, out: list[bytes]) -> None:
+    start = 0
+    while True:
+        at = body.find(name, start)
+        if at < 0:
+            return
+        if not _sample_at(body, at, name):
+            start = at + len(name)
+            continue
+        while _sample_at(body, at, name):  # this line and the block after it
+            end = body.find(b"\n", at)
+            end = len(body) if end < 0 else end
+            out.append(body[at:end])
+            at = end + 1
+        start = at
+
+
+# line -> (name, labels, value) as the parser gave it: the same line from another instance (a
+# zero count, a model's constant labels) or from the last scrape (--watch) is not parsed again
+_PARSED: dict[bytes, tuple[str, dict[str, str], float]] = {}
+_PARSED_MAX = 200_000
 
 
 class MetricsTextError(ValueError):
@@ -163,26 +206,37 @@ def _clean(value: float) -> float | int:
     return int(value) if float(value).is_integer() and abs(value) < 2 ** 53 else value
 
 
-def parse_samples(body: bytes, selector: re.Pattern, expect: str) -> _Samples:
-    """The samples of the metrics `selector` picks, parsed by prometheus_client's parser.
+def parse_samples(body: bytes, names: tuple[tuple[bytes, ...], ...], expect: str
+                  ) -> _Samples:
+    """The samples of these metrics (select_lines), parsed by prometheus_client's parser.
     MetricsTextError when none is there or the text is not Prometheus text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    lines = selector.findall(body)
+    lines = select_lines(body, names)
     if not lines:
         raise MetricsTextError(_why_nothing(body, expect))
-    try:
-        text = b"\n".join(lines).decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MetricsTextError(f"not UTF-8 (byte 0x{err.object[err.start]:02x} in a "
-                               f"{expect} line)") from None
+    missing = [line for line in dict.fromkeys(lines) if line not in _PARSED]
+    if missing:
+        try:
+            text = b"\n".join(missing).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MetricsTextError(f"not UTF-8 (byte 0x{err.object[err.start]:02x} in a "
+                                   f"{expect} line)") from None
+        try:  # no TYPE lines: one sample per line, in order
+            samples = [sample for family in text_string_to_metric_families(text + "\n")
+                       for sample in family.samples]
+        except Exception as err:  # noqa: BLE001 (ValueError, and others on junk)
+            raise MetricsTextError(f"not Prometheus text ({_one_line(err)})") from None
+        if len(samples) != len(missing):
+            raise MetricsTextError("not Prometheus text (a line is not one sample)")
+        if len(_PARSED) + len(missing) > _PARSED_MAX:
+            _PARSED.clear()
+        for line, sample in zip(missing, samples):
+            _PARSED[line] = (sample.name, sample.labels, float(sample.value))
     by_name: dict[str, list] = {}
-    try:
-        for family in text_string_to_metric_families(text + "\n"):
-            for sample in family.samples:
-                by_name.setdefault(sample.name, []).append((sample.labels, float(sample.value)))
-    except Exception as err:  # noqa: BLE001 (the parser raises ValueError, and others on junk)
-        raise MetricsTextError(f"not Prometheus text ({_one_line(err)})") from None
+    for line in lines:
+        name, labels, value = _PARSED[line]
+        by_name.setdefault(name, []).append((labels, value))
     return _Samples(by_name)
 
 
@@ -544,12 +598,12 @@ def find_flags(records: list[InstanceMetrics]) -> list[Flag]:
         if r.ok:
             by_model.setdefault(r.model, []).append(r)
     for model, ok in by_model.items():
+        queuing = [o for o in ok if (o.waiting or 0) >= 1]  # (an idle one is not among them)
+        if not queuing:
+            continue
+        queued = _clean(sum(o.waiting for o in queuing))
         for r in ok:
-            if r.running != 0 or r.waiting != 0:
-                continue  # busy, or unknown
-            queuing = [o for o in ok if o is not r and (o.waiting or 0) >= 1]
-            if queuing:
-                queued = sum(o.waiting for o in queuing)
+            if r.running == 0 and r.waiting == 0:  # idle (and not unknown)
                 flags.append(Flag("idle_while_others_queue", model, r.id, r.url,
                                   f"serves nothing while {len(queuing)} other instance(s) of "
                                   f"{model} queue {_n(queued)} request(s)"))
