@@ -37,6 +37,8 @@ request_success{finished_reason="length"} counted per port, http_requests_total 
                               nan (NaN/Inf values), empty, status-500, old-names (vLLM <= 0.10:
                               gpu_cache_usage_perc, gpu_prefix_cache_*), slow:S (answers after S s)
   --metrics-fault-ports LIST  only these ports (e.g. 8000-8009,8042); default every port
+  --metrics-needs-key         /metrics too requires "Authorization: Bearer $VLLM_API_KEY" (vLLM
+                              0.32 does not ask for it there; proves that clients send it)
   --metrics-busy              every /metrics answer shows new numbers, as under load: counters
                               grow, running/waiting/KV usage change (no two answers share them)
 POST /standin/metrics (tests only; the port it reaches): {"set": {"running": 0, "waiting": 5,
@@ -78,6 +80,7 @@ def parse(argv):
     p.add_argument("--metrics-fault", default="")
     p.add_argument("--metrics-fault-ports", default="")
     p.add_argument("--metrics-busy", action="store_true")
+    p.add_argument("--metrics-needs-key", action="store_true")
     args, _unknown = p.parse_known_args(argv)
     return args
 
@@ -241,12 +244,16 @@ class Server:
                         finally:
                             busy.running -= 1
                 here = self.port(writer.get_extra_info("sockname")[1])
-                if path.split("?")[0] == "/metrics" and method == "GET":
+                refused = (self.args.metrics_needs_key and self.key and
+                           headers.get("authorization") != f"Bearer {self.key}")
+                if path.split("?")[0] == "/metrics" and method == "GET" and not refused:
                     if not await self.metrics(here, writer):
                         return
                     self.served += 1
                     continue
-                if method == "POST" and path == "/standin/metrics":
+                if path.split("?")[0] == "/metrics" and refused:
+                    status, payload = 401, {"error": "Unauthorized"}
+                elif method == "POST" and path == "/standin/metrics":
                     here.control(json.loads(body or b"{}"))
                     status, payload = 200, {"ok": True}
                 else:

@@ -37,7 +37,7 @@ import math
 import resource
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from ..pids import this_host
@@ -160,34 +160,36 @@ class _Samples:
                 return name, self.by_name[name]
         return None
 
-    def _values(self, names, counter: bool) -> tuple[str, list[float]] | None:
+    def _values(self, names) -> tuple[str, list[float]] | None:
+        """The values of the first of `names` present; None (and a problem noted) when one
+        is not a number every metric read here can be: finite and >= 0."""
         found = self.first(names)
         if found is None:
             return None
         name, samples = found
         values = [v for _, v in samples]
-        bad = [v for v in values if not math.isfinite(v) or (counter and v < 0)]
+        bad = [v for v in values if not math.isfinite(v) or v < 0]
         if bad:
             self.problems.append(f"{name} is {_show(bad[0])}")
             return None
         return name, values
 
-    def total(self, names, counter: bool = False) -> float | None:
-        got = self._values(names, counter)
+    def total(self, names) -> float | None:
+        got = self._values(names)
         return None if got is None else _clean(sum(got[1]))
 
     def largest(self, names) -> float | None:
-        got = self._values(names, counter=False)
+        got = self._values(names)
         return None if got is None else _clean(max(got[1]))
 
-    def by_label(self, names, label: str, counter: bool = True) -> dict[str, float] | None:
+    def by_label(self, names, label: str) -> dict[str, float] | None:
         found = self.first(names)
         if found is None:
             return None
         name, samples = found
         out: dict[str, float] = {}
         for labels, value in samples:
-            if not math.isfinite(value) or (counter and value < 0):
+            if not math.isfinite(value) or value < 0:
                 self.problems.append(f"{name}{{{label}={labels.get(label, '')!r}}} is "
                                      f"{_show(value)}")
                 return None
@@ -290,12 +292,12 @@ def read_instance(body: bytes) -> _Reading:
                                "(vllm:num_requests_running, ...): is this vLLM?")
     reading = _Reading(
         running=s.total(RUNNING), waiting=s.total(WAITING), kv_cache_usage=s.largest(KV_USAGE),
-        prompt_tokens=s.total(PROMPT, counter=True),
-        generation_tokens=s.total(GENERATION, counter=True),
+        prompt_tokens=s.total(PROMPT),
+        generation_tokens=s.total(GENERATION),
         finished=s.by_label(FINISHED, "finished_reason"),
-        rejected=s.total(REJECTED, counter=True), http=s.by_label(HTTP, "status"),
-        prefix_cache_hits=s.total(PREFIX_HITS, counter=True),
-        prefix_cache_queries=s.total(PREFIX_QUERIES, counter=True),
+        rejected=s.total(REJECTED), http=s.by_label(HTTP, "status"),
+        prefix_cache_hits=s.total(PREFIX_HITS),
+        prefix_cache_queries=s.total(PREFIX_QUERIES),
         prefix_hit_rate_gauge=s.largest(PREFIX_HIT_RATE), started=s.largest(STARTED))
     reading.problems = s.problems
     return reading
@@ -627,9 +629,10 @@ def router_record(router, url: str | None, body: bytes | None, *, scrape: str, e
     except MetricsTextError as err:
         record.scrape, record.error = BAD_METRICS, str(err)
         return record
-    record.requests = s.total(R_REQUESTS, counter=True) or 0
-    record.request_errors = s.total(R_ERRORS, counter=True) or 0
-    record.retries = s.total(R_RETRIES, counter=True) or 0
+    # (its counters appear once they count: absent is 0)
+    record.requests, record.request_errors, record.retries = (
+        0 if s.first(names) is None else s.total(names)
+        for names in (R_REQUESTS, R_ERRORS, R_RETRIES))
     record.active_workers = s.total(R_ACTIVE)
     record.healthy_workers = s.total(R_HEALTH)
     record.processed = s.by_label(R_PROCESSED, "worker") or {}
@@ -1096,7 +1099,3 @@ def rich_view(m: Metrics, *, height: int | None = None):
 __all__ = ["Metrics", "ModelMetrics", "InstanceMetrics", "RouterMetrics", "Flag", "metrics",
            "watch", "Scraper", "read_instance", "MetricsTextError", "DEFAULT_TIMEOUT",
            "DEFAULT_CONCURRENCY"]
-
-
-def _field_names(cls) -> list[str]:  # docs and schema tests
-    return [f.name for f in fields(cls)]
