@@ -128,7 +128,8 @@ def main() -> int:
                 for got in M.watch(run, 0.01, count=args.repeats + 1):
                     scrapes.append(got)
                     stamps.append(time.process_time())
-                assert all(g.answered == args.instances for g in scrapes)
+                assert all(g.answered == args.instances for g in scrapes), \
+                    [f for g in scrapes for f in g.flags][:3]
                 rows.append((f"aegis, --watch (session kept), {where}",
                              [g.seconds for g in scrapes[1:]],
                              [stamps[k] - stamps[k - 1] for k in range(1, len(stamps))]))
@@ -158,14 +159,15 @@ def main() -> int:
             if args.hung:
                 for i in range(args.hung):
                     fleet.control(i * (args.instances // args.hung), fault="hang")
-                hung = [timed(lambda: (M._PARSED.clear(), run.metrics(timeout=args.timeout))[1])
+                for concurrency in (M.DEFAULT_CONCURRENCY, args.instances):
+                    hung = [timed(lambda: (M._PARSED.clear(), run.metrics(
+                        timeout=args.timeout, concurrency=concurrency))[1])
                         for _ in range(max(1, args.repeats // 2))]
-                flagged = [len([f for f in g.flags if f.kind == "not_answering"])
-                           for g, _, _ in hung]
-                assert all(n == args.hung for n in flagged), flagged
-                assert all(g.answered == args.instances - args.hung for g, _, _ in hung)
-                rows.append((f"aegis, {args.hung} hung (timeout {args.timeout:g}s), latency 0",
-                             [w for _, w, _ in hung], [c for _, _, c in hung]))
+                    flagged = [sorted(f.kind for f in g.flags) for g, _, _ in hung]
+                    assert all(f == ["not_answering"] * args.hung for f in flagged), flagged
+                    rows.append((f"aegis, {args.hung} hung (timeout {args.timeout:g}s), "
+                                 f"concurrency {concurrency}", [w for _, w, _ in hung],
+                                 [c for _, _, c in hung]))
                 for i in range(args.hung):
                     fleet.control(i * (args.instances // args.hung), fault=None)
 

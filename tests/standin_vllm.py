@@ -33,7 +33,8 @@ from a real instance, with this server's own numbers; a minimal built-in text wh
 absent): running = completions in flight on that port, prompt/generation tokens and
 request_success{finished_reason="length"} counted per port, http_requests_total by status.
   --metrics-fault KIND        what /metrics does: hang (never answers), drip (headers, then a
-                              byte every 0.5 s), huge (200 MB of samples), html, not-utf8,
+                              byte every 0.5 s), huge (200 MB of samples), huge-chunked (200 MB
+                              of comments, no Content-Length), html, not-utf8,
                               nan (NaN/Inf values), empty, status-500, old-names (vLLM <= 0.10:
                               gpu_cache_usage_perc, gpu_prefix_cache_*), slow:S (answers after S s)
   --metrics-fault-ports LIST  only these ports (e.g. 8000-8009,8042); default every port
@@ -173,6 +174,16 @@ class Server:
                 writer.write(b"#")
                 await writer.drain()
                 await asyncio.sleep(0.5)
+            return False
+        if kind == "huge-chunked":  # 200 MB of comment lines, chunked (no Content-Length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype.encode() +
+                         b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            block = (b"# " + b"x" * 100 + b"\n") * 600
+            for _ in range((200 << 20) // len(block)):
+                writer.write(f"{len(block):x}\r\n".encode() + block + b"\r\n")
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
             return False
         if kind == "huge":  # 200 MB of samples, streamed
             line = (f'vllm:num_requests_running{{engine="0",model_name="{self.name}"}} 1.0\n'

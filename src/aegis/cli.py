@@ -769,11 +769,11 @@ def list_runs(run_dir: str | None, as_json: bool) -> int:
               show_default=True,
               help="Seconds one instance's /metrics may take (connection, headers and body); "
               "one that takes longer is flagged not_answering and the others are reported.")
-@click.option("--concurrency", type=click.IntRange(1, 100000), metavar="N", default=1000,
+@click.option("--concurrency", type=click.IntRange(1, 100000), metavar="N", default=256,
               show_default=True,
               help="Instances asked at once (a socket each; never more than the open-files "
-              "limit leaves room for). Past it, an instance's --timeout starts when its turn "
-              "comes.")
+              "limit leaves room for); an instance's --timeout starts when its turn comes. "
+              "Set it to the number of instances to make hung ones cost exactly --timeout.")
 @click.option("--count", type=click.IntRange(1), metavar="N",
               help="With --watch: stop after N scrapes.  [default: until Ctrl-C]")
 @click.option("--instances", "rows", type=click.IntRange(0), metavar="N", default=50,

@@ -46,10 +46,18 @@ from ..runfiles import SERVING_STATES
 
 DEFAULT_TIMEOUT = 2.0  # seconds per /metrics: what the launcher gives /health before it
 #                        calls an instance unhealthy
-DEFAULT_CONCURRENCY = 1000  # requests in flight at once (and sockets held): a fleet of
-#   1,000 is asked all at once, so a hung instance costs the scrape its timeout and no more;
-#   never more than the open-files limit leaves room for
+DEFAULT_CONCURRENCY = 256  # instances asked at once (a socket each, never more than the
+#   open-files limit allows); an instance's timeout starts when its turn comes. Higher makes a
+#   hung instance cost the scrape exactly its timeout, but on a busy client (or a busy
+#   server) every request waits longer for the CPU, and a healthy one may time out
 MAX_BODY = 16 << 20  # a /metrics answer larger than this is refused (vLLM's is ~50 KB)
+# What is held per instance while its text arrives (Picker): ~0.5 MB at most, so a thousand
+# hostile servers cannot hold more than ~0.5 GB; vLLM's whole text is one block
+PICK_BLOCK = 128 << 10  # text gathered before its lines are picked
+MAX_LINE = 64 << 10  # a longer line of a metric read here refuses the text (others: skipped)
+MAX_SAMPLES = 2000  # sample lines of the metrics read here (vLLM's: ~20 per engine)
+MAX_PICKED = 256 << 10  # bytes of them (vLLM's: ~2 KB per engine)
+HEAD = 64 << 10  # the text's beginning, kept to say what it was
 KV_FULL = 0.99  # KV-cache usage at or above this is flagged as full
 JOB_REFRESH_INTERVAL = 5.0  # --watch on a submitted run: its endpoints (and squeue/qstat)
 #                             are read at most this often
@@ -103,18 +111,13 @@ def _sample_at(body: bytes, at: int, name: bytes) -> bool:
 
 
 def select_lines(body: bytes, groups: tuple[tuple[bytes, ...], ...]) -> list[bytes]:
-    """The sample lines of these metrics, as they are: of each group of names, the first name
-    that has any (a family's samples are one block of lines; a second block is taken too).
-    Found with bytes.find: ~0.15 ms for vLLM's 50 KB, where a regular expression over the
-    text took 0.45."""
-    out = []
-    for group in groups:
-        for name in group:
-            found = len(out)
-            _select(body, name, out)
-            if len(out) > found:
-                break
-    return out
+    """The sample lines of these metrics, as they are: of each group of names, the lines of
+    the first name that has any (a family's samples are one block of lines; a second block is
+    taken too). Found with bytes.find: ~0.15 ms for vLLM's 50 KB, where a regular expression
+    over the text took 0.45."""
+    picker = Picker(groups)
+    picker.feed(body)
+    return picker.lines()
 
 
 def _select(body: bytes, name: bytes, out: list[bytes]) -> None:
@@ -132,6 +135,89 @@ def _select(body: bytes, name: bytes, out: list[bytes]) -> None:
             out.append(body[at:end])
             at = end + 1
         start = at
+
+
+class Picker:
+    """Picks the sample lines of some metrics out of a text as it arrives, so that what is
+    held per instance stays small whatever the server sends: at most PICK_BLOCK bytes of
+    text not yet looked at, lines of at most MAX_LINE bytes (a longer one of another metric
+    is skipped, one of ours refuses the text), MAX_SAMPLES lines or MAX_PICKED bytes picked,
+    and the first HEAD bytes (to say what the text was when it holds none of them)."""
+
+    def __init__(self, groups: tuple[tuple[bytes, ...], ...]):
+        self.groups = groups
+        self.names = tuple(n for group in groups for n in group)
+        self.found: dict[bytes, list[bytes]] = {}
+        self.picked = self.picked_bytes = 0
+        self.head = b""
+        self.pending: list[bytes] = []  # whole lines not looked at yet
+        self.pending_bytes = 0
+        self.carry = b""  # a line not ended yet
+        self.skipping = False  # inside a line longer than MAX_LINE (not one of ours)
+
+    def feed(self, chunk: bytes) -> None:
+        if len(self.head) < HEAD:
+            self.head += chunk[:HEAD - len(self.head)]
+        if self.skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                return
+            chunk, self.skipping = chunk[newline + 1:], False
+        data = self.carry + chunk if self.carry else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._hold(data)
+            return
+        self.pending.append(data[:cut + 1])
+        self.pending_bytes += cut + 1
+        self._hold(data[cut + 1:])
+        if self.pending_bytes >= PICK_BLOCK:
+            self._pick()
+
+    def _hold(self, rest: bytes) -> None:
+        if len(rest) <= MAX_LINE:
+            self.carry = rest
+            return
+        for name in self.names:
+            if rest.startswith(name):
+                raise MetricsTextError(f"a line of {name.decode()} longer than "
+                                       f"{MAX_LINE >> 10} KiB")
+        self.carry, self.skipping = b"", True
+
+    def _pick(self) -> None:
+        block = b"".join(self.pending)
+        self.pending, self.pending_bytes = [], 0
+        for name in self.names:
+            lines: list[bytes] = []
+            _select(block, name, lines)
+            if not lines:
+                continue
+            self.found.setdefault(name, []).extend(lines)
+            self.picked += len(lines)
+            self.picked_bytes += sum(map(len, lines))
+            if self.picked > MAX_SAMPLES or self.picked_bytes > MAX_PICKED:
+                raise MetricsTextError(f"more than {MAX_SAMPLES} samples or "
+                                       f"{MAX_PICKED >> 10} KiB of the metrics read (vLLM has "
+                                       "about 20 per engine)")
+            if max(map(len, lines)) > MAX_LINE:
+                raise MetricsTextError(f"a line of {name.decode()} longer than "
+                                       f"{MAX_LINE >> 10} KiB")
+
+    def lines(self) -> list[bytes]:
+        """The end of the text: of each group of names, the lines of the first that has
+        any."""
+        if self.carry and not self.skipping:
+            self.pending.append(self.carry)
+            self.carry = b""
+        if self.pending:
+            self._pick()
+        out = []
+        for group in self.groups:
+            for name in group:
+                if name in self.found:
+                    out.extend(self.found[name])
+                    break
+        return out
 
 
 # line -> (name, labels, value) as the parser gave it: the same line from another instance (a
@@ -208,15 +294,19 @@ def _clean(value: float) -> float | int:
     return int(value) if float(value).is_integer() and abs(value) < 2 ** 53 else value
 
 
-def parse_samples(body: bytes, names: tuple[tuple[bytes, ...], ...], expect: str
+def parse_samples(picked: bytes | Picker, names: tuple[tuple[bytes, ...], ...], expect: str
                   ) -> _Samples:
-    """The samples of these metrics (select_lines), parsed by prometheus_client's parser.
-    MetricsTextError when none is there or the text is not Prometheus text."""
+    """The samples of these metrics (a text, or a Picker fed one), parsed by
+    prometheus_client's parser. MetricsTextError when none is there or the text is not
+    Prometheus text."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    lines = select_lines(body, names)
+    if not isinstance(picked, Picker):
+        body, picked = picked, Picker(names)
+        picked.feed(body)
+    lines = picked.lines()
     if not lines:
-        raise MetricsTextError(_why_nothing(body, expect))
+        raise MetricsTextError(_why_nothing(picked.head, expect))
     missing = [line for line in dict.fromkeys(lines) if line not in _PARSED]
     if missing:
         try:
@@ -243,13 +333,13 @@ def parse_samples(body: bytes, names: tuple[tuple[bytes, ...], ...], expect: str
 
 
 def _why_nothing(body: bytes, expect: str) -> str:
-    """Why a text holds none of the lines looked for: not Prometheus text at all, or another
-    exporter's."""
+    """Why a text (its first HEAD bytes) holds none of the lines looked for: not Prometheus
+    text at all, or another exporter's."""
     from prometheus_client.parser import text_string_to_metric_families
 
     if not body.strip():
         return "an empty answer"
-    head = body[:65536]
+    head = body[:HEAD]
     head = head[:head.rfind(b"\n") + 1] or head
     try:
         families = list(text_string_to_metric_families(head.decode("utf-8", "replace")))
@@ -284,8 +374,9 @@ class _Reading:
     problems: list[str] = field(default_factory=list)
 
 
-def read_instance(body: bytes) -> _Reading:
-    """One vLLM /metrics text -> its numbers. MetricsTextError when it is not one."""
+def read_instance(body: bytes | Picker) -> _Reading:
+    """One vLLM /metrics text (or a Picker fed one) -> its numbers. MetricsTextError when it
+    is not one."""
     s = parse_samples(body, _INSTANCE_LINES, "vLLM")
     if s.first(RUNNING + WAITING + PROMPT + GENERATION + FINISHED) is None:
         raise MetricsTextError("Prometheus text without vLLM's request metrics "
@@ -616,7 +707,8 @@ def _n(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def router_record(router, url: str | None, body: bytes | None, *, scrape: str, error: str = "",
+def router_record(router, url: str | None, body: bytes | Picker | None, *, scrape: str,
+                  error: str = "",
                   at: float | None = None, previous: RouterMetrics | None = None
                   ) -> RouterMetrics:
     """A router's record from its exporter's text (or why there is none). Pure."""
@@ -720,13 +812,14 @@ class Scraper:
         if self.session is not None:
             await self.session.close()
 
-    async def fetch(self, url: str) -> tuple[str, bytes | None, str, float, float]:
-        """(outcome, body or None, error, unix time, seconds) of one GET within the
-        timeout, which starts once a slot is free."""
+    async def fetch(self, url: str, groups=_INSTANCE_LINES
+                    ) -> tuple[str, Picker | None, str, float, float]:
+        """(outcome, the lines of these metrics or None, error, unix time, seconds) of one
+        GET within the timeout, which starts once a slot is free."""
         async with self._limit:
             started = time.monotonic()
             try:
-                body = await asyncio.wait_for(self._get(url), self.timeout)
+                body = await asyncio.wait_for(self._get(url, groups), self.timeout)
                 outcome, error = OK, ""
             except asyncio.TimeoutError:
                 body, outcome = None, TIMEOUT
@@ -737,7 +830,7 @@ class Scraper:
                 body, outcome, error = None, UNREACHABLE, _connection_problem(err)
             return outcome, body, error, time.time(), time.monotonic() - started
 
-    async def _get(self, url: str) -> bytes:
+    async def _get(self, url: str, groups) -> Picker:
         async with self.session.get(url, allow_redirects=False) as resp:
             if resp.status != 200:
                 why = f"HTTP {resp.status}"
@@ -753,12 +846,16 @@ class Scraper:
             if (resp.content_length or 0) > self.max_body:
                 raise _Refused(BAD_METRICS, f"larger than {self.max_body >> 20} MiB "
                                             f"({resp.content_length} bytes)")
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(1 << 16):
-                body += chunk
-                if len(body) > self.max_body:
-                    raise _Refused(BAD_METRICS, f"larger than {self.max_body >> 20} MiB")
-            return bytes(body)
+            picker, size = Picker(groups), 0
+            try:
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    size += len(chunk)
+                    if size > self.max_body:
+                        raise _Refused(BAD_METRICS, f"larger than {self.max_body >> 20} MiB")
+                    picker.feed(chunk)
+            except MetricsTextError as err:
+                raise _Refused(BAD_METRICS, str(err)) from None
+            return picker
 
     async def scrape(self, status: Status, *, previous: Metrics | None = None,
                      router_ports: dict[str, int] | None = None) -> Metrics:
@@ -795,7 +892,7 @@ class Scraper:
             if r.state != "ready":
                 return router_record(r, url, None, scrape="not_scraped",
                                      error=f"the router is {r.state}")
-            outcome, body, error, at, _ = await self.fetch(url)
+            outcome, body, error, at, _ = await self.fetch(url, _ROUTER_LINES)
             return router_record(r, url, body, scrape=outcome, error=error, at=at,
                                  previous=old)
 
