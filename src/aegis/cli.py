@@ -761,7 +761,8 @@ def list_runs(run_dir: str | None, as_json: bool) -> int:
 @click.option("--watch", metavar="S", type=FiniteRange(min=0, min_open=True),
               help="Scrape again every S seconds, with rates (tokens/s, requests/s, prefix-cache "
               "hits) over the last S seconds. On a terminal the screen refreshes in place like "
-              "top (Ctrl-C quits); otherwise one line per scrape.")
+              "top (Ctrl-C quits); otherwise one line per scrape, and a line for each flag when "
+              "it is raised and when it clears.")
 @click.option("--json", "as_json", is_flag=True,
               help="The scrape as JSON (schema: docs/schemas/metrics.schema.json); with --watch "
               "one document per line per scrape.")
@@ -821,12 +822,18 @@ def metrics(run: str, scheduler: str | None, platform: str | None, watch: float 
             with Live(console=console, auto_refresh=False, vertical_overflow="crop") as live:
                 for got in scrapes:
                     live.update(scraping.rich_view(got, height=console.height), refresh=True)
-        else:
+        else:  # a log: a line per scrape, and each flag when it comes and when it goes
+            before = None
             for got in scrapes:
                 click.echo(scraping.line_report(got))
-                for flag in got.flags[:20]:
+                raised, cleared = scraping.flag_changes(before, got)
+                for flag in raised[:50]:
                     click.echo(f"aegis: metrics: flag {flag.kind}: {flag.model} instance "
                                f"{flag.id} ({flag.url}): {flag.message}")
+                for flag in cleared[:50]:
+                    click.echo(f"aegis: metrics: cleared {flag.kind}: {flag.model} instance "
+                               f"{flag.id}")
+                before = got
     except KeyboardInterrupt:
         return 0
     finally:

@@ -574,6 +574,58 @@ def test_cli_watch_without_a_terminal_prints_lines_and_json_lines(fleets):
         check_schema(doc)
 
 
+def test_cli_watch_in_a_log_says_each_flag_when_it_comes_not_every_scrape(fleets):
+    fleet, run = fleets(2)
+    fleet.control(0, set={"kv": 1.0})
+    result = CliRunner().invoke(main, ["metrics", str(fleet.run_dir), "--watch", "0.1",
+                                       "--count", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("flag kv_cache_full: m instance 0") == 1
+    assert result.stdout.count("1 flag(s): kv_cache_full m#0") == 3
+    first = run.metrics()
+    fleet.control(0, set={"kv": 0.2})
+    raised, cleared = M.flag_changes(first, run.metrics())
+    assert raised == [] and [(f.kind, f.id) for f in cleared] == [("kv_cache_full", 0)]
+
+
+def test_cli_watch_on_a_terminal_redraws_in_place(fleets):
+    """On a terminal (a pty here) --watch draws with rich: the screen is redrawn, not
+    appended to, and Ctrl-C (here --count) ends it with exit 0."""
+    import pty
+    import subprocess
+    import sys
+
+    fleet, run = fleets(3)
+    fleet.control(2, fault="hang")
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "aegis.cli", "metrics", str(fleet.run_dir),
+                             "--watch", "0.2", "--count", "3", "--timeout", "0.5"],
+                            stdin=secondary, stdout=secondary, stderr=secondary,
+                            env={**os.environ, "COLUMNS": "160", "LINES": "30",
+                                 "TERM": "xterm-256color"}, close_fds=True)
+    os.close(secondary)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the other end closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=30) == 0, out.decode(errors="replace")
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+    text = out.decode(errors="replace")
+    assert "aegis metrics" in text and "2/3 answered" in text
+    assert "not_answering" in text and "GEN TOK/S" in text
+    assert "\x1b[" in text  # drawn with escape sequences (cursor moves), not plain lines
+    assert "aegis: metrics " not in text  # not the log form
+
+
 def test_cli_bad_input_and_nothing_ready(fleets, tmp_path):
     result = CliRunner().invoke(main, ["metrics", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "no such run directory" in result.output

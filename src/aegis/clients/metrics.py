@@ -307,7 +307,14 @@ def parse_samples(picked: bytes | Picker, names: tuple[tuple[bytes, ...], ...], 
     lines = picked.lines()
     if not lines:
         raise MetricsTextError(_why_nothing(picked.head, expect))
-    missing = [line for line in dict.fromkeys(lines) if line not in _PARSED]
+    known: dict[bytes, tuple] = {}  # (a dict of its own: another thread may empty _PARSED)
+    missing = []
+    for line in dict.fromkeys(lines):
+        hit = _PARSED.get(line)
+        if hit is None:
+            missing.append(line)
+        else:
+            known[line] = hit
     if missing:
         try:
             text = b"\n".join(missing).decode("utf-8")
@@ -324,10 +331,10 @@ def parse_samples(picked: bytes | Picker, names: tuple[tuple[bytes, ...], ...], 
         if len(_PARSED) + len(missing) > _PARSED_MAX:
             _PARSED.clear()
         for line, sample in zip(missing, samples):
-            _PARSED[line] = (sample.name, sample.labels, float(sample.value))
+            known[line] = _PARSED[line] = (sample.name, sample.labels, float(sample.value))
     by_name: dict[str, list] = {}
     for line in lines:
-        name, labels, value = _PARSED[line]
+        name, labels, value = known[line]
         by_name.setdefault(name, []).append((labels, value))
     return _Samples(by_name)
 
@@ -1115,6 +1122,21 @@ def router_lines(m: Metrics) -> list[str]:
     return out
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.1f}s" if value >= 1 else f"{value:.2f}s"
+
+
+def flag_changes(before: Metrics | None, now: Metrics) -> tuple[list[Flag], list[Flag]]:
+    """(flags new since `before`, flags of `before` gone now): what a log needs to hear."""
+    def key(f: Flag) -> tuple:
+        return (f.kind, f.model, f.id, f.url)
+
+    old = {key(f): f for f in before.flags} if before else {}
+    new = {key(f): f for f in now.flags}
+    return ([f for k, f in new.items() if k not in old],
+            [f for k, f in old.items() if k not in new])
+
+
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -1123,7 +1145,7 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 def text_report(m: Metrics, *, instances: int | None = 50) -> str:
     """The plain report: models, routers, flags, then the instances (flagged first)."""
     head = (f"{m.answered}/{len(m.instances)} instance(s) answered in {m.seconds:.2f}s"
-            + (f"; rates over {m.interval:.1f}s" if m.interval else
+            + (f"; rates over {_seconds(m.interval)}" if m.interval else
                "; rates need a second scrape (--watch)"))
     parts = [head, _table([MODEL_COLUMNS, *model_rows(m)])]
     parts += router_lines(m)
@@ -1163,7 +1185,8 @@ def rich_view(m: Metrics, *, height: int | None = None):
 
     head = Text(f"aegis metrics  {m.run_dir}  {time.strftime('%H:%M:%S', time.localtime(m.at))}"
                 f"  {m.answered}/{len(m.instances)} answered in {m.seconds:.2f}s"
-                + (f"  rates over {m.interval:.1f}s" if m.interval else ""), style="bold")
+                + (f"  rates over {_seconds(m.interval)}" if m.interval else ""),
+                style="bold")
     models = Table(box=None, header_style="bold", pad_edge=False)
     for c in MODEL_COLUMNS:
         models.add_column(c, justify="left" if c == "MODEL" else "right")
