@@ -26,6 +26,7 @@ API server, a network hop), then
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -87,6 +88,7 @@ def main() -> int:
                                                 hard))
     with tempfile.TemporaryDirectory() as tmp:
         started = time.monotonic()
+        load_before = os.getloadavg()[0]
         fleet = MetricsFleet(Path(tmp), {"bench": args.instances},
                              args=() if args.idle else ("--metrics-busy",))
         try:
@@ -183,7 +185,9 @@ def main() -> int:
             for name, walls, cpus in rows:
                 spread = f"{statistics.median(walls):.3f} ({min(walls):.3f}-{max(walls):.3f})"
                 print(f"{name:{width}} {spread:>28} {statistics.median(cpus):>13.3f}")
-            print(f"\nparse one text: whole {1000 * whole / n:.2f} ms, selected lines "
+            print(f"\nload average (1 min, the whole machine): {load_before:.2f} at the start, "
+                  f"{os.getloadavg()[0]:.2f} at the end; {os.cpu_count()} cores")
+            print(f"parse one text: whole {1000 * whole / n:.2f} ms, selected lines "
                   f"{1000 * selected / n:.2f} ms (x {args.instances}: {whole / n * args.instances:.1f}"
                   f" s vs {selected / n * args.instances:.2f} s)")
             for name, walls, _ in rows:

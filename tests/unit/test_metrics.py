@@ -185,7 +185,8 @@ def test_nan_inf_and_negative_values_are_not_numbers_and_say_so():
     (b"# HELP vllm:num_requests_running 7\nvllm:num_requests_running{a=\"vllm:num_requests_"
      b"waiting 3\"} 1\nx vllm:num_requests_waiting 8\nvllm:num_requests_waiting\t2\n", (1, 2)),
     (b"vllm:num_requests_running 1\nother 0\nvllm:num_requests_running 2\n"
-     b"vllm:num_requests_waiting 0\n", (3, 0)),  # a second block counts too
+     b"vllm:num_requests_waiting 0\n", (1, 0)),  # one block per family, as the format says
+    (b"vllm:num_requests_waiting 4\nvllm:num_requests_running 1\n", (1, 4)),  # any order
 ])
 def test_line_selection_takes_sample_lines_only(body, expect):
     r = M.read_instance(body)
@@ -204,6 +205,20 @@ def test_the_text_picked_as_it_arrives_in_any_pieces_is_the_same():
             picker.feed(REAL[at:at + size])
             at += size
         assert picker.lines() == whole, sizes
+
+
+def test_a_family_cut_between_two_blocks_is_read_whole():
+    """A text longer than PICK_BLOCK is looked at block by block: a family whose lines
+    straddle the cut is read whole, and names are found in any order across blocks."""
+    whole = M.select_lines(REAL, M._INSTANCE_LINES)
+    at = REAL.index(b"vllm:request_success_total{")
+    for shift in range(-300, 300, 37):
+        padding = b"# " + b"p" * (M.PICK_BLOCK - at - 3 + shift) + b"\n"
+        body = padding + REAL
+        picker = M.Picker(M._INSTANCE_LINES)
+        for k in range(0, len(body), 1000):
+            picker.feed(body[k:k + 1000])
+        assert sorted(picker.lines()) == sorted(whole), shift
 
 
 def test_what_a_hostile_text_can_make_the_picker_hold_is_bounded():

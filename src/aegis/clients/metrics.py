@@ -80,9 +80,10 @@ HTTP = ("http_requests_total",)  # by status: 2xx 4xx 5xx (vLLM's API server, pr
 #                                  fastapi-instrumentator)
 STARTED = ("process_start_time_seconds",)  # the API server's start: a new one is a restart
 NOT_FAILURES = ("abort", "error")  # finished reasons that are no success
-# each group: its names in order of preference (only the first that is there is read)
-INSTANCE_NAMES = (RUNNING, WAITING, KV_USAGE, PROMPT, GENERATION, FINISHED,
-                  PREFIX_HITS, PREFIX_QUERIES + PREFIX_HIT_RATE, REJECTED, HTTP, STARTED)
+# each group: its names in order of preference (only the first that is there is read); the
+# groups in the order vLLM writes them, so that one pass over the text finds them all
+INSTANCE_NAMES = (STARTED, RUNNING, WAITING, KV_USAGE, PREFIX_QUERIES + PREFIX_HIT_RATE,
+                  PREFIX_HITS, PROMPT, GENERATION, FINISHED, REJECTED, HTTP)
 
 # vllm-router's exporter (metrics-exporter-prometheus): counters appear once they count.
 R_REQUESTS = ("vllm_router_requests_total",)
@@ -113,29 +114,32 @@ def _sample_at(body: bytes, at: int, name: bytes) -> bool:
 
 def select_lines(body: bytes, groups: tuple[tuple[bytes, ...], ...]) -> list[bytes]:
     """The sample lines of these metrics, as they are: of each group of names, the lines of
-    the first name that has any (a family's samples are one block of lines; a second block is
-    taken too). Found with bytes.find: ~0.15 ms for vLLM's 50 KB, where a regular expression
-    over the text took 0.45."""
+    the first name that has any (a family's samples are one block of lines, as the format
+    requires; a second block of the same name is not read). ~0.1 ms for vLLM's 50 KB, where a
+    regular expression over the text took 0.45."""
     picker = Picker(groups)
     picker.feed(body)
     return picker.lines()
 
 
-def _select(body: bytes, name: bytes, out: list[bytes]) -> None:
-    start = 0
+def _select(body: bytes, name: bytes, out: list[bytes], start: int = 0,
+            stop: int | None = None) -> int:
+    """Appends the first block of sample lines of `name` in body[start:stop] (the block may
+    run past stop); returns where the block ends, or -1 when there is none."""
+    stop = len(body) if stop is None else stop
     while True:
-        at = body.find(name, start)
+        at = body.find(name, start, stop)
         if at < 0:
-            return
-        if not _sample_at(body, at, name):
-            start = at + len(name)
-            continue
-        while _sample_at(body, at, name):  # this line and the block after it
-            end = body.find(b"\n", at)
-            end = len(body) if end < 0 else end
-            out.append(body[at:end])
-            at = end + 1
-        start = at
+            return -1
+        if _sample_at(body, at, name):
+            break
+        start = at + len(name)
+    while _sample_at(body, at, name):  # this line and the ones after it
+        end = body.find(b"\n", at)
+        end = len(body) if end < 0 else end
+        out.append(body[at:end])
+        at = end + 1
+    return at
 
 
 class Picker:
@@ -186,23 +190,37 @@ class Picker:
         self.carry, self.skipping = b"", True
 
     def _pick(self) -> None:
+        """One pass over the block, where names come in the order expected (a name not
+        after the one before it is looked for before); a name is not looked for once one
+        before it in its group was found."""
         block = b"".join(self.pending)
         self.pending, self.pending_bytes = [], 0
-        for name in self.names:
-            lines: list[bytes] = []
-            _select(block, name, lines)
-            if not lines:
-                continue
-            self.found.setdefault(name, []).extend(lines)
-            self.picked += len(lines)
-            self.picked_bytes += sum(map(len, lines))
-            if self.picked > MAX_SAMPLES or self.picked_bytes > MAX_PICKED:
-                raise MetricsTextError(f"more than {MAX_SAMPLES} samples or "
-                                       f"{MAX_PICKED >> 10} KiB of the metrics read (vLLM has "
-                                       "about 20 per engine)")
-            if max(map(len, lines)) > MAX_LINE:
-                raise MetricsTextError(f"a line of {name.decode()} longer than "
-                                       f"{MAX_LINE >> 10} KiB")
+        pos = 0
+        for group in self.groups:
+            for name in group:
+                if any(n in self.found for n in group[:group.index(name)]):
+                    break
+                lines: list[bytes] = []
+                end = _select(block, name, lines, pos)
+                if end < 0 and pos:
+                    end = _select(block, name, lines, 0, pos + len(name))
+                if end < 0:
+                    continue
+                pos = end
+                self._keep(name, lines)
+                break
+
+    def _keep(self, name: bytes, lines: list[bytes]) -> None:
+        self.found.setdefault(name, []).extend(lines)
+        self.picked += len(lines)
+        self.picked_bytes += sum(map(len, lines))
+        if self.picked > MAX_SAMPLES or self.picked_bytes > MAX_PICKED:
+            raise MetricsTextError(f"more than {MAX_SAMPLES} samples or "
+                                   f"{MAX_PICKED >> 10} KiB of the metrics read (vLLM has "
+                                   "about 20 per engine)")
+        if max(map(len, lines)) > MAX_LINE:
+            raise MetricsTextError(f"a line of {name.decode()} longer than "
+                                   f"{MAX_LINE >> 10} KiB")
 
     def lines(self) -> list[bytes]:
         """The end of the text: of each group of names, the lines of the first that has
