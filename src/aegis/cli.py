@@ -757,5 +757,89 @@ def list_runs(run_dir: str | None, as_json: bool) -> int:
     return 0
 
 
+@_run_command("metrics")
+@click.option("--watch", metavar="S", type=FiniteRange(min=0, min_open=True),
+              help="Scrape again every S seconds, with rates (tokens/s, requests/s, prefix-cache "
+              "hits) over the last S seconds. On a terminal the screen refreshes in place like "
+              "top (Ctrl-C quits); otherwise one line per scrape, and a line for each flag when "
+              "it is raised and when it clears.")
+@click.option("--json", "as_json", is_flag=True,
+              help="The scrape as JSON (schema: docs/schemas/metrics.schema.json); with --watch "
+              "one document per line per scrape.")
+@click.option("--timeout", type=FiniteRange(min=0, min_open=True), metavar="S", default=2.0,
+              show_default=True,
+              help="Seconds one instance's /metrics may take (connection, headers and body); "
+              "one that takes longer is flagged not_answering and the others are reported.")
+@click.option("--concurrency", type=click.IntRange(1, 100000), metavar="N", default=256,
+              show_default=True,
+              help="Instances asked at once (a socket each; never more than the open-files "
+              "limit leaves room for); an instance's --timeout starts when its turn comes. "
+              "Set it to the number of instances to make hung ones cost exactly --timeout.")
+@click.option("--count", type=click.IntRange(1), metavar="N",
+              help="With --watch: stop after N scrapes.  [default: until Ctrl-C]")
+@click.option("--instances", "rows", type=click.IntRange(0), metavar="N", default=50,
+              show_default=True,
+              help="Instance rows in the table, flagged ones first (0: models only).")
+def metrics(run: str, scheduler: str | None, platform: str | None, watch: float | None,
+            as_json: bool, timeout: float, concurrency: int, count: int | None,
+            rows: int) -> int:
+    """What RUN's fleet is doing: every ready instance's /metrics (vLLM's Prometheus text)
+    and its routers', scraped at once. Per instance and per model: requests running and
+    waiting, KV-cache usage, prompt and generation tokens/s (between two scrapes: --watch),
+    finished and failed requests, prefix-cache hit rate. Flags outliers: an instance that does
+    not answer (or answers something unreadable), a KV cache at 99% or more, an instance
+    serving nothing while others of its model queue, a restart (counters went backwards).
+    See docs/metrics.md.
+
+    Exit 0 a scrape in which some instance answered (flags or not; with --watch: stopped by
+    Ctrl-C or --count); 1 nothing of RUN is ready, no instance answered, or the run ended;
+    2 bad input (a missing run, a bad option)."""
+    from .clients import metrics as scraping
+
+    run_ = _need_run(_open_run(run, scheduler, platform), "aegis metrics")
+    if count is not None and watch is None:
+        raise ConfigError("--count: only with --watch")
+    if watch is None:
+        got = run_.metrics(timeout=timeout, concurrency=concurrency)
+        click.echo(json.dumps(got.to_dict(), indent=2) if as_json
+                   else scraping.text_report(got, instances=rows))
+        if not got.answered:
+            click.echo(f"aegis: error: none of the {len(got.instances)} ready instance(s) "
+                       "answered /metrics (see the flags)", err=True)
+            return EXIT_FAILED
+        return 0
+    scrapes = scraping.watch(run_, watch, timeout=timeout, concurrency=concurrency,
+                             count=count)
+    try:
+        if as_json:
+            for got in scrapes:
+                click.echo(json.dumps(got.to_dict()))
+        elif sys.stdout.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            console = Console()
+            with Live(console=console, auto_refresh=False, vertical_overflow="crop") as live:
+                for got in scrapes:
+                    live.update(scraping.rich_view(got, height=console.height), refresh=True)
+        else:  # a log: a line per scrape, and each flag when it comes and when it goes
+            before = None
+            for got in scrapes:
+                click.echo(scraping.line_report(got))
+                raised, cleared = scraping.flag_changes(before, got)
+                for flag in raised[:50]:
+                    click.echo(f"aegis: metrics: flag {flag.kind}: {flag.model} instance "
+                               f"{flag.id} ({flag.url}): {flag.message}")
+                for flag in cleared[:50]:
+                    click.echo(f"aegis: metrics: cleared {flag.kind}: {flag.model} instance "
+                               f"{flag.id}")
+                before = got
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        scrapes.close()
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -9,6 +9,7 @@
                         a chain keeps one in its chain directory for all generations
       endpoints.json    instances, routers, launcher heartbeat (unless endpoints_file says
       endpoints.txt     elsewhere); host:port of each ready instance
+      prometheus-targets.json   the ready instances for a Prometheus (file_sd_configs; 0644)
       instances/instance-NNNN.sh   what each instance process runs
       logs/instance-NNNN.log       its output; logs/router-<model>.log each router's
 """
@@ -26,8 +27,10 @@ CONFIG_NAME = "config.yaml"
 ENDPOINTS_NAME = "endpoints.json"
 API_KEY_NAME = "api-key"
 CHAIN_NAME = "chain.json"  # a chain directory's record (aegis submit --chain)
+PROMETHEUS_TARGETS_NAME = "prometheus-targets.json"  # rank 0 keeps it (docs/metrics.md)
 # What the endpoints file (and its .txt) must never overwrite: the run's own files.
-RUN_FILE_NAMES = (SCRIPT_NAME, JOB_ID_NAME, LOG_NAME, CONFIG_NAME, CHAIN_NAME, "instances", "logs")
+RUN_FILE_NAMES = (SCRIPT_NAME, JOB_ID_NAME, LOG_NAME, CONFIG_NAME, CHAIN_NAME,
+                  PROMETHEUS_TARGETS_NAME, "instances", "logs")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class RunLayout:
     @property
     def api_key(self) -> str:
         return self._at(API_KEY_NAME)
+
+    @property
+    def prometheus_targets(self) -> str:
+        return self._at(PROMETHEUS_TARGETS_NAME)
 
     def endpoints(self, endpoints_file: str = ENDPOINTS_NAME) -> str:
         """The endpoints file: a relative endpoints_file resolves inside the run directory."""

@@ -3,6 +3,7 @@
 
 - batch: OpenAI batch files (JSONL) spread over the run's routers or instances, exactly once
 - runs: the runs under a run directory (`aegis list`)
+- metrics: what the fleet is doing, from every instance's and router's /metrics (`aegis metrics`)
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ class Run(_HeldRun):
         from .batch import batch  # its client (aiohttp, tqdm) only when a batch runs
 
         return batch(self, input, output, **options)
+
+    def metrics(self, previous=None, **options):
+        """One scrape of every serving instance's /metrics (and the routers') ->
+        aegis.clients.metrics.Metrics; with `previous` (an earlier scrape), the rates
+        between the two (aegis.clients.metrics.metrics; docs/metrics.md)."""
+        from .metrics import metrics  # its client (aiohttp, prometheus_client) only when used
+
+        return metrics(self, previous=previous, **options)
 
 
 submit = Run.submit

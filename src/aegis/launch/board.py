@@ -1,18 +1,21 @@
 """Rank 0's view of the whole fleet: every rank's instance states merged into the endpoints
-file (launch.endpoints.EndpointsFile), the routers kept in step with them (launch.router), and
-what the user sees while instances start: progress lines, each failure with its log tail as
-it happens, the summary table."""
+file (launch.endpoints.EndpointsFile), the routers kept in step with them (launch.router), the
+ready instances for a site's Prometheus (launch.targets: prometheus-targets.json), and what
+the user sees while instances start: progress lines, each failure with its log tail as it
+happens, the summary table."""
 
 from __future__ import annotations
 
 import sys
 import time
 
+from ..files import write_atomic
 from ..layout import RunLayout
 from .endpoints import (EndpointsFile, InstanceState, draining, failure_report, merge_parts,
                         none_serving)
 from ..runfiles import SERVING_STATES
 from .endpoints import summary_table
+from .targets import prometheus_targets, render_targets
 
 PROGRESS_INTERVAL = 10.0  # seconds between "still loading" lines
 
@@ -34,6 +37,8 @@ class Board:
         self.api_key = api_key
         self.routers = None  # started with the instances, not during staging
         self.is_draining = False  # the job's end is near: nothing offered, routers emptied
+        self.targets_written: str | None = None  # prometheus-targets.json as last written
+        self.targets_failing = False  # its last write failed: try again on the next tick
 
     # -- every tick ---------------------------------------------------------------------------
     def update(self, changed: dict[int, list[InstanceState]]) -> None:
@@ -47,6 +52,27 @@ class Board:
         if changed or routers_changed:
             self.endpoints.update(shown if changed else None,
                                   routers=self.routers.records() if self.routers else None)
+        if changed or self.targets_failing:
+            self.publish_targets(shown)
+
+    def publish_targets(self, states: list[InstanceState]) -> None:
+        """prometheus-targets.json: the ready instances, rewritten (atomically) only when they
+        change. Mode 0644: a site's Prometheus runs as another user, and the file holds
+        addresses and names, nothing secret. A failed write is reported once; the launch goes
+        on and the next tick tries again."""
+        text = render_targets(prometheus_targets(states, job=self.endpoints.job))
+        if text == self.targets_written:
+            return
+        path = self.layout.prometheus_targets
+        try:
+            write_atomic(path, text, mode=0o644)
+        except OSError as err:
+            if not self.targets_failing:
+                self.log(f"cannot write {path} ({err.strerror or err}); a Prometheus reading "
+                         "it keeps its last targets")
+            self.targets_failing = True
+            return
+        self.targets_written, self.targets_failing = text, False
 
     def _report_new_failures(self) -> None:
         for s in self.merged:
@@ -82,6 +108,7 @@ class Board:
                                    log=self.log)
         self.endpoints.update(state="starting",
                               routers=self.routers.records() if self.routers else None)
+        self.publish_targets([])  # a file from an earlier run in this directory lists nothing
 
     def serving(self) -> None:
         self.endpoints.update(self.merged, state="serving")
@@ -98,6 +125,7 @@ class Board:
             self.routers.sync(shown)  # no ready instance: every worker is removed
         self.endpoints.update(shown, state="draining",
                               routers=self.routers.records() if self.routers else None)
+        self.publish_targets(shown)
 
     def stopping(self) -> None:
         """A stop is decided: nothing is listed as ready, the routers take no more requests."""
@@ -105,6 +133,7 @@ class Board:
             self.routers.close()
         self.endpoints.update(none_serving(self.merged), state="stopping",
                               routers=self.routers.records() if self.routers else None)
+        self.publish_targets([])
 
     def verdict(self) -> bool:
         ready = sum(s.state in SERVING_STATES for s in self.merged)  # a health check may flap
@@ -123,3 +152,4 @@ class Board:
             self.routers.close()
         self.endpoints.finish(state, exit_code,
                               routers=self.routers.records() if self.routers else None)
+        self.publish_targets([])

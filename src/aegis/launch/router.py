@@ -71,6 +71,18 @@ def router_argv(host: str, port: int, metrics_port: int,
             "--prometheus-port", str(metrics_port), *HEALTH_ARGS, *extra]
 
 
+def _last_port(argv: list[str], flag: str) -> int | None:
+    """The value argparse takes for `flag` (the last one given), when it is a port number."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return int(value) if value is not None and value.isdigit() and 0 < int(value) < 65536 \
+        else None
+
+
 def free_local_port() -> int:
     """A port nothing listens on now, from the kernel (for a router's metrics exporter)."""
     import socket
@@ -129,6 +141,7 @@ class _Router:
     restarts: int = 0
     failures_in_row: int = 0  # exits since it was last ready
     next_start: float = 0.0
+    metrics_port: int | None = None  # its Prometheus exporter (127.0.0.1 of this node)
 
 
 class Routers:
@@ -167,6 +180,7 @@ class Routers:
     def _start(self, r: _Router) -> None:
         os.makedirs(os.path.dirname(r.log_path), exist_ok=True)
         argv = router_argv(self.host, r.port, free_local_port(), self.extra_args)
+        r.metrics_port = _last_port(argv, "--prometheus-port")  # router_args may override it
         with open(r.log_path, "ab") as log:
             # under a keeper, like the instances: nothing of it outlives the launcher
             r.proc = subprocess.Popen(
@@ -227,7 +241,7 @@ class Routers:
             return [{"model": r.model, "url": f"http://{self.node}:{r.port}/v1",
                      "host": self.node, "node": 0, "port": r.port, "state": r.state,
                      "workers": len(r.workers), "restarts": r.restarts, "error": r.error,
-                     "log": r.log_path}
+                     "log": r.log_path, "metrics_port": r.metrics_port}
                     for r in self.routers.values()]
 
     # -- the thread that talks to the routers ------------------------------------------------
