@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import click
 
-from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, Key, ModelConfig, byte_size,
-                     load_config, scheduler_names)
+from .config import (KEYS, LOGIN_KEYS, MAX_TOKEN_BYTES, Config, ConfigError, Key, ModelConfig,
+                     byte_size, load_config, scheduler_names)
 from .files import FileTooLarge, read_small_file, why_unreadable
 from .layout import CONFIG_NAME, RunLayout
 from .model_source import check_models
@@ -45,6 +45,7 @@ class AegisGroup(click.Group):
     """Turns every known failure into one line on stderr and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from .remote import EXIT_REMOTE, RemoteError
         from .run import RunError, WaitTimeout
         from .scheduler import SchedulerError
 
@@ -67,6 +68,9 @@ class AegisGroup(click.Group):
         except WaitTimeout as err:
             click.echo(f"aegis: error: {err}", err=True)
             code = EXIT_TIMEOUT
+        except RemoteError as err:  # the login node: not reached, or the connection lost
+            click.echo(f"aegis: error: remote {err}", err=True)
+            code = EXIT_REMOTE
         except (SchedulerError, RunError) as err:
             click.echo(f"aegis: error: {err}", err=True)
             code = EXIT_FAILED
@@ -110,12 +114,15 @@ def _option_for(key: Key) -> Callable:
     return click.option(key.flag, key.name, type=param_type, default=None, help=help_text)
 
 
-def config_options(command: Callable, skip: tuple[str, ...] = ()) -> Callable:
+def config_options(command: Callable, skip: tuple[str, ...] = (), login: bool = False
+                   ) -> Callable:
+    """A flag per config key; the login side's own keys (remote, remote_aegis,
+    download_weights) only with `login` (aegis submit)."""
     command = click.option("--config", "-c", "config_path", metavar="FILE",
                            help="Deployment YAML (optional: flags alone can describe a "
                                 "single-model deployment).")(command)
     for key in reversed(KEYS):
-        if key.name not in skip:
+        if key.name not in skip and (login or key not in LOGIN_KEYS):
             command = _option_for(key)(command)
     return command
 
@@ -136,13 +143,161 @@ def config_from_flags(config_path: str | None, flag_values: dict[str, Any]) -> C
     return config
 
 
+# ------------------------------------------------------------------ --remote (docs/laptop.md)
+
+_OVER_SSH = False  # this aegis runs for one on a laptop (--over-ssh): never hop again
+_SENT = {"config_path": ("config.yaml", 256 << 10), "hf_token": ("hf-token", MAX_TOKEN_BYTES)}
+
+
+def remote_option(command: Callable) -> Callable:
+    """--remote [USER@]HOST and --remote-aegis CMD on a login-side command (one line each):
+    given a login node (--remote, else the config's `remote`, else $AEGIS_REMOTE; `--remote ''`
+    runs here), the same command runs there over ssh, and its output and exit status are this
+    one's. Paths on its command line and in its config name files there."""
+    own = {p.name for p in getattr(command, "__click_params__", [])}
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        target, remote_aegis = _remote_of(kwargs)
+        if target is None:
+            return command(**{k: v for k, v in kwargs.items()
+                              if k in own or k not in ("remote", "remote_aegis")})
+        return _run_remote(ctx, target, remote_aegis)
+
+    if "remote_aegis" not in own:
+        wrapper = click.option(
+            "--remote-aegis", metavar="CMD",
+            help="How to start aegis on the login node, its arguments appended (e.g. 'module "
+            "load frameworks; aegis').  [default: $AEGIS_REMOTE_AEGIS, else aegis]")(wrapper)
+    if "remote" not in own:
+        wrapper = click.option(
+            "--remote", metavar="[USER@]HOST",
+            help="Run this on a login node over ssh (your ~/.ssh/config applies; one login per "
+            "session); paths name files there. '' runs here.  [default: $AEGIS_REMOTE]"
+        )(wrapper)
+    return wrapper
+
+
+def _remote_of(kwargs: dict[str, Any]) -> tuple[str | None, str]:
+    """(the login node or None, how to start aegis there)."""
+    from .remote import resolve, resolve_aegis
+
+    if _OVER_SSH:
+        return None, "aegis"
+    configured = _login_keys_in(kwargs.get("config_path"))
+    target = resolve(kwargs.get("remote"), configured.get("remote"))
+    if target is None:
+        return None, "aegis"
+    return target, resolve_aegis(kwargs.get("remote_aegis"), configured.get("remote_aegis"))
+
+
+def _login_keys_in(path: str | None) -> dict[str, str]:
+    """`remote` and `remote_aegis` of a config file (its other problems: when it loads)."""
+    from .config import MAX_CONFIG_BYTES, parse_yaml
+
+    if not path:
+        return {}
+    try:
+        data = parse_yaml(read_small_file(path, MAX_CONFIG_BYTES), path)
+    except (OSError, ValueError, ConfigError):
+        return {}
+    return {k: v for k, v in (data.items() if isinstance(data, dict) else ())
+            if k in ("remote", "remote_aegis") and isinstance(v, str)}
+
+
+def _run_remote(ctx: click.Context, target: str, remote_aegis: str) -> int:
+    from .remote import Remote, Uploads, incoming_dir
+
+    run_dir = "aegis-runs"
+    if "config_path" in ctx.params:  # submit: the config is checked here before it travels
+        run_dir = _check_config_for_remote(ctx.params).run_dir
+    remote = Remote(target, remote_aegis)
+    with Uploads(remote, incoming_dir(run_dir)) as uploads:
+        code, _ = remote.run(_remote_argv(ctx, uploads))
+    return code
+
+
+def _check_config_for_remote(params: dict[str, Any]) -> Config:
+    from .config import MAX_CONFIG_BYTES, parse_yaml
+    from .config.load import PATH_KEYS
+    from .remote import relative_paths
+
+    path = params.get("config_path")
+    if path:
+        try:
+            data = parse_yaml(read_small_file(path, MAX_CONFIG_BYTES), path)
+        except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+            raise ConfigError(f"{path}: cannot read config file: {why_unreadable(err)}") \
+                from None
+        relative = relative_paths(data, PATH_KEYS)
+        if relative:
+            raise ConfigError("\n".join(
+                f"{path}: {line}: a relative path; with --remote, paths name files on the "
+                "login node: give it absolute" for line in relative))
+    return config_from_flags(path, {k: v for k, v in params.items() if k != "hf_token"})
+
+
+def _remote_argv(ctx: click.Context, uploads) -> list[str]:
+    """The command line the remote aegis gets: this command and the parameters given on this
+    command line (not defaults: the remote's own apply), options as --name=value, arguments
+    after --; the files in _SENT travel first and are named by their path there."""
+    from click.core import ParameterSource
+
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if name in ("remote", "remote_aegis") or \
+                ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        if name in _SENT and value is not None:
+            label, limit = _SENT[name]
+            try:
+                text = read_small_file(value, limit)
+            except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+                raise ConfigError(f"{value}: cannot read it: {why_unreadable(err)}") from None
+            value = uploads.send(text.encode(), label)
+        if isinstance(param, click.Argument):
+            if name == "input_path" and value == "-":
+                raise ConfigError("INPUT -: standard input cannot go to --remote; the batch "
+                                  "runs on the login node: copy the file there (docs/laptop.md)")
+            arguments.append(str(value))
+            continue
+        opt = max((o for o in param.opts if o.startswith("--")), key=len, default=param.opts[0])
+        if isinstance(param, click.Option) and param.is_flag:
+            if param.secondary_opts:
+                options.append(opt if value else max(param.secondary_opts, key=len))
+            elif value:
+                options.append(opt)
+        elif isinstance(param, click.Option) and param.multiple:
+            options += [f"{opt}={v}" for v in value]
+        else:
+            options.append(f"{opt}={value}")
+    return [ctx.info_name or "", *options, *(["--", *arguments] if arguments else [])]
+
+
 # ------------------------------------------------------------------ commands
 
 
 @click.group(cls=AegisGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aegis", prog_name="aegis")
-def main() -> None:
-    """Launch fleets of vLLM inference servers on HPC allocations (PBS, Slurm)."""
+@click.option("--over-ssh", is_flag=True, hidden=True,
+              help="Run for an aegis on a laptop (aegis.remote): no --remote hop from here; "
+              "stop when standard input ends.")
+def main(over_ssh: bool) -> None:
+    """Launch fleets of vLLM inference servers on HPC allocations (PBS, Slurm).
+
+    From a laptop, --remote [USER@]HOST (or AEGIS_REMOTE) runs submit, status, wait,
+    endpoints, key, cancel, list, batch and fetch on a login node over ssh; aegis forward
+    opens a tunnel to a run's router (docs/laptop.md)."""
+    global _OVER_SSH
+    if over_ssh:
+        from .remote import watch_caller
+
+        _OVER_SSH = True
+        watch_caller()
 
 
 class FiniteRange(click.FloatRange):
@@ -173,7 +328,8 @@ def _wait_options(command: Callable) -> Callable:
 
 
 @main.command()
-@config_options
+@remote_option
+@functools.partial(config_options, login=True)
 @click.option("--dry-run", is_flag=True, help="Print the batch script; write and submit nothing.")
 @click.option("--chain", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Submit N jobs, each queued to start chain_overlap seconds before its "
@@ -461,6 +617,7 @@ def _instance_table(status) -> str:
 
 
 @_run_command("status")
+@remote_option
 @click.option("--json", "as_json", is_flag=True, help="The full status as JSON (schema: "
               "docs/using-endpoints.md).")
 def status(run: str, scheduler: str | None, platform: str | None, as_json: bool) -> int:
@@ -510,6 +667,7 @@ def _urls(models: list[str], st) -> list[str]:
 
 
 @_run_command("wait")
+@remote_option
 @_wait_options
 def wait(run: str, scheduler: str | None, platform: str | None, timeout: float | None,
          min_ready: int | None) -> int:
@@ -561,6 +719,7 @@ def _await_run_dir(run_dir: str, deadline: float, *, given: bool,
 
 
 @_run_command("endpoints")
+@remote_option
 @click.option("--model", "-m", metavar="NAME", help="Only this served model.")
 @click.option("--router", "routed", is_flag=True, help="The routed URL of each model instead.")
 @click.option("--json", "as_json", is_flag=True,
@@ -598,6 +757,7 @@ def endpoints(run: str, scheduler: str | None, platform: str | None, model: str 
 
 
 @_run_command("key")
+@remote_option
 def key(run: str, scheduler: str | None, platform: str | None) -> int:
     """Print the key every request to RUN's instances and routers must carry
     (Authorization: Bearer KEY; the OpenAI SDK's api_key), e.g.
@@ -611,6 +771,7 @@ def key(run: str, scheduler: str | None, platform: str | None) -> int:
 
 
 @_run_command("cancel")
+@remote_option
 @click.option("--wait", "wait_stopped", is_flag=True,
               help="Return only once the run has stopped (its job ended, or its launcher "
               "exited after stopping every instance and router).")
@@ -655,6 +816,7 @@ def _await_stopped(stopped: Callable[[], bool], timeout: float, interval: float 
 
 
 @_run_command("batch")
+@remote_option
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", required=True, metavar="FILE",
               help="Answers, one JSON line each, appended. Give the same FILE again to resume: "
@@ -730,6 +892,7 @@ def batch(run: str, scheduler: str | None, platform: str | None, input_path: str
 
 
 @main.command(name="list")
+@remote_option
 @click.option("--run-dir", "run_dir", metavar="DIR",
               help="Where to look.  [default: the run_dir config default, aegis-runs]")
 @click.option("--json", "as_json", is_flag=True,
