@@ -48,6 +48,7 @@ class AegisGroup(click.Group):
         from .remote import EXIT_REMOTE, RemoteError
         from .run import RunError, WaitTimeout
         from .scheduler import SchedulerError
+        from .weights import FetchError
 
         try:
             code = super().main(args=args, prog_name=prog_name or "aegis",
@@ -71,7 +72,7 @@ class AegisGroup(click.Group):
         except RemoteError as err:  # the login node: not reached, or the connection lost
             click.echo(f"aegis: error: remote {err}", err=True)
             code = EXIT_REMOTE
-        except (SchedulerError, RunError) as err:
+        except (SchedulerError, RunError, FetchError) as err:
             click.echo(f"aegis: error: {err}", err=True)
             code = EXIT_FAILED
         code = code if isinstance(code, int) else 0
@@ -351,6 +352,8 @@ def submit(config_path: str | None, dry_run: bool, chain: int, wait_ready: bool,
     config = config_from_flags(config_path, flags)
     platform = get_platform(config.platform)
     backend = get_backend(config.effective_scheduler)
+    if config.download_weights:
+        _download_weights(config, platform, dry_run)
     _, problems, notes = check_models(config.models, skip_missing=True)  # before any byte moves
     if problems:
         raise ConfigError("\n".join(problems))
@@ -388,6 +391,29 @@ def submit(config_path: str | None, dry_run: bool, chain: int, wait_ready: bool,
     from .clients import Run
 
     return _wait(Run.open(result.run_dir), timeout, min_ready)
+
+
+def _download_weights(config: Config, platform, dry_run: bool) -> None:
+    """download_weights: fetch every model into its model_source here (the login node),
+    after what a submission needs is checked, so no download precedes a refusal."""
+    from .config import check_submittable
+    from .weights import fetch_models
+
+    if dry_run:
+        _warn("download_weights: --dry-run fetches nothing")
+        return
+    check_submittable(config, platform)
+    for done in fetch_models(config, say=lambda line: click.echo(f"aegis: {line}", err=True)):
+        click.echo(f"aegis: {done.model}: {_fetched(done)}", err=True)
+
+
+def _fetched(done) -> str:
+    size = done.fetched_bytes
+    shown = next((f"{size / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"),
+                                                                   (1e3, "kB"))
+                  if size >= scale), f"{size} B")
+    return (f"{done.fetched} of {done.files} file(s) fetched ({shown}), revision "
+            f"{done.revision[:12]}; model_source {done.model_source}")
 
 
 @main.command()
@@ -922,3 +948,50 @@ def list_runs(run_dir: str | None, as_json: bool) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# ------------------------------------------------------------------ remote use (docs/laptop.md)
+
+
+@main.command()
+@remote_option
+@click.argument("model", metavar="MODEL")
+@click.option("--revision", metavar="REV", help="Branch, tag or commit.  [default: main]")
+@click.option("--to", "to", metavar="DIR",
+              help="The hub cache to put it in (the parent of models--ORG--NAME), e.g. "
+              "/lus/.../hub.  [default: huggingface_hub's: $HF_HUB_CACHE, else "
+              "$HF_HOME/hub, else ~/.cache/huggingface/hub]")
+@click.option("--include", "include", metavar="GLOB", multiple=True,
+              help="Fetch these files too (repeatable), e.g. '*.bin'.  [default: "
+              "safetensors, config, tokenizer and chat-template files]")
+@click.option("--hf-token-file", "hf_token", metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Read the Hugging Face token from FILE (never give it on a command line).  "
+              "[default: $HF_TOKEN, else what huggingface-cli login stored]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def fetch(model: str, revision: str | None, to: str | None, include: tuple[str, ...],
+          hf_token: str | None, quiet: bool) -> int:
+    """Fetch MODEL (ORG/NAME) from the Hugging Face hub into a hub cache, in the layout
+    model_source serves (models--ORG--NAME: blobs, refs, snapshots); print the model_source
+    to use. Only what is missing moves: run it again after any stop and it goes on.
+
+    With --remote it runs on the login node (where the weights belong; the token file is
+    sent over the connection). Exit 0 fetched (or already there), 1 the transfer failed, 2 bad
+    input: an unknown model or revision, or a gated one without a token that has access (the
+    message says which setting to use)."""
+    from .weights import DEFAULT_PATTERNS, fetch as get, token_from
+
+    token = None
+    if hf_token:
+        try:
+            token = read_small_file(hf_token, MAX_TOKEN_BYTES).strip()
+        except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+            raise ConfigError(f"--hf-token-file: cannot read {hf_token}: "
+                              f"{why_unreadable(err)}") from None
+    token, source = (token, "--hf-token-file") if token else token_from(None)
+    done = get(model, revision=revision, cache_dir=to, token=token, token_source=source,
+               patterns=DEFAULT_PATTERNS + include, progress=not quiet,
+               say=lambda line: click.echo(f"aegis: fetch: {line}", err=True))
+    click.echo(f"aegis: fetch: {done.model}: {_fetched(done)}", err=True)
+    click.echo(done.model_source)
+    return 0
