@@ -995,3 +995,62 @@ def fetch(model: str, revision: str | None, to: str | None, include: tuple[str, 
     click.echo(f"aegis: fetch: {done.model}: {_fetched(done)}", err=True)
     click.echo(done.model_source)
     return 0
+
+
+@main.command()
+@click.argument("run", metavar="RUN")
+@click.option("--model", "-m", metavar="NAME",
+              help="The served model to reach (needed when RUN serves several).")
+@click.option("--local-port", type=click.IntRange(0, 65535), default=0, metavar="PORT",
+              help="Port on 127.0.0.1 here.  [default: a free one, printed]")
+@click.option("--remote", metavar="[USER@]HOST",
+              help="The login node to tunnel through.  [default: $AEGIS_REMOTE]")
+@click.option("--remote-aegis", metavar="CMD",
+              help="How to start aegis on the login node.  [default: $AEGIS_REMOTE_AEGIS, "
+              "else aegis]")
+def forward(run: str, model: str | None, local_port: int, remote: str | None,
+            remote_aegis: str | None) -> int:
+    """Tunnel from this machine through the login node to RUN's router (or, for a model
+    without one, a ready instance) on its compute node; print http://127.0.0.1:PORT/v1 for an
+    OpenAI client here. Requests need the run's key: export OPENAI_API_KEY=$(aegis key
+    --remote HOST RUN).
+
+    RUN is a run directory on the login node. Holds until Ctrl-C; follows the router when a
+    chain's next generation takes over; opens again after the connection drops. Exit 0 on
+    Ctrl-C, 1 the run ended, 2 bad input (the port is taken, RUN is no run, a model it does
+    not serve), 4 the login node cannot be reached at the start."""
+    import shlex
+    import signal as signals
+
+    from .clients.forward import Tunnel, remote_status
+    from .remote import Remote, resolve, resolve_aegis
+
+    target = resolve(remote)
+    if target is None:
+        raise ConfigError("aegis forward needs the login node: --remote [USER@]HOST, or "
+                          "AEGIS_REMOTE")
+    login = Remote(target, resolve_aegis(remote_aegis))
+
+    def say(line: str) -> None:
+        click.echo(f"aegis: forward: {line}", err=True)
+
+    tunnel = Tunnel(login, remote_status(login, run), model=model, local_port=local_port,
+                    say=say)
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signals.SIGINT, signals.SIGTERM):  # SIGINT too: a shell's `cmd &` ignores it
+        signals.signal(signum, interrupted)  # every ssh -W goes with the tunnel
+    try:
+        tunnel.wait_target()
+        click.echo(tunnel.url)
+        sys.stdout.flush()
+        say(f"requests need the run's key: export OPENAI_API_KEY=$(aegis key --remote "
+            f"{target} {shlex.quote(run)}); Ctrl-C ends the tunnel")
+        tunnel.serve()
+    except KeyboardInterrupt:
+        say("stopped")
+        return 0
+    finally:
+        tunnel.stop()
+    return 0
