@@ -113,6 +113,12 @@ def test_a_run_on_the_login_node_used_from_the_laptop(laptop, tmp_path):
             done = client.completions.create(model="tiny", prompt="hello", max_tokens=4)
             assert done.choices[0].text
         client.close()
+        (master,) = login.masters()
+        os.kill(master, signal.SIGKILL)  # the connection drops: the tunnel opens again
+        client = OpenAI(base_url=url, api_key=key.stdout.strip(), max_retries=0)
+        assert client.completions.create(model="tiny", prompt="again", max_tokens=4).choices
+        client.close()
+        assert list(login.masters()) != [master]
         with pytest.raises(Exception, match="401|Unauthorized|auth"):
             OpenAI(base_url=url, api_key="wrong", max_retries=0).completions.create(
                 model="tiny", prompt="x", max_tokens=1)  # the key still guards the run
