@@ -118,7 +118,7 @@ class LoginNode:
                        if os.access(p, os.X_OK)), None)
         if python is None:
             raise RuntimeError(f"no /usr/bin/python{wanted} for the login node's user")
-        extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        extra = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                  if p and os.path.isdir(p) and Path(p).resolve() != (ROOT / "src").resolve()]
         paths = [str(ROOT / "src"), *site.getsitepackages(), *extra]
         probe = "import aegis.cli, aegis.launch, aiohttp, yaml, jinja2, mpi4py"

@@ -393,3 +393,31 @@ def test_pick_names_the_models_and_prefers_the_router():
     model, target, why = pick({"phase": "ended", "reason": "job 1 cancelled",
                                "instances": [inst]}, None)
     assert target is None and why == "the run ended: job 1 cancelled"
+
+
+def test_fetch_on_the_login_node_with_a_token_file_from_the_laptop(laptop, ssh_log, tmp_path):
+    """aegis fetch --remote: the weights land on the login node (a --to with spaces and
+    quotes), the token file goes over the connection only, and nothing is left of it there."""
+    from standin_hub import Hub, Repo, serve
+
+    login = laptop
+    log, command = ssh_log
+    hub = Hub({"org/gated": Repo({"config.json": b"{}", "model.safetensors": b"w" * 4096},
+                                 gated_token="hf_granted_token")})
+    server, url = serve(hub)
+    token = tmp_path / "token"
+    token.write_text("hf_granted_token\n")
+    try:
+        done = aegis(login, "fetch", "--remote", HOST, "org/gated", "--to", "hub dir 'q' $(x)",
+                     "--hf-token-file", str(token), "-q",
+                     env={"AEGIS_SSH_COMMAND": command,
+                          "AEGIS_REMOTE_AEGIS": login.aegis_command(HF_ENDPOINT=url)})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 0, done.stderr
+    storage = login.home / "hub dir 'q' $(x)" / "models--org--gated"
+    assert done.stdout == f"{storage}\n"
+    assert (storage / "refs" / "main").is_file() and storage.stat().st_uid == login.uid
+    assert "hf_granted_token" not in log.read_text()
+    assert list((login.home / "aegis-runs" / ".incoming").iterdir()) == []
