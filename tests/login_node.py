@@ -122,6 +122,15 @@ class LoginNode:
                  if p and os.path.isdir(p) and Path(p).resolve() != (ROOT / "src").resolve()]
         paths = [str(ROOT / "src"), *site.getsitepackages(), *extra]
         probe = "import aegis.cli, aegis.launch, aiohttp, yaml, jinja2, mpi4py"
+        # the user's python is a link in a directory with this environment's mpiexec beside it:
+        # aegis takes the mpiexec beside sys.executable (PyPI mpich's, not a Slurm wrapper)
+        bin_dir = self.dir / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "python3").symlink_to(python)
+        for tool in Path(sys.executable).parent.iterdir():  # hydra finds its proxy beside it
+            if tool.name.startswith(("mpiexec", "mpirun", "hydra_")):
+                (bin_dir / tool.name).symlink_to(tool)
+        python = str(bin_dir / "python3")
         if self._as_user_ok(python, paths, probe):
             return python, os.pathsep.join(paths)
         copies = self.dir / "python"  # not readable as they are: copies the user can read
