@@ -263,7 +263,7 @@ def test_submit_sends_the_config_and_token_over_the_connection_never_argv(laptop
     (tmp_path / "token").write_text(secret + "\n")
     (tmp_path / "c.yaml").write_text(
         "platform: local\nmodel: org/tiny\nmodel_source: /no/such/fs/models--org--tiny\n"
-        "run_dir: remote-runs\n")
+        "run_dir: remote-runs\nhf_token: hf_INLINE_in_the_config\n")  # a secret in the file
     done = aegis(login, "submit", "-c", str(tmp_path / "c.yaml"), "--remote", HOST,
                  "--remote-aegis", remote_aegis, "--hf-token-file", str(tmp_path / "token"),
                  "--job-name", "viaSsh", env={"AEGIS_SSH_COMMAND": command})
@@ -273,9 +273,10 @@ def test_submit_sends_the_config_and_token_over_the_connection_never_argv(laptop
     assert run_dir.name.startswith("viaSsh-") and (run_dir / "config.yaml").is_file()
     assert (login.home / "sbatch.token").read_text() == secret  # by environment
     assert list((login.home / "remote-runs" / ".incoming").iterdir()) == []  # removed again
-    assert secret not in log.read_text()  # never on an ssh command line
-    for path in run_dir.iterdir():
-        assert secret not in path.read_text()
+    for value in (secret, "hf_INLINE_in_the_config"):
+        assert value not in log.read_text()  # never on an ssh command line
+        for path in run_dir.iterdir():
+            assert value not in path.read_text()
 
 
 def test_a_relative_path_in_a_remote_config_is_refused_before_ssh(laptop, ssh_log, tmp_path):
