@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import click
 
-from .config import (KEYS, MAX_TOKEN_BYTES, Config, ConfigError, Key, ModelConfig, byte_size,
-                     load_config, scheduler_names)
+from .config import (KEYS, LOGIN_KEYS, MAX_TOKEN_BYTES, Config, ConfigError, Key, ModelConfig,
+                     byte_size, load_config, scheduler_names)
 from .files import FileTooLarge, read_small_file, why_unreadable
 from .layout import CONFIG_NAME, RunLayout
 from .model_source import check_models
@@ -45,8 +45,10 @@ class AegisGroup(click.Group):
     """Turns every known failure into one line on stderr and an exit code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from .remote import EXIT_REMOTE, RemoteError
         from .run import RunError, WaitTimeout
         from .scheduler import SchedulerError
+        from .weights import FetchError
 
         try:
             code = super().main(args=args, prog_name=prog_name or "aegis",
@@ -67,7 +69,10 @@ class AegisGroup(click.Group):
         except WaitTimeout as err:
             click.echo(f"aegis: error: {err}", err=True)
             code = EXIT_TIMEOUT
-        except (SchedulerError, RunError) as err:
+        except RemoteError as err:  # the login node: not reached, or the connection lost
+            click.echo(f"aegis: error: remote {err}", err=True)
+            code = EXIT_REMOTE
+        except (SchedulerError, RunError, FetchError) as err:
             click.echo(f"aegis: error: {err}", err=True)
             code = EXIT_FAILED
         code = code if isinstance(code, int) else 0
@@ -110,12 +115,15 @@ def _option_for(key: Key) -> Callable:
     return click.option(key.flag, key.name, type=param_type, default=None, help=help_text)
 
 
-def config_options(command: Callable, skip: tuple[str, ...] = ()) -> Callable:
+def config_options(command: Callable, skip: tuple[str, ...] = (), login: bool = False
+                   ) -> Callable:
+    """A flag per config key; the login side's own keys (remote, remote_aegis,
+    download_weights) only with `login` (aegis submit)."""
     command = click.option("--config", "-c", "config_path", metavar="FILE",
                            help="Deployment YAML (optional: flags alone can describe a "
                                 "single-model deployment).")(command)
     for key in reversed(KEYS):
-        if key.name not in skip:
+        if key.name not in skip and (login or key not in LOGIN_KEYS):
             command = _option_for(key)(command)
     return command
 
@@ -136,13 +144,161 @@ def config_from_flags(config_path: str | None, flag_values: dict[str, Any]) -> C
     return config
 
 
+# ------------------------------------------------------------------ --remote (docs/laptop.md)
+
+_OVER_SSH = False  # this aegis runs for one on a laptop (--over-ssh): never hop again
+_SENT = {"config_path": ("config.yaml", 256 << 10), "hf_token": ("hf-token", MAX_TOKEN_BYTES)}
+
+
+def remote_option(command: Callable) -> Callable:
+    """--remote [USER@]HOST and --remote-aegis CMD on a login-side command (one line each):
+    given a login node (--remote, else the config's `remote`, else $AEGIS_REMOTE; `--remote ''`
+    runs here), the same command runs there over ssh, and its output and exit status are this
+    one's. Paths on its command line and in its config name files there."""
+    own = {p.name for p in getattr(command, "__click_params__", [])}
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        target, remote_aegis = _remote_of(kwargs)
+        if target is None:
+            return command(**{k: v for k, v in kwargs.items()
+                              if k in own or k not in ("remote", "remote_aegis")})
+        return _run_remote(ctx, target, remote_aegis)
+
+    if "remote_aegis" not in own:
+        wrapper = click.option(
+            "--remote-aegis", metavar="CMD",
+            help="How to start aegis on the login node, its arguments appended (e.g. 'module "
+            "load frameworks; aegis').  [default: $AEGIS_REMOTE_AEGIS, else aegis]")(wrapper)
+    if "remote" not in own:
+        wrapper = click.option(
+            "--remote", metavar="[USER@]HOST",
+            help="Run this on a login node over ssh (your ~/.ssh/config applies; one login per "
+            "session); paths name files there. '' runs here.  [default: $AEGIS_REMOTE]"
+        )(wrapper)
+    return wrapper
+
+
+def _remote_of(kwargs: dict[str, Any]) -> tuple[str | None, str]:
+    """(the login node or None, how to start aegis there)."""
+    from .remote import resolve, resolve_aegis
+
+    if _OVER_SSH:
+        return None, "aegis"
+    configured = _login_keys_in(kwargs.get("config_path"))
+    target = resolve(kwargs.get("remote"), configured.get("remote"))
+    if target is None:
+        return None, "aegis"
+    return target, resolve_aegis(kwargs.get("remote_aegis"), configured.get("remote_aegis"))
+
+
+def _login_keys_in(path: str | None) -> dict[str, str]:
+    """`remote` and `remote_aegis` of a config file (its other problems: when it loads)."""
+    from .config import MAX_CONFIG_BYTES, parse_yaml
+
+    if not path:
+        return {}
+    try:
+        data = parse_yaml(read_small_file(path, MAX_CONFIG_BYTES), path)
+    except (OSError, ValueError, ConfigError):
+        return {}
+    return {k: v for k, v in (data.items() if isinstance(data, dict) else ())
+            if k in ("remote", "remote_aegis") and isinstance(v, str)}
+
+
+def _run_remote(ctx: click.Context, target: str, remote_aegis: str) -> int:
+    from .remote import Remote, Uploads, incoming_dir
+
+    run_dir = "aegis-runs"
+    if "config_path" in ctx.params:  # submit: the config is checked here before it travels
+        run_dir = _check_config_for_remote(ctx.params).run_dir
+    remote = Remote(target, remote_aegis)
+    with Uploads(remote, incoming_dir(run_dir)) as uploads:
+        code, _ = remote.run(_remote_argv(ctx, uploads))
+    return code
+
+
+def _check_config_for_remote(params: dict[str, Any]) -> Config:
+    from .config import MAX_CONFIG_BYTES, parse_yaml
+    from .config.load import PATH_KEYS
+    from .remote import relative_paths
+
+    path = params.get("config_path")
+    if path:
+        try:
+            data = parse_yaml(read_small_file(path, MAX_CONFIG_BYTES), path)
+        except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+            raise ConfigError(f"{path}: cannot read config file: {why_unreadable(err)}") \
+                from None
+        relative = relative_paths(data, PATH_KEYS)
+        if relative:
+            raise ConfigError("\n".join(
+                f"{path}: {line}: a relative path; with --remote, paths name files on the "
+                "login node: give it absolute" for line in relative))
+    return config_from_flags(path, {k: v for k, v in params.items() if k != "hf_token"})
+
+
+def _remote_argv(ctx: click.Context, uploads) -> list[str]:
+    """The command line the remote aegis gets: this command and the parameters given on this
+    command line (not defaults: the remote's own apply), options as --name=value, arguments
+    after --; the files in _SENT travel first and are named by their path there."""
+    from click.core import ParameterSource
+
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if name in ("remote", "remote_aegis") or \
+                ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[name]
+        if name in _SENT and value is not None:
+            label, limit = _SENT[name]
+            try:
+                text = read_small_file(value, limit)
+            except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+                raise ConfigError(f"{value}: cannot read it: {why_unreadable(err)}") from None
+            value = uploads.send(text.encode(), label)
+        if isinstance(param, click.Argument):
+            if name == "input_path" and value == "-":
+                raise ConfigError("INPUT -: standard input cannot go to --remote; the batch "
+                                  "runs on the login node: copy the file there (docs/laptop.md)")
+            arguments.append(str(value))
+            continue
+        opt = max((o for o in param.opts if o.startswith("--")), key=len, default=param.opts[0])
+        if isinstance(param, click.Option) and param.is_flag:
+            if param.secondary_opts:
+                options.append(opt if value else max(param.secondary_opts, key=len))
+            elif value:
+                options.append(opt)
+        elif isinstance(param, click.Option) and param.multiple:
+            options += [f"{opt}={v}" for v in value]
+        else:
+            options.append(f"{opt}={value}")
+    return [ctx.info_name or "", *options, *(["--", *arguments] if arguments else [])]
+
+
 # ------------------------------------------------------------------ commands
 
 
 @click.group(cls=AegisGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="aegis", prog_name="aegis")
-def main() -> None:
-    """Launch fleets of vLLM inference servers on HPC allocations (PBS, Slurm)."""
+@click.option("--over-ssh", is_flag=True, hidden=True,
+              help="Run for an aegis on a laptop (aegis.remote): no --remote hop from here; "
+              "stop when standard input ends.")
+def main(over_ssh: bool) -> None:
+    """Launch fleets of vLLM inference servers on HPC allocations (PBS, Slurm).
+
+    From a laptop, --remote [USER@]HOST (or AEGIS_REMOTE) runs submit, status, wait,
+    endpoints, key, cancel, list, batch and fetch on a login node over ssh; aegis forward
+    opens a tunnel to a run's router (docs/laptop.md)."""
+    global _OVER_SSH
+    if over_ssh:
+        from .remote import watch_caller
+
+        _OVER_SSH = True
+        watch_caller()
 
 
 class FiniteRange(click.FloatRange):
@@ -173,7 +329,8 @@ def _wait_options(command: Callable) -> Callable:
 
 
 @main.command()
-@config_options
+@remote_option
+@functools.partial(config_options, login=True)
 @click.option("--dry-run", is_flag=True, help="Print the batch script; write and submit nothing.")
 @click.option("--chain", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Submit N jobs, each queued to start chain_overlap seconds before its "
@@ -195,6 +352,8 @@ def submit(config_path: str | None, dry_run: bool, chain: int, wait_ready: bool,
     config = config_from_flags(config_path, flags)
     platform = get_platform(config.platform)
     backend = get_backend(config.effective_scheduler)
+    if config.download_weights:
+        _download_weights(config, platform, dry_run)
     _, problems, notes = check_models(config.models, skip_missing=True)  # before any byte moves
     if problems:
         raise ConfigError("\n".join(problems))
@@ -232,6 +391,29 @@ def submit(config_path: str | None, dry_run: bool, chain: int, wait_ready: bool,
     from .clients import Run
 
     return _wait(Run.open(result.run_dir), timeout, min_ready)
+
+
+def _download_weights(config: Config, platform, dry_run: bool) -> None:
+    """download_weights: fetch every model into its model_source here (the login node),
+    after what a submission needs is checked, so no download precedes a refusal."""
+    from .config import check_submittable
+    from .weights import fetch_models
+
+    if dry_run:
+        _warn("download_weights: --dry-run fetches nothing")
+        return
+    check_submittable(config, platform)
+    for done in fetch_models(config, say=lambda line: click.echo(f"aegis: {line}", err=True)):
+        click.echo(f"aegis: {done.model}: {_fetched(done)}", err=True)
+
+
+def _fetched(done) -> str:
+    size = done.fetched_bytes
+    shown = next((f"{size / scale:.1f} {unit}" for scale, unit in ((1e9, "GB"), (1e6, "MB"),
+                                                                   (1e3, "kB"))
+                  if size >= scale), f"{size} B")
+    return (f"{done.fetched} of {done.files} file(s) fetched ({shown}), revision "
+            f"{done.revision[:12]}; model_source {done.model_source}")
 
 
 @main.command()
@@ -461,6 +643,7 @@ def _instance_table(status) -> str:
 
 
 @_run_command("status")
+@remote_option
 @click.option("--json", "as_json", is_flag=True, help="The full status as JSON (schema: "
               "docs/using-endpoints.md).")
 def status(run: str, scheduler: str | None, platform: str | None, as_json: bool) -> int:
@@ -510,6 +693,7 @@ def _urls(models: list[str], st) -> list[str]:
 
 
 @_run_command("wait")
+@remote_option
 @_wait_options
 def wait(run: str, scheduler: str | None, platform: str | None, timeout: float | None,
          min_ready: int | None) -> int:
@@ -561,6 +745,7 @@ def _await_run_dir(run_dir: str, deadline: float, *, given: bool,
 
 
 @_run_command("endpoints")
+@remote_option
 @click.option("--model", "-m", metavar="NAME", help="Only this served model.")
 @click.option("--router", "routed", is_flag=True, help="The routed URL of each model instead.")
 @click.option("--json", "as_json", is_flag=True,
@@ -598,6 +783,7 @@ def endpoints(run: str, scheduler: str | None, platform: str | None, model: str 
 
 
 @_run_command("key")
+@remote_option
 def key(run: str, scheduler: str | None, platform: str | None) -> int:
     """Print the key every request to RUN's instances and routers must carry
     (Authorization: Bearer KEY; the OpenAI SDK's api_key), e.g.
@@ -611,6 +797,7 @@ def key(run: str, scheduler: str | None, platform: str | None) -> int:
 
 
 @_run_command("cancel")
+@remote_option
 @click.option("--wait", "wait_stopped", is_flag=True,
               help="Return only once the run has stopped (its job ended, or its launcher "
               "exited after stopping every instance and router).")
@@ -655,6 +842,7 @@ def _await_stopped(stopped: Callable[[], bool], timeout: float, interval: float 
 
 
 @_run_command("batch")
+@remote_option
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", required=True, metavar="FILE",
               help="Answers, one JSON line each, appended. Give the same FILE again to resume: "
@@ -730,6 +918,7 @@ def batch(run: str, scheduler: str | None, platform: str | None, input_path: str
 
 
 @main.command(name="list")
+@remote_option
 @click.option("--run-dir", "run_dir", metavar="DIR",
               help="Where to look.  [default: the run_dir config default, aegis-runs]")
 @click.option("--json", "as_json", is_flag=True,
@@ -843,3 +1032,109 @@ def metrics(run: str, scheduler: str | None, platform: str | None, watch: float 
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# ------------------------------------------------------------------ remote use (docs/laptop.md)
+
+
+@main.command()
+@remote_option
+@click.argument("model", metavar="MODEL")
+@click.option("--revision", metavar="REV", help="Branch, tag or commit.  [default: main]")
+@click.option("--to", "to", metavar="DIR",
+              help="The hub cache to put it in (the parent of models--ORG--NAME), e.g. "
+              "/lus/.../hub.  [default: huggingface_hub's: $HF_HUB_CACHE, else "
+              "$HF_HOME/hub, else ~/.cache/huggingface/hub]")
+@click.option("--include", "include", metavar="GLOB", multiple=True,
+              help="Fetch these files too (repeatable), e.g. '*.bin'.  [default: "
+              "safetensors, config, tokenizer and chat-template files]")
+@click.option("--hf-token-file", "hf_token", metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False),
+              help="Read the Hugging Face token from FILE (never give it on a command line).  "
+              "[default: $HF_TOKEN, else what huggingface-cli login stored]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def fetch(model: str, revision: str | None, to: str | None, include: tuple[str, ...],
+          hf_token: str | None, quiet: bool) -> int:
+    """Fetch MODEL (ORG/NAME) from the Hugging Face hub into a hub cache, in the layout
+    model_source serves (models--ORG--NAME: blobs, refs, snapshots); print the model_source
+    to use. Only what is missing moves: run it again after any stop and it goes on.
+
+    With --remote it runs on the login node (where the weights belong; the token file is
+    sent over the connection). Exit 0 fetched (or already there), 1 the transfer failed, 2 bad
+    input: an unknown model or revision, or a gated one without a token that has access (the
+    message says which setting to use)."""
+    from .weights import DEFAULT_PATTERNS, fetch as get, token_from
+
+    token = None
+    if hf_token:
+        try:
+            token = read_small_file(hf_token, MAX_TOKEN_BYTES).strip()
+        except (OSError, UnicodeDecodeError, FileTooLarge) as err:
+            raise ConfigError(f"--hf-token-file: cannot read {hf_token}: "
+                              f"{why_unreadable(err)}") from None
+    token, source = (token, "--hf-token-file") if token else token_from(None)
+    done = get(model, revision=revision, cache_dir=to, token=token, token_source=source,
+               patterns=DEFAULT_PATTERNS + include, progress=not quiet,
+               say=lambda line: click.echo(f"aegis: fetch: {line}", err=True))
+    click.echo(f"aegis: fetch: {done.model}: {_fetched(done)}", err=True)
+    click.echo(done.model_source)
+    return 0
+
+
+@main.command()
+@click.argument("run", metavar="RUN")
+@click.option("--model", "-m", metavar="NAME",
+              help="The served model to reach (needed when RUN serves several).")
+@click.option("--local-port", type=click.IntRange(0, 65535), default=0, metavar="PORT",
+              help="Port on 127.0.0.1 here.  [default: a free one, printed]")
+@click.option("--remote", metavar="[USER@]HOST",
+              help="The login node to tunnel through.  [default: $AEGIS_REMOTE]")
+@click.option("--remote-aegis", metavar="CMD",
+              help="How to start aegis on the login node.  [default: $AEGIS_REMOTE_AEGIS, "
+              "else aegis]")
+def forward(run: str, model: str | None, local_port: int, remote: str | None,
+            remote_aegis: str | None) -> int:
+    """Tunnel from this machine through the login node to RUN's router (or, for a model
+    without one, a ready instance) on its compute node; print http://127.0.0.1:PORT/v1 for an
+    OpenAI client here. Requests need the run's key: export OPENAI_API_KEY=$(aegis key
+    --remote HOST RUN).
+
+    RUN is a run directory on the login node. Holds until Ctrl-C; follows the router when a
+    chain's next generation takes over; opens again after the connection drops. Exit 0 on
+    Ctrl-C, 1 the run ended, 2 bad input (the port is taken, RUN is no run, a model it does
+    not serve), 4 the login node cannot be reached at the start."""
+    import shlex
+    import signal as signals
+
+    from .clients.forward import Tunnel, remote_status
+    from .remote import Remote, resolve, resolve_aegis
+
+    target = resolve(remote)
+    if target is None:
+        raise ConfigError("aegis forward needs the login node: --remote [USER@]HOST, or "
+                          "AEGIS_REMOTE")
+    login = Remote(target, resolve_aegis(remote_aegis))
+
+    def say(line: str) -> None:
+        click.echo(f"aegis: forward: {line}", err=True)
+
+    tunnel = Tunnel(login, remote_status(login, run), model=model, local_port=local_port,
+                    say=say)
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    for signum in (signals.SIGINT, signals.SIGTERM):  # SIGINT too: a shell's `cmd &` ignores it
+        signals.signal(signum, interrupted)  # every ssh -W goes with the tunnel
+    try:
+        tunnel.wait_target()
+        click.echo(tunnel.url)
+        sys.stdout.flush()
+        say(f"requests need the run's key: export OPENAI_API_KEY=$(aegis key --remote "
+            f"{target} {shlex.quote(run)}); Ctrl-C ends the tunnel")
+        tunnel.serve()
+    except KeyboardInterrupt:
+        say("stopped")
+        return 0
+    finally:
+        tunnel.stop()
+    return 0

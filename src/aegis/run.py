@@ -260,6 +260,12 @@ class Run:
         elif overrides:
             config = config.replace(**overrides)
         backend = get_backend(config.effective_scheduler)
+        if config.download_weights:  # here (the login node), before anything is submitted
+            from .config import check_submittable
+            from .weights import fetch_models
+
+            check_submittable(config, get_platform(config.platform))
+            fetch_models(config)
         result = submission.submit(config, get_platform(config.platform), backend)
         run = cls.open(result.run_dir)
         run.warnings = result.warnings

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aegis.config import (GLOBAL_KEYS, KEYS, Config, ModelConfig, from_mapping, load_config,
-                          parse_yaml, dump_yaml)
+from aegis.config import (GLOBAL_KEYS, KEYS, LOGIN_KEYS, Config, ModelConfig, dump_yaml,
+                          from_mapping, load_config, parse_yaml)
 
 from conftest import EXAMPLES
 
@@ -70,7 +70,7 @@ def test_examples_load():
 
 def test_key_table_covers_every_field():
     config_fields = {f.name for f in dataclasses.fields(Config)} - {"models", "ignored_keys"}
-    assert config_fields == {k.name for k in GLOBAL_KEYS}
+    assert config_fields == {k.name for k in GLOBAL_KEYS + LOGIN_KEYS}
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     assert model_fields == {k.field_name for k in KEYS if k.scope == "model"}
 

@@ -20,7 +20,8 @@ size cap (aegis.files), YAML nesting and alias expansion are capped, numbers hav
 
 from .checks import (EXIT_MARGIN_S, MANAGED_ENV, byte_size, check_seconds, seconds,
                      timing_problems, walltime_seconds)
-from .keys import DIRECTIVE_SAFE_PATH, GLOBAL_KEYS, KEYS, MODEL_KEYS, Key, scheduler_names
+from .keys import (DIRECTIVE_SAFE_PATH, GLOBAL_KEYS, KEYS, LOGIN_KEYS, MODEL_KEYS, Key,
+                   scheduler_names)
 from .load import MAX_CONFIG_BYTES, MAX_TOKEN_BYTES, check_submittable, from_mapping, load_config
 from .errors import ConfigError
 from .model import DEFAULT_PORT_START, Config, ModelConfig
@@ -29,7 +30,7 @@ from .yamlfile import dump_yaml, parse_yaml
 
 __all__ = [
     "Config", "ConfigError", "DEFAULT_PORT_START", "DIRECTIVE_SAFE_PATH", "EXIT_MARGIN_S",
-    "GLOBAL_KEYS", "INTERNAL_PORTS_PER_SLOT", "KEYS", "Key", "MANAGED_ENV", "MAX_CONFIG_BYTES",
+    "GLOBAL_KEYS", "INTERNAL_PORTS_PER_SLOT", "KEYS", "Key", "LOGIN_KEYS", "MANAGED_ENV", "MAX_CONFIG_BYTES",
     "MAX_NODES", "MAX_TOKEN_BYTES", "MODEL_KEYS", "ModelConfig", "byte_size",
     "check_placement", "check_seconds", "check_submittable", "dump_yaml", "from_mapping",
     "load_config", "nodes_per_instance", "parse_yaml", "scheduler_names", "seconds",

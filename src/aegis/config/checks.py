@@ -217,6 +217,45 @@ def arg_list(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+# [USER@]HOST for ssh: an ssh config alias, a host name or an address. It becomes one argv
+# word after `--`, never a shell word, but a leading '-' would still read as an ssh option in
+# other tools, and spaces, quotes or ';' in a host name are only ever a mistake or an attack.
+_REMOTE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}@)?[A-Za-z0-9_][A-Za-z0-9_.:%-]{0,252}")
+
+
+def check_remote(value: Any) -> str:
+    text = check_text(value, what="[USER@]HOST (an ssh host or ~/.ssh/config alias)")
+    if not _REMOTE.fullmatch(text):
+        raise Invalid(f"{short_repr(text)} is not [USER@]HOST; use a host name, an address or "
+                      "an alias from ~/.ssh/config (letters, digits and . _ - : %, one @ after "
+                      "the user)")
+    return text
+
+
+def check_remote_aegis(value: Any) -> str:
+    """Shell words that start aegis on the login node, aegis's own arguments appended (quoted):
+    `aegis`, `/path/venv/bin/aegis`, `module load frameworks; aegis`. The arguments must reach
+    that last command: a text ending in an operator (; & |), a comment or an open quote would
+    cut them off, so it is refused."""
+    text = check_text(value, what="a command such as 'aegis' or 'module load x; aegis'")
+    lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
+    lexer.commenters = ""
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+    except ValueError as err:
+        raise Invalid(f"cannot split {short_repr(text)} like a shell: {err}") from None
+    if not words:
+        raise Invalid("must name the aegis command, e.g. 'aegis'")
+    if any(w.startswith("#") for w in words):
+        raise Invalid(f"{short_repr(text)} holds a shell comment ('#'), which would swallow "
+                      "aegis's arguments")
+    if set(words[-1]) <= set("();<>|&"):
+        raise Invalid(f"{short_repr(text)} ends in {words[-1]!r}; it must end with the aegis "
+                      "command, so that aegis's arguments go to it")
+    return text
+
+
 def check_command(value: Any) -> str:
     text = check_text(value, what="a command such as 'vllm serve'")
     try:

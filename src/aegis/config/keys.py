@@ -9,8 +9,9 @@ from typing import Any, Callable
 from ..platforms import SCHEDULERS, platform_names
 from .checks import (MAX_INSTANCES, MAX_RESTARTS, MAX_STARTUP_SECONDS, MAX_TENSOR_PARALLEL,
                      boolean, byte_size, check_args, check_command, check_endpoints_file,
-                     check_env_tarball, check_secret, check_text, env_mapping, integer,
-                     matching, one_of, optional, seconds, walltime_value)
+                     check_env_tarball, check_remote, check_remote_aegis, check_secret,
+                     check_text, env_mapping, integer, matching, one_of, optional, seconds,
+                     walltime_value)
 
 
 # there (the scheduler parses those lines), so they are restricted to safe characters.
@@ -164,11 +165,27 @@ GLOBAL_KEYS: tuple[Key, ...] = (
         "environment (e.g. to fill a compile or tokenizer cache)."),
 )
 
-KEYS: tuple[Key, ...] = MODEL_KEYS + GLOBAL_KEYS
+# Keys of the login side before a submission (aegis submit only; plan and launch have no flag
+# for them): where aegis runs, and fetching the weights first. docs/laptop.md.
+LOGIN_KEYS: tuple[Key, ...] = (
+    Key("remote", optional(check_remote),
+        "Run aegis on this login node over ssh, [USER@]HOST (a host or ~/.ssh/config alias); "
+        "the config is sent there and its paths name files there. Also $AEGIS_REMOTE; '' runs "
+        "here."),
+    Key("remote_aegis", check_remote_aegis,
+        "How to start aegis on the remote login node, its arguments appended (e.g. 'module "
+        "load frameworks; aegis'). Also $AEGIS_REMOTE_AEGIS."),
+    Key("download_weights", boolean,
+        "aegis submit first fetches every model from the Hugging Face hub into its "
+        "model_source (a models--ORG--NAME hub-cache directory), only what is missing, on the "
+        "login node.", kind="bool"),
+)
+
+KEYS: tuple[Key, ...] = MODEL_KEYS + GLOBAL_KEYS + LOGIN_KEYS
 BY_NAME = {k.name: k for k in KEYS}
 
 # Keys the earlier Aegis accepted that this one does not act on: accepted with a warning.
-LEGACY_GLOBAL_KEYS = frozenset({"download_weights", "aegis_env", "registry_port", "bench",
-                                "bench_num_prompts", "bench_output", "remote", "wait"})
+LEGACY_GLOBAL_KEYS = frozenset({"aegis_env", "registry_port", "bench", "bench_num_prompts",
+                                "bench_output", "wait"})
 LEGACY_MODEL_KEYS = frozenset({"download_weights"})
 _MODEL_NAME_ALIAS = "name"  # models[*].name is accepted for models[*].model

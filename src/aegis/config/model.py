@@ -86,6 +86,12 @@ class Config:
     drain_seconds: float = 60.0
     # `aegis submit --chain N`: seconds each successor starts before its predecessor's end.
     chain_overlap: float = 600.0
+    # The login side only (aegis.config.keys.LOGIN_KEYS; not written into a run's config):
+    # the login node `aegis submit --remote` runs on, how aegis starts there, and whether
+    # submit fetches the weights into model_source first.
+    remote: str | None = None
+    remote_aegis: str = "aegis"
+    download_weights: bool = False
     hf_token: str | None = field(default=None, repr=False)  # accepted, never rendered
     ignored_keys: tuple[str, ...] = ()  # legacy keys accepted with a warning
 
