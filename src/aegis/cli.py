@@ -947,6 +947,7 @@ def list_runs(run_dir: str | None, as_json: bool) -> int:
 
 
 @_run_command("metrics")
+@remote_option
 @click.option("--watch", metavar="S", type=FiniteRange(min=0, min_open=True),
               help="Scrape again every S seconds, with rates (tokens/s, requests/s, prefix-cache "
               "hits) over the last S seconds. On a terminal the screen refreshes in place like "
